@@ -1,0 +1,58 @@
+# The two commands: `make demo` (the main job) and `make test` (what CI runs).
+# The virtualenv and the Kafka runtime live in a cache outside the clone, keyed on the
+# dependency files, so a second run (or CI on the same machine) reuses them.
+PYTHON ?= python3
+export SLUICE_CACHE_DIR ?= $(HOME)/.cache/sluice
+DEPS_HASH := $(shell cat pyproject.toml | sha256sum | cut -c1-12)
+VENV := $(SLUICE_CACHE_DIR)/venv-$(DEPS_HASH)
+BIN := $(VENV)/bin
+SLUICE := $(BIN)/python -m pipeline.cli
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: demo test unit integration lint fmt setup sysdeps kafka-runtime clean-cache
+
+demo: setup
+	$(SLUICE) demo
+
+test: setup lint
+	$(BIN)/python -m pytest tests
+
+unit: setup
+	$(BIN)/python -m pytest tests/unit
+
+integration: setup
+	$(BIN)/python -m pytest tests/integration
+
+lint: $(VENV)/.ok
+	$(BIN)/ruff check pipeline agents tests
+	$(BIN)/ruff format --check pipeline agents tests
+	$(BIN)/mypy pipeline agents
+
+fmt: $(VENV)/.ok
+	$(BIN)/ruff format pipeline agents tests
+	$(BIN)/ruff check --fix pipeline agents tests
+
+setup: $(VENV)/.ok sysdeps kafka-runtime
+	@$(BIN)/pip install -q --no-deps --no-build-isolation -e . >/dev/null
+
+$(VENV)/.ok: pyproject.toml
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+		print('\n'.join(p['dependencies'] + p['optional-dependencies']['dev']))" > $(VENV)/requirements.txt
+	$(BIN)/pip install -q -r $(VENV)/requirements.txt
+	touch $@
+
+# Debian packages: kcat (a third-party Kafka client for the end-to-end test); Java and Maven
+# fetch and run the broker.
+sysdeps:
+	@command -v kcat >/dev/null && command -v java >/dev/null && command -v mvn >/dev/null || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			kcat default-jre-headless maven >/dev/null; }
+
+kafka-runtime: $(VENV)/.ok
+	@$(SLUICE) broker fetch >/dev/null
+
+clean-cache:
+	rm -rf $(SLUICE_CACHE_DIR)

@@ -1,0 +1,28 @@
+"""Gateway agent: decode and validate requests; forward them (split) or batch them (fused)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agents.app import origin_of, raw_topic
+from agents.infer import InferStage
+from pipeline.stages import Pipeline
+
+
+def register(app: Any, pipeline: Pipeline, infer: InferStage | None) -> Any:
+    """The gateway agent; ``infer`` set means fused mode (hand-off in memory)."""
+    topic = raw_topic(app, pipeline.settings.requests_topic)
+
+    @app.agent(topic, name="gateway")
+    async def gateway(stream: Any) -> None:
+        stream = stream.noack()
+        async for event in stream.events():
+            job = await pipeline.gateway(origin_of(event, stream))
+            if job is None:
+                continue
+            if infer is not None:
+                await infer.submit(job)
+            else:
+                await pipeline.forward(job)
+
+    return gateway

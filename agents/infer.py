@@ -1,0 +1,59 @@
+"""Infer agent: micro-batch admitted requests per model version and run them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from agents.app import origin_of, raw_topic
+from pipeline.batching import Batcher
+from pipeline.stages import Job, Outcome, Pipeline
+
+
+class InferStage:
+    """One batcher per model version; each flush runs the model and hands outcomes on."""
+
+    def __init__(
+        self, pipeline: Pipeline, publish: Callable[[Sequence[Outcome]], Awaitable[None]]
+    ) -> None:
+        self.pipeline = pipeline
+        self.publish = publish
+        self.batchers: dict[tuple[str, str], Batcher[Job]] = {}
+
+    async def submit(self, job: Job) -> None:
+        key = (job.model.name, job.model.version)
+        batcher = self.batchers.get(key)
+        if batcher is None:
+            s = self.pipeline.settings
+            batcher = Batcher(self._flush, s.max_batch_size, s.max_delay_s, s.max_inflight)
+            batcher.start()
+            self.batchers[key] = batcher
+        await batcher.put(job)
+
+    async def _flush(self, jobs: list[Job]) -> None:
+        await self.publish(self.pipeline.infer(jobs))
+
+    async def flush(self, timeout_s: float) -> None:
+        """Wait (bounded) until every queued job is answered and its publishes delivered."""
+        deadline = time.monotonic() + timeout_s
+        while any(b.pending for b in self.batchers.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        await asyncio.wait_for(self.pipeline.drain(), max(0.1, deadline - time.monotonic()))
+
+
+def register(app: Any, pipeline: Pipeline, infer: InferStage) -> Any:
+    """Split mode: consume every model's infer topic into the batchers."""
+    names = [pipeline.settings.infer_topic(m) for m in pipeline.registry.names]
+    topic = raw_topic(app, *names)
+
+    @app.agent(topic, name="infer")
+    async def infer_agent(stream: Any) -> None:
+        stream = stream.noack()
+        async for event in stream.events():
+            job = await pipeline.gateway(origin_of(event, stream))
+            if job is not None:
+                await infer.submit(job)
+
+    return infer_agent

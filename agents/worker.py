@@ -1,0 +1,75 @@
+"""Builds and runs one worker process: ``fused``, ``naive``, or one stage of ``split``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from agents import gateway, infer, naive, respond
+from agents.app import SluiceApp, create_app, faust_sink
+from agents.infer import InferStage
+from pipeline.config import Settings
+from pipeline.kafka import ensure_topics, pipeline_topics
+from pipeline.metrics import Metrics
+from pipeline.models import ModelRegistry
+from pipeline.stages import Pipeline
+
+STAGES = ("gateway", "infer", "respond")
+log = logging.getLogger(__name__)
+
+
+def build(settings: Settings, mode: str, stage: str | None = None) -> tuple[SluiceApp, Any]:
+    """The faust app for ``mode`` (and ``stage`` in split mode), with its agents wired."""
+    if mode == "split" and stage not in STAGES:
+        raise ValueError(f"split mode needs a stage in {STAGES}, got {stage!r}")
+    torch.set_num_threads(settings.torch_threads)
+    registry = ModelRegistry(settings.models_path)
+    if not registry.names:
+        raise SystemExit(f"no models in {settings.models_path}; run `sluice model init-demo`")
+    metrics = Metrics()
+    app = create_app(settings, stage if mode == "split" else mode)
+    pipeline = Pipeline(settings, registry, faust_sink(app), metrics)
+    stage_obj: InferStage | None = None
+    if mode == "fused":
+        registry.load_all()
+        stage_obj = InferStage(pipeline, pipeline.respond)
+        gateway.register(app, pipeline, stage_obj)
+    elif mode == "naive":
+        registry.load_all()
+        naive.register(app, pipeline)
+    elif stage == "gateway":
+        gateway.register(app, pipeline, None)
+    elif stage == "infer":
+        registry.load_all()
+        stage_obj = InferStage(pipeline, pipeline.publish_results)
+        infer.register(app, pipeline, stage_obj)
+    else:
+        respond.register(app, pipeline)
+
+    if stage_obj is not None:
+        flushing = stage_obj
+
+        @app.on_partitions_revoked.connect
+        async def _flush_on_revoke(app: Any, revoked: Any, **kwargs: Any) -> None:
+            # Answer what is in flight before its partitions move to another worker.
+            await flushing.flush(timeout_s=10.0)
+
+    return app, metrics
+
+
+def run(settings: Settings, mode: str, stage: str | None = None) -> None:
+    """Create topics, start the metrics endpoint and run the faust worker until stopped."""
+    import faust
+    from prometheus_client import start_http_server
+
+    registry = ModelRegistry(settings.models_path)
+    ensure_topics(settings, pipeline_topics(settings, registry.names))
+    app, metrics = build(settings, mode, stage)
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr=settings.metrics_host,
+                          registry=metrics.registry)  # fmt: skip
+    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True,
+                          redirect_stdouts=False)  # fmt: skip
+    worker.execute_from_commandline()

@@ -1,0 +1,304 @@
+"""``sluice bench``: open-loop load through a real pipeline, one JSON summary at the end.
+
+Modes: ``fused`` and ``split`` (the sluice pipeline), ``naive`` (one request at a time, each
+send awaited) and ``relay`` (bare confluent-kafka consume-to-produce with no model: the
+ceiling the broker and client allow on this machine). Every answered request is checked
+against the model's direct output on the same input.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from pipeline import codec, procs
+from pipeline.config import Settings
+from pipeline.kafka import consumer_config, ensure_topics, pipeline_topics, producer_config
+from pipeline.models import ModelRegistry
+
+MODES = ("fused", "split", "naive", "relay")
+VARIANTS = 64
+
+
+@dataclass
+class Load:
+    """The requests of one run: a few distinct inputs, and the model's direct outputs."""
+
+    model: str
+    version: str
+    payloads: list[bytes]
+    expected: np.ndarray  # [VARIANTS, n_out]
+
+    @classmethod
+    def build(cls, registry: ModelRegistry, model: str = "demo") -> Load:
+        loaded = registry.resolve(model)
+        spec = loaded.config.inputs[0]
+        rng = np.random.default_rng(7)
+        inputs = rng.standard_normal((VARIANTS, *spec.shape)).astype(np.float32)
+        expected = loaded.run([inputs])[0]
+        payloads = []
+        for row in inputs:
+            tensor = codec.Tensor(name=spec.name, datatype=spec.datatype, shape=list(spec.shape),
+                                  data=row.reshape(-1).tolist())  # fmt: skip
+            body = codec.encode({"model": model, "version": loaded.version, "inputs": [tensor]})
+            payloads.append(body[1:])  # without the opening brace; the id goes first
+        return cls(model, loaded.version, payloads, expected)
+
+    def request(self, seq: int, prefix: str) -> tuple[bytes, bytes]:
+        request_id = f"{prefix}{seq}".encode()
+        return request_id, b'{"id":"' + request_id + b'",' + self.payloads[seq % VARIANTS]
+
+
+@dataclass
+class Tally:
+    """What the response reader has seen, indexed by request sequence number."""
+
+    n: int
+    recv_s: np.ndarray = field(init=False)
+    outcomes: dict[str, int] = field(default_factory=dict)
+    wrong: int = 0
+    duplicates: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.recv_s = np.full(self.n, np.nan)
+
+    @property
+    def answered(self) -> int:
+        return int(np.count_nonzero(~np.isnan(self.recv_s)))
+
+
+def relay(settings: Settings) -> None:
+    """Consume requests and produce them unchanged to the response topic, keyed the same."""
+    import signal
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    consumer = Consumer(consumer_config(settings, settings.group_id("relay")))
+    producer = Producer(producer_config(settings))
+    consumer.subscribe([settings.requests_topic])
+    try:
+        while not stop.is_set():
+            for m in consumer.consume(1000, timeout=0.05):
+                if m.error() is None:
+                    while True:
+                        try:
+                            producer.produce(settings.responses_topic, m.value(), m.key())
+                            break
+                        except BufferError:
+                            producer.poll(0.01)
+            producer.poll(0)
+    finally:
+        producer.flush(10)
+        consumer.close()
+
+
+def run(
+    settings: Settings,
+    mode: str,
+    requests: int,
+    rate: float | None = None,
+    progress: bool = True,
+    log_dir: Path | None = None,
+    timeout_s: float = 120.0,
+) -> dict[str, Any]:
+    """Start the pipeline in ``mode`` on fresh topics, drive ``requests`` through it, stop it."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if requests < 1:
+        raise ValueError(f"requests must be an integer >= 1, got {requests}")
+    if rate is not None and rate <= 0:
+        raise ValueError(f"rate must be > 0 requests/s, got {rate}")
+    run_id = uuid.uuid4().hex[:8]
+    settings = settings.replace(topic_prefix=f"{settings.topic_prefix}-bench-{mode}-{run_id}")
+    registry = ModelRegistry(settings.models_path)
+    load = Load.build(registry)
+    ensure_topics(settings, pipeline_topics(settings, registry.names))
+    log_dir = log_dir or Path(tempfile.mkdtemp(prefix="sluice-bench-"))
+    workers = procs.spawn_workers(settings, mode, log_dir)
+    try:
+        reader = _Reader(settings, requests, load, check=mode != "relay")
+        try:
+            _wait_ready(settings, load, reader, workers, log_dir)
+            sent_s = _produce(settings, load, requests, rate, reader, progress, timeout_s)
+            reader.wait(timeout_s, progress, workers)
+        finally:
+            reader.close()
+    finally:
+        procs.stop(workers)
+    return _summary(mode, requests, rate, sent_s, reader.tally)
+
+
+class _Reader:
+    """Reads the response topic on a thread and tallies responses by sequence number."""
+
+    def __init__(self, settings: Settings, n: int, load: Load, check: bool) -> None:
+        self.tally = Tally(n)
+        self.load = load
+        self.check = check
+        self.prefix = b"r"
+        self.probe_seen = threading.Event()
+        self._stop = threading.Event()
+        self._consumer = Consumer(consumer_config(
+            settings, f"sluice-bench-reader-{uuid.uuid4().hex[:8]}",
+            **{"enable.auto.commit": False}))  # fmt: skip
+        topic = settings.responses_topic
+        md = self._consumer.list_topics(topic, timeout=15).topics[topic]
+        self._consumer.assign([TopicPartition(topic, p, 0) for p in md.partitions])
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        tally, n = self.tally, self.tally.n
+        while not self._stop.is_set():
+            messages = self._consumer.consume(2000, timeout=0.05)
+            now = time.perf_counter()
+            for m in messages:
+                key = m.key() or b""
+                if m.error() is not None or not key.startswith(self.prefix):
+                    if key.startswith(b"probe"):
+                        self.probe_seen.set()
+                    continue
+                seq = int(key[1:])
+                if seq >= n:
+                    continue
+                if not np.isnan(tally.recv_s[seq]):
+                    tally.duplicates += 1
+                    continue
+                tally.recv_s[seq] = now
+                self._record(seq, m.value())
+
+    def _record(self, seq: int, value: bytes) -> None:
+        tally = self.tally
+        if not self.check:
+            tally.outcomes["relayed"] = tally.outcomes.get("relayed", 0) + 1
+            return
+        response = codec.decode_response(value)
+        tally.outcomes[response.status] = tally.outcomes.get(response.status, 0) + 1
+        if response.status != "ok" or not response.outputs:
+            return
+        got = np.asarray(response.outputs[0].data, dtype=np.float32)
+        if not np.allclose(got, self.load.expected[seq % VARIANTS], rtol=1e-4, atol=1e-5):
+            tally.wrong += 1
+        if response.timings is not None:
+            tally.batch_sizes.append(response.timings.batch_size)
+
+    def wait(self, timeout_s: float, progress: bool, workers: list[Any]) -> None:
+        last, last_change = -1, time.monotonic()
+        while all(w.poll() is None for w in workers):
+            answered = self.tally.answered
+            if progress:
+                _progress(self.tally.n, self.tally.n, answered)
+            if answered >= self.tally.n:
+                break
+            if answered != last:
+                last, last_change = answered, time.monotonic()
+            elif time.monotonic() - last_change > timeout_s:
+                break
+            time.sleep(0.1)
+        if progress:
+            sys.stderr.write("\n")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._consumer.close()
+
+
+def _wait_ready(
+    settings: Settings, load: Load, reader: _Reader, workers: list[Any], log_dir: Path
+) -> None:
+    """Send probe requests until one is answered: the pipeline is assigned and serving."""
+    producer = Producer(producer_config(settings))
+    deadline = time.monotonic() + 90
+    i = 0
+    while not reader.probe_seen.is_set():
+        if time.monotonic() > deadline or any(w.poll() is not None for w in workers):
+            logs = "\n".join(p.read_text()[-3000:] for p in log_dir.glob("*.log"))
+            raise RuntimeError(f"pipeline did not become ready; worker logs:\n{logs}")
+        key, value = load.request(i, "probe")
+        producer.produce(settings.requests_topic, value, key)
+        producer.flush(5)
+        i += 1
+        reader.probe_seen.wait(1.0)
+
+
+def _produce(
+    settings: Settings, load: Load, n: int, rate: float | None, reader: _Reader,
+    progress: bool, timeout_s: float,
+) -> np.ndarray:  # fmt: skip
+    """Open loop: request i is due at start + i/rate; latency counts from when it was due."""
+    producer = Producer(producer_config(settings, **{"linger.ms": 2, "batch.num.messages": 2000}))
+    sent = np.zeros(n)
+    topic = settings.requests_topic
+    start = time.perf_counter()
+    next_report = start
+    for seq in range(n):
+        due = start + seq / rate if rate else time.perf_counter()
+        now = time.perf_counter()
+        if due > now:
+            time.sleep(due - now)
+        key, value = load.request(seq, "r")
+        while True:
+            try:
+                producer.produce(topic, value, key)
+                break
+            except BufferError:
+                producer.poll(0.005)
+        sent[seq] = due if rate else time.perf_counter()
+        if seq % 256 == 0:
+            producer.poll(0)
+            if progress and time.perf_counter() >= next_report:
+                _progress(n, seq + 1, reader.tally.answered)
+                next_report = time.perf_counter() + 0.25
+    producer.flush(timeout_s)
+    return sent
+
+
+def _progress(n: int, sent: int, answered: int) -> None:
+    width = 30
+    filled = int(width * answered / n) if n else width
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] sent {sent}/{n} "
+                     f"answered {answered}/{n}")  # fmt: skip
+    sys.stderr.flush()
+
+
+def _summary(
+    mode: str, n: int, rate: float | None, sent_s: np.ndarray, tally: Tally
+) -> dict[str, Any]:
+    answered_mask = ~np.isnan(tally.recv_s)
+    latency_ms = (tally.recv_s[answered_mask] - sent_s[answered_mask]) * 1000.0
+    if answered_mask.any():
+        span_s = float(np.nanmax(tally.recv_s) - sent_s.min())
+        throughput = float(answered_mask.sum() / span_s) if span_s > 0 else 0.0
+        pct = {f"p{q}": round(float(np.percentile(latency_ms, q)), 3) for q in (50, 95, 99)}
+        pct["max"] = round(float(latency_ms.max()), 3)
+    else:
+        throughput, pct = 0.0, {"p50": None, "p95": None, "p99": None, "max": None}
+    return {
+        "mode": mode,
+        "sent": n,
+        "answered": int(answered_mask.sum()),
+        "outcomes": dict(sorted(tally.outcomes.items())),
+        "wrong_outputs": tally.wrong,
+        "duplicates": tally.duplicates,
+        "offered_rps": rate,
+        "throughput_rps": round(throughput, 1),
+        "latency_ms": pct,
+        "mean_batch_size": round(float(np.mean(tally.batch_sizes)), 2)
+        if tally.batch_sizes else None,
+    }  # fmt: skip
+
+
+def to_json(summary: dict[str, Any]) -> str:
+    return json.dumps(summary, separators=(",", ":"))

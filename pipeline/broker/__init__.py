@@ -1,0 +1,274 @@
+"""A real single-node Apache Kafka (KRaft) on 127.0.0.1, from Maven Central's artifacts.
+
+`fetch_runtime` resolves ``org.apache.kafka:kafka_2.13`` and a log4j binding with the
+machine's Maven into the cache directory; `LocalBroker` formats KRaft storage, starts one
+combined broker+controller on free loopback ports, waits until it serves metadata, and
+records its PID and port so that it can be stopped by PID.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+KAFKA_VERSION = "3.9.1"
+_POM = Path(__file__).with_name("pom.xml")
+_LOG4J = """\
+log4j.rootLogger=INFO, stdout
+log4j.appender.stdout=org.apache.log4j.ConsoleAppender
+log4j.appender.stdout.layout=org.apache.log4j.PatternLayout
+log4j.appender.stdout.layout.ConversionPattern=[%d] %p %m (%c)%n
+log4j.logger.kafka.request.logger=WARN
+log4j.logger.state.change.logger=WARN
+log4j.logger.org.apache.kafka.storage=WARN
+"""
+
+
+class BrokerError(RuntimeError):
+    """The local broker could not be fetched, started or stopped."""
+
+
+def runtime_dir(cache_dir: Path) -> Path:
+    """The jar folder for this Kafka version; keyed on the pom so a change refetches."""
+    digest = hashlib.sha256(_POM.read_bytes()).hexdigest()[:10]
+    return cache_dir / f"kafka-{KAFKA_VERSION}-{digest}"
+
+
+def fetch_runtime(cache_dir: Path, quiet: bool = True) -> Path:
+    """Resolve the broker's jars with Maven into the cache (once) and return their folder."""
+    target = runtime_dir(cache_dir)
+    libs = target / "libs"
+    if (target / ".complete").exists():
+        return libs
+    mvn = shutil.which("mvn")
+    java = shutil.which("java")
+    if not mvn or not java:
+        raise BrokerError("fetching Kafka needs `mvn` and `java` on PATH")
+    staging = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    cmd = [
+        mvn,
+        "-B",
+        *(["-q"] if quiet else []),
+        "-f",
+        str(_POM),
+        "dependency:copy-dependencies",
+        "-DincludeScope=runtime",
+        f"-DoutputDirectory={staging / 'libs'}",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise BrokerError(f"mvn failed ({result.returncode}):\n{result.stdout[-4000:]}")
+    (staging / "log4j.properties").write_text(_LOG4J)
+    (staging / ".complete").write_text(KAFKA_VERSION)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return libs
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still answers kill(0); look at its state.
+    with contextlib.suppress(OSError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    return True
+
+
+@dataclass
+class BrokerState:
+    pid: int
+    port: int
+    controller_port: int
+    log_path: str
+    data_dir: str
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+class LocalBroker:
+    """One KRaft broker+controller whose files live under ``state_dir``."""
+
+    def __init__(self, state_dir: Path, cache_dir: Path, heap_mb: int = 512) -> None:
+        self.state_dir = Path(state_dir)
+        self.cache_dir = Path(cache_dir)
+        self.heap_mb = heap_mb
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def state_file(self) -> Path:
+        return self.state_dir / "state.json"
+
+    @property
+    def log_path(self) -> Path:
+        return self.state_dir / "broker.log"
+
+    def state(self) -> BrokerState | None:
+        """The recorded broker, or None when none is recorded or its process is gone."""
+        try:
+            state = BrokerState(**json.loads(self.state_file.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+        return state if _alive(state.pid) else None
+
+    def start(self, port: int | None = None, timeout_s: float = 90.0) -> BrokerState:
+        """Start the broker unless one is already recorded and alive; wait until it serves."""
+        running = self.state()
+        if running is not None:
+            return running
+        libs = fetch_runtime(self.cache_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        port = port or free_port()
+        controller_port = free_port()
+        data_dir = self.state_dir / "data"
+        config = self.state_dir / "server.properties"
+        config.write_text(_server_properties(port, controller_port, data_dir))
+        java = shutil.which("java") or "java"
+        classpath = f"{libs}/*"
+        log4j = f"-Dlog4j.configuration=file:{libs.parent / 'log4j.properties'}"
+        if not (data_dir / "meta.properties").exists():
+            shutil.rmtree(data_dir, ignore_errors=True)
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            fmt = subprocess.run(
+                [java, "-cp", classpath, log4j, "kafka.tools.StorageTool", "format",
+                 "-t", cluster_id, "-c", str(config)],
+                capture_output=True, text=True,
+            )  # fmt: skip
+            if fmt.returncode != 0:
+                raise BrokerError(f"kafka storage format failed:\n{fmt.stdout}{fmt.stderr}")
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
+        cmd = [
+            java, f"-Xmx{self.heap_mb}m", f"-Xms{min(self.heap_mb, 256)}m",
+            "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true",
+            log4j, "-cp", classpath, "kafka.Kafka", str(config),
+        ]  # fmt: skip
+        self._proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        log.close()
+        state = BrokerState(
+            pid=self._proc.pid,
+            port=port,
+            controller_port=controller_port,
+            log_path=str(self.log_path),
+            data_dir=str(data_dir),
+        )
+        self.state_file.write_text(json.dumps(state.__dict__))
+        try:
+            self._wait_ready(state, timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return state
+
+    def _wait_ready(self, state: BrokerState, timeout_s: float) -> None:
+        from confluent_kafka.admin import AdminClient
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not _alive(state.pid):
+                raise BrokerError(f"broker exited during start; log:\n{self.log_tail()}")
+            try:
+                with socket.create_connection(("127.0.0.1", state.port), timeout=1):
+                    pass
+            except OSError:
+                time.sleep(0.2)
+                continue
+            admin = AdminClient({"bootstrap.servers": state.bootstrap, "log_level": 0})
+            try:
+                metadata = admin.list_topics(timeout=2)
+                if metadata.brokers:
+                    return
+            except Exception:  # noqa: BLE001 - not ready yet, retried until the deadline
+                pass
+            time.sleep(0.2)
+        raise BrokerError(f"broker not ready after {timeout_s}s; log:\n{self.log_tail()}")
+
+    def stop(self, timeout_s: float = 30.0) -> bool:
+        """Stop the recorded broker by PID (SIGTERM, then SIGKILL); True if one was running."""
+        try:
+            pid = int(json.loads(self.state_file.read_text())["pid"])
+        except (OSError, ValueError, KeyError):
+            return False
+        stopped = False
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            while _alive(pid) and time.monotonic() < deadline:
+                self._reap()
+                time.sleep(0.1)
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            stopped = True
+        self._reap(block=True)
+        self.state_file.unlink(missing_ok=True)
+        return stopped
+
+    def _reap(self, block: bool = False) -> None:
+        if self._proc is not None:
+            if block:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._proc.wait(timeout=10)
+            else:
+                self._proc.poll()
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no broker log)"
+
+
+def _server_properties(port: int, controller_port: int, data_dir: Path) -> str:
+    return f"""\
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:{controller_port}
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+log.dirs={data_dir}
+num.partitions=1
+auto.create.topics.enable=true
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=1
+group.initial.rebalance.delay.ms=0
+message.max.bytes=8388608
+log.retention.hours=24
+log.segment.bytes=104857600
+num.network.threads=2
+num.io.threads=2
+"""

@@ -1,0 +1,211 @@
+"""The ``sluice`` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline.config import Settings, SettingsError
+
+
+def _settings(**overrides: object) -> Settings:
+    try:
+        return Settings.from_env(**overrides)
+    except SettingsError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _local_broker(settings: Settings):  # type: ignore[no-untyped-def]
+    from pipeline.broker import LocalBroker
+
+    return LocalBroker(settings.cache_dir / "broker", settings.cache_dir)
+
+
+@click.group()
+def main() -> None:
+    """sluice: event-driven streaming inference on Kafka."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+# -- broker ---------------------------------------------------------------------------------
+
+
+@main.group()
+def broker() -> None:
+    """The local single-node Kafka broker (KRaft) for development and tests."""
+
+
+@broker.command("fetch")
+def broker_fetch() -> None:
+    """Download the Kafka broker runtime from Maven Central into the cache."""
+    from pipeline.broker import fetch_runtime
+
+    click.echo(fetch_runtime(_settings().cache_dir, quiet=False))
+
+
+@broker.command("start")
+@click.option("--port", type=int, default=None, help="Listener port (default: a free one).")
+def broker_start(port: int | None) -> None:
+    """Start the broker on 127.0.0.1 and wait until it serves."""
+    state = _local_broker(_settings()).start(port=port)
+    click.echo(f"kafka running pid={state.pid} bootstrap={state.bootstrap}")
+
+
+@broker.command("stop")
+def broker_stop() -> None:
+    """Stop the broker by its recorded PID."""
+    stopped = _local_broker(_settings()).stop()
+    click.echo("kafka stopped" if stopped else "kafka was not running")
+
+
+@broker.command("status")
+def broker_status() -> None:
+    """Print the broker's PID and bootstrap address; exit 1 when it is not running."""
+    state = _local_broker(_settings()).state()
+    if state is None:
+        click.echo("kafka not running")
+        sys.exit(1)
+    click.echo(f"kafka running pid={state.pid} bootstrap={state.bootstrap}")
+
+
+# -- model ----------------------------------------------------------------------------------
+
+
+@main.group()
+def model() -> None:
+    """Models in the model directory."""
+
+
+@model.command("init-demo")
+@click.option("--force", is_flag=True, help="Rebuild even if present.")
+def model_init_demo(force: bool) -> None:
+    """Build and save the small demo classifier (offline; no downloads)."""
+    from pipeline.models import init_demo
+
+    for path in init_demo(_settings().models_path, force=force):
+        click.echo(path)
+
+
+@model.command("list")
+def model_list() -> None:
+    """List models and versions."""
+    from pipeline.models import ModelRegistry
+
+    registry = ModelRegistry(_settings().models_path)
+    for name in registry.names:
+        click.echo(f"{name}: {', '.join(registry.versions(name))}")
+
+
+# -- worker, relay --------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--mode", type=click.Choice(["fused", "split", "naive"]), default="fused")
+@click.option("--stage", type=click.Choice(["gateway", "infer", "respond"]), default=None,
+              help="Split mode: the stage this process runs (all three when omitted).")
+def worker(mode: str, stage: str | None) -> None:
+    """Run a worker until SIGTERM/SIGINT."""
+    settings = _settings()
+    if mode == "split" and stage is None:
+        _run_split_supervisor(settings)
+        return
+    from agents.worker import run
+
+    run(settings, mode, stage)
+
+
+def _run_split_supervisor(settings: Settings) -> None:
+    import signal
+    import time
+
+    from pipeline import procs
+
+    children = procs.spawn_workers(settings, "split")
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    try:
+        while not stopping and all(c.poll() is None for c in children):
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        procs.stop(children)
+
+
+@main.command(hidden=True)
+def relay() -> None:
+    """Bare consume-to-produce loop (the bench's ceiling)."""
+    from pipeline.bench import relay as run_relay
+
+    run_relay(_settings())
+
+
+# -- bench, demo ----------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--mode", type=click.Choice(["fused", "split", "naive", "relay"]), default="fused")
+@click.option("--requests", "n", type=int, default=10_000, show_default=True)
+@click.option("--rate", type=float, default=None, help="Offered requests/s (open loop).")
+@click.option("--json", "as_json", is_flag=True, help="Print only the JSON summary.")
+@click.option("--no-progress", is_flag=True)
+def bench(mode: str, n: int, rate: float | None, as_json: bool, no_progress: bool) -> None:
+    """Drive N requests through a fresh pipeline; print a JSON summary as the last line."""
+    from pipeline import bench as bench_mod
+
+    summary = bench_mod.run(_settings(), mode, n, rate, progress=not no_progress)
+    if not as_json:
+        _print_human(summary)
+    click.echo(bench_mod.to_json(summary))
+    if summary["answered"] != summary["sent"] or summary.get("wrong_outputs"):
+        sys.exit(1)
+
+
+def _print_human(summary: dict) -> None:  # type: ignore[type-arg]
+    lat = summary["latency_ms"]
+    click.echo(
+        f"{summary['mode']}: {summary['answered']}/{summary['sent']} answered "
+        f"{summary['outcomes']}, {summary['throughput_rps']} req/s, "
+        f"latency p50 {lat['p50']} ms p95 {lat['p95']} ms p99 {lat['p99']} ms, "
+        f"mean batch {summary['mean_batch_size']}"
+    )
+
+
+@main.command()
+@click.option("--requests", "n", type=int, default=3000, show_default=True)
+@click.option("--rate", type=float, default=1000.0, show_default=True)
+@click.option("--mode", type=click.Choice(["fused", "split"]), default="fused")
+def demo(n: int, rate: float, mode: str) -> None:
+    """Local broker, demo model, a worker, a load of requests, and a summary."""
+    from pipeline import bench as bench_mod
+    from pipeline.models import init_demo
+
+    settings = _settings()
+    local = None
+    if not settings.bootstrap:
+        local = _local_broker(settings)
+        started = local.state() is None
+        state = local.start()
+        click.echo(f"kafka: pid {state.pid} on {state.bootstrap}"
+                   + ("" if started else " (already running)"))  # fmt: skip
+        if not started:
+            local = None  # not ours to stop
+    try:
+        for path in init_demo(settings.models_path):
+            click.echo(f"model: {path}")
+        click.echo(f"worker: {mode} mode; sending {n} requests at {rate:g}/s")
+        summary = bench_mod.run(settings, mode, n, rate)
+        _print_human(summary)
+        click.echo(json.dumps(summary))
+    finally:
+        if local is not None:
+            local.stop()
+            click.echo("kafka: stopped")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,302 @@
+"""Wire formats: request, response, DLQ and inter-stage records (JSON, per schemas/).
+
+Decoding is strict (msgspec structs that mirror the JSON Schemas) and every failure is a
+`RequestError` with a reason code, so that callers can route it to the DLQ.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Annotated, Any
+
+import msgspec
+import numpy as np
+
+# Reason codes: the `reason` of a DLQ record and the `error.code` of an error response.
+MALFORMED = "malformed"
+SCHEMA = "schema"
+OVERSIZE = "oversize"
+UNKNOWN_MODEL = "unknown_model"
+UNKNOWN_VERSION = "unknown_version"
+BAD_SHAPE = "bad_shape"
+BAD_DTYPE = "bad_dtype"
+EXPIRED = "expired"
+MODEL_ERROR = "model_error"
+DELIVERY_FAILED = "delivery_failed"
+REASONS = (
+    MALFORMED, SCHEMA, OVERSIZE, UNKNOWN_MODEL, UNKNOWN_VERSION, BAD_SHAPE, BAD_DTYPE,
+    EXPIRED, MODEL_ERROR, DELIVERY_FAILED,
+)  # fmt: skip
+
+DTYPES: dict[str, Any] = {
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+    "BYTES": np.object_,
+}
+DATATYPE_OF = {np.dtype(v).name: k for k, v in DTYPES.items() if k != "BYTES"}
+
+# Headers copied from a request onto its response.
+CORRELATION_HEADERS = ("correlation-id", "traceparent", "tracestate")
+
+_Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")]
+_Topic = Annotated[str, msgspec.Meta(min_length=1, max_length=249, pattern=r"^[A-Za-z0-9_.-]+$")]
+
+
+class RequestError(Exception):
+    """A request that cannot be served, with its reason code and what is known of it."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        request_id: str | None = None,
+        model: str | None = None,
+        version: str | None = None,
+        reply_to: str | None = None,
+    ) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+        self.model = model
+        self.version = version
+        self.reply_to = reply_to
+
+
+class Tensor(msgspec.Struct, omit_defaults=True):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    datatype: str
+    shape: Annotated[list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(max_length=8)]
+    data: list[Any]
+    parameters: dict[str, Any] | None = None
+
+
+class Parameters(msgspec.Struct, omit_defaults=True):
+    top_k: Annotated[int, msgspec.Meta(ge=1, le=100)] | None = None
+
+
+class Request(msgspec.Struct, omit_defaults=True):
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    model: _Name
+    inputs: Annotated[list[Tensor], msgspec.Meta(min_length=1, max_length=16)]
+    version: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
+    key: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    parameters: Parameters | None = None
+    deadline_ms: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    ttl_ms: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    reply_to: _Topic | None = None
+    priority: Annotated[int, msgspec.Meta(ge=0, le=9)] = 0
+
+
+class ErrorInfo(msgspec.Struct):
+    code: str
+    message: str
+
+
+class Timings(msgspec.Struct):
+    queue_ms: float
+    inference_ms: float
+    total_ms: float
+    batch_size: int
+
+
+class Response(msgspec.Struct, omit_defaults=True):
+    id: str
+    status: str
+    model: str | None = None
+    model_version: str | None = None
+    outputs: list[Tensor] | None = None
+    error: ErrorInfo | None = None
+    timings: Timings | None = None
+
+
+class DlqRecord(msgspec.Struct):
+    original_b64: str
+    topic: str
+    partition: int
+    offset: int
+    stage: str
+    reason: str
+    error: str
+    attempts: int
+    time_ms: int
+    request_id: str | None = None
+    model: str | None = None
+
+
+class ResultRecord(msgspec.Struct, omit_defaults=True):
+    """Split mode: what the infer stage hands the respond stage on the results topic."""
+
+    id: str
+    model: str
+    model_version: str
+    outputs: list[Tensor]
+    reply_to: str | None = None
+    top_k: int | None = None
+    produced_ms: float = 0.0
+    received_ms: float = 0.0
+    started_ms: float = 0.0
+    inference_ms: float = 0.0
+    batch_size: int = 0
+
+
+class _Probe(msgspec.Struct):
+    """What can be salvaged from an invalid request to answer it."""
+
+    id: Any = None
+    model: Any = None
+    version: Any = None
+    reply_to: Any = None
+
+
+_request_decoder = msgspec.json.Decoder(Request)
+_probe_decoder = msgspec.json.Decoder(_Probe)
+_response_decoder = msgspec.json.Decoder(Response)
+_dlq_decoder = msgspec.json.Decoder(DlqRecord)
+_result_decoder = msgspec.json.Decoder(ResultRecord)
+_encoder = msgspec.json.Encoder()
+
+
+def decode_request(raw: bytes | None, max_payload_bytes: int) -> Request:
+    """Decode and validate one request; raise `RequestError` with a reason on failure."""
+    if raw is None:
+        raise RequestError(MALFORMED, "empty record (null value)")
+    if len(raw) > max_payload_bytes:
+        raise RequestError(
+            OVERSIZE, f"payload is {len(raw)} bytes, limit is {max_payload_bytes} bytes"
+        )
+    try:
+        return _request_decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        probe = _probe(raw)
+        raise RequestError(SCHEMA, str(exc), **probe) from None
+    except msgspec.DecodeError as exc:
+        raise RequestError(MALFORMED, f"not valid JSON: {exc}") from None
+
+
+def _probe(raw: bytes) -> dict[str, str | None]:
+    try:
+        p = _probe_decoder.decode(raw)
+    except msgspec.MsgspecError:
+        return {}
+
+    def text(v: Any, limit: int) -> str | None:
+        return v if isinstance(v, str) and 0 < len(v) <= limit else None
+
+    reply_to = text(p.reply_to, 249)
+    if reply_to is not None and not all(c.isalnum() or c in "._-" for c in reply_to):
+        reply_to = None
+    return {
+        "request_id": text(p.id, 256),
+        "model": text(p.model, 128),
+        "version": text(p.version, 64),
+        "reply_to": reply_to,
+    }
+
+
+def tensor_to_array(tensor: Tensor, max_elements: int) -> np.ndarray:
+    """Turn a request tensor into a numpy array of its datatype and shape."""
+    dtype = DTYPES.get(tensor.datatype)
+    if dtype is None or tensor.datatype == "BYTES":
+        raise RequestError(BAD_DTYPE, f"input {tensor.name!r}: unsupported datatype "
+                           f"{tensor.datatype!r}")  # fmt: skip
+    expected = int(np.prod(tensor.shape)) if tensor.shape else 1
+    if expected > max_elements:
+        raise RequestError(
+            OVERSIZE, f"input {tensor.name!r} has {expected} elements, limit is {max_elements}"
+        )
+    try:
+        array = np.asarray(tensor.data)
+    except (ValueError, TypeError) as exc:
+        raise RequestError(BAD_SHAPE, f"input {tensor.name!r}: ragged data ({exc})") from None
+    if array.dtype == np.object_ or (array.size and array.dtype.kind not in "biuf"):
+        raise RequestError(
+            BAD_DTYPE, f"input {tensor.name!r}: data must be numbers for {tensor.datatype}"
+        )
+    want = np.dtype(dtype)
+    if want.kind in "iu" and array.size and array.dtype.kind == "f":
+        raise RequestError(
+            BAD_DTYPE, f"input {tensor.name!r}: {tensor.datatype} data holds non-integers"
+        )
+    if array.size != expected:
+        raise RequestError(
+            BAD_SHAPE,
+            f"input {tensor.name!r}: shape {tensor.shape} needs {expected} elements, "
+            f"data has {array.size}",
+        )
+    with np.errstate(over="raise", invalid="raise"):
+        try:
+            return array.astype(want, copy=False).reshape(tensor.shape)
+        except (FloatingPointError, OverflowError, ValueError) as exc:
+            raise RequestError(
+                BAD_DTYPE, f"input {tensor.name!r}: data out of range for {tensor.datatype}"
+            ) from exc
+
+
+def array_to_tensor(name: str, array: np.ndarray) -> Tensor:
+    if array.dtype == np.object_:
+        data = [v.decode() if isinstance(v, bytes) else str(v) for v in array.reshape(-1)]
+        return Tensor(name=name, datatype="BYTES", shape=list(array.shape), data=data)
+    return Tensor(
+        name=name,
+        datatype=DATATYPE_OF[array.dtype.name],
+        shape=list(array.shape),
+        data=array.reshape(-1).tolist(),
+    )
+
+
+def encode(obj: Any) -> bytes:
+    return _encoder.encode(obj)
+
+
+def decode_response(raw: bytes) -> Response:
+    return _response_decoder.decode(raw)
+
+
+def decode_result(raw: bytes) -> ResultRecord:
+    try:
+        return _result_decoder.decode(raw)
+    except msgspec.MsgspecError as exc:
+        raise RequestError(MALFORMED, f"invalid result record: {exc}") from None
+
+
+def decode_dlq(raw: bytes) -> DlqRecord:
+    return _dlq_decoder.decode(raw)
+
+
+def dlq_record(
+    raw: bytes | None,
+    topic: str,
+    partition: int,
+    offset: int,
+    stage: str,
+    error: RequestError,
+    attempts: int = 1,
+) -> bytes:
+    """The DLQ record for a request that failed with ``error``, keeping the original bytes."""
+    return encode(
+        DlqRecord(
+            original_b64=base64.b64encode(raw or b"").decode(),
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            stage=stage,
+            reason=error.code,
+            error=error.message,
+            attempts=attempts,
+            time_ms=int(time.time() * 1000),
+            request_id=error.request_id,
+            model=error.model,
+        )
+    )

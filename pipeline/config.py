@@ -1,0 +1,215 @@
+"""One frozen settings object, read from ``SLUICE_*`` environment variables in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "SLUICE_"
+MODES = ("fused", "split", "naive")
+
+
+class SettingsError(ValueError):
+    """A setting has a value that sluice cannot use."""
+
+
+def default_cache_dir() -> Path:
+    """Where the Kafka runtime, the local broker's state and the demo models live."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "sluice"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a sluice process can be told, validated at construction.
+
+    Durations and sizes carry their unit in their names.
+    """
+
+    bootstrap: str | None = None
+    topic_prefix: str = "sluice"
+    partitions: int = 4
+    replication_factor: int = 1
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    model_dir: Path | None = None
+    max_batch_size: int = 64
+    max_delay_s: float = 0.005
+    max_inflight: int = 4096
+    max_payload_bytes: int = 1_048_576
+    max_elements_per_tensor: int = 1_048_576
+    default_ttl_ms: int = 0
+    response_topic: str | None = None
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
+    producer_linger_ms: int = 1
+    consumer_fetch_max_wait_ms: int = 10
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = field(default=None, repr=False)
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    torch_threads: int = 1
+    log_level: str = "WARNING"
+
+    def __post_init__(self) -> None:
+        _require_int(self, "partitions", minimum=1)
+        _require_int(self, "replication_factor", minimum=1)
+        _require_int(self, "max_batch_size", minimum=1)
+        _require_int(self, "max_inflight", minimum=1)
+        _require_int(self, "max_payload_bytes", minimum=64)
+        _require_int(self, "max_elements_per_tensor", minimum=1)
+        _require_int(self, "default_ttl_ms", minimum=0)
+        _require_int(self, "metrics_port", minimum=0, maximum=65535)
+        _require_int(self, "producer_linger_ms", minimum=0)
+        _require_int(self, "consumer_fetch_max_wait_ms", minimum=0)
+        _require_int(self, "torch_threads", minimum=1)
+        if not isinstance(self.max_delay_s, (int, float)) or not 0 <= self.max_delay_s <= 60:
+            raise SettingsError(
+                f"max_delay_s must be a number of seconds in [0, 60], got {self.max_delay_s!r}"
+            )
+        if self.max_inflight < self.max_batch_size:
+            raise SettingsError(
+                f"max_inflight must be >= max_batch_size ({self.max_batch_size}), "
+                f"got {self.max_inflight}"
+            )
+        if not self.topic_prefix or any(c not in _TOPIC_CHARS for c in self.topic_prefix):
+            raise SettingsError(
+                f"topic_prefix must be non-empty and use only [a-zA-Z0-9._-], "
+                f"got {self.topic_prefix!r}"
+            )
+        protocols = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+        if self.security_protocol not in protocols:
+            raise SettingsError(
+                f"security_protocol must be one of {protocols}, got {self.security_protocol!r}"
+            )
+        if self.security_protocol.startswith("SASL") and not self.sasl_mechanism:
+            raise SettingsError(
+                f"sasl_mechanism is required with security_protocol={self.security_protocol}"
+            )
+
+    # -- derived names ---------------------------------------------------------
+
+    @property
+    def models_path(self) -> Path:
+        return self.model_dir if self.model_dir is not None else self.cache_dir / "models"
+
+    @property
+    def requests_topic(self) -> str:
+        return f"{self.topic_prefix}.requests"
+
+    @property
+    def results_topic(self) -> str:
+        return f"{self.topic_prefix}.results"
+
+    @property
+    def responses_topic(self) -> str:
+        return self.response_topic or f"{self.topic_prefix}.responses"
+
+    @property
+    def dlq_topic(self) -> str:
+        return f"{self.topic_prefix}.dlq"
+
+    def infer_topic(self, model: str) -> str:
+        return f"{self.topic_prefix}.infer.{model}"
+
+    def group_id(self, stage: str) -> str:
+        return f"{self.topic_prefix}-{stage}"
+
+    def bootstrap_servers(self) -> str:
+        """The cluster to talk to: ``SLUICE_BOOTSTRAP``, else the local broker's recorded port."""
+        if self.bootstrap:
+            return self.bootstrap
+        state = self.cache_dir / "broker" / "state.json"
+        try:
+            port = json.loads(state.read_text())["port"]
+        except (OSError, ValueError, KeyError):
+            raise SettingsError(
+                "no Kafka cluster: set SLUICE_BOOTSTRAP, or run `sluice broker start`"
+            ) from None
+        return f"127.0.0.1:{port}"
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``SLUICE_*`` variables, to hand to a child process."""
+        env = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                env[ENV_PREFIX + f.name.upper()] = str(value)
+        return env
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read every field from ``SLUICE_<FIELD>``; ``overrides`` win over the environment."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(f.name, raw, _FIELD_TYPES[f.name])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+_TOPIC_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def _field_types() -> dict[str, type]:
+    types: dict[str, type] = {}
+    for f in dataclasses.fields(Settings):
+        annotation = str(f.type)
+        if annotation.startswith("int"):
+            types[f.name] = int
+        elif annotation.startswith("float"):
+            types[f.name] = float
+        elif annotation.startswith("Path"):
+            types[f.name] = Path
+        elif annotation.startswith("bool"):
+            types[f.name] = bool
+        else:
+            types[f.name] = str
+    return types
+
+
+_FIELD_TYPES = _field_types()
+
+
+def _parse(name: str, raw: str, kind: type) -> Any:
+    env = ENV_PREFIX + name.upper()
+    try:
+        if kind is bool:
+            lowered = raw.strip().lower()
+            if lowered not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(raw)
+            return lowered in ("1", "true", "yes")
+        if kind is int:
+            return int(raw.replace("_", ""))
+        if kind is float:
+            return float(raw)
+        if kind is Path:
+            return Path(raw).expanduser()
+        return raw
+    except ValueError:
+        raise SettingsError(f"{env} must be {kind.__name__}, got {raw!r}") from None
+
+
+def _require_int(settings: Settings, name: str, minimum: int, maximum: int | None = None) -> None:
+    value = getattr(settings, name)
+    bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
+        raise SettingsError(f"{name} must be an integer {bounds}, got {value!r}")

@@ -1,0 +1,113 @@
+"""Kafka client configuration (confluent-kafka and faust/aiokafka) and topic creation."""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from pipeline.config import Settings
+
+
+def confluent_config(settings: Settings, **extra: Any) -> dict[str, Any]:
+    """Common librdkafka settings: bootstrap servers and SASL/SSL."""
+    config: dict[str, Any] = {
+        "bootstrap.servers": settings.bootstrap_servers(),
+        "security.protocol": settings.security_protocol,
+    }
+    if settings.sasl_mechanism:
+        config["sasl.mechanism"] = settings.sasl_mechanism
+    if settings.sasl_username is not None:
+        config["sasl.username"] = settings.sasl_username
+    if settings.sasl_password is not None:
+        config["sasl.password"] = settings.sasl_password
+    if settings.ssl_cafile:
+        config["ssl.ca.location"] = settings.ssl_cafile
+    if settings.ssl_certfile:
+        config["ssl.certificate.location"] = settings.ssl_certfile
+    if settings.ssl_keyfile:
+        config["ssl.key.location"] = settings.ssl_keyfile
+    config.update(extra)
+    return config
+
+
+def producer_config(settings: Settings, **extra: Any) -> dict[str, Any]:
+    return confluent_config(
+        settings,
+        **{
+            "linger.ms": settings.producer_linger_ms,
+            "compression.type": "lz4",
+            "enable.idempotence": True,
+            "acks": "all",
+            "message.max.bytes": max(settings.max_payload_bytes * 2, 1_048_576),
+            **extra,
+        },
+    )
+
+
+def consumer_config(settings: Settings, group_id: str, **extra: Any) -> dict[str, Any]:
+    return confluent_config(
+        settings,
+        **{
+            "group.id": group_id,
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": True,
+            "fetch.wait.max.ms": settings.consumer_fetch_max_wait_ms,
+            "fetch.message.max.bytes": max(settings.max_payload_bytes * 2, 1_048_576),
+            **extra,
+        },
+    )
+
+
+def faust_credentials(settings: Settings) -> Any:
+    """The faust ``broker_credentials`` for the configured security protocol, or None."""
+    import faust
+
+    context = None
+    if settings.security_protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(cafile=settings.ssl_cafile)
+        if settings.ssl_certfile:
+            context.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile)
+    if settings.security_protocol.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=settings.sasl_username,
+            password=settings.sasl_password,
+            ssl_context=context,
+            mechanism=settings.sasl_mechanism,
+        )
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None
+
+
+def ensure_topics(settings: Settings, topics: list[str], partitions: int | None = None) -> None:
+    """Create the topics that do not exist yet (idempotent)."""
+    admin = AdminClient(confluent_config(settings))
+    existing = set(admin.list_topics(timeout=15).topics)
+    wanted = [
+        NewTopic(t, num_partitions=partitions or settings.partitions,
+                 replication_factor=settings.replication_factor)
+        for t in topics
+        if t not in existing
+    ]  # fmt: skip
+    if not wanted:
+        return
+    for topic, future in admin.create_topics(wanted, operation_timeout=15).items():
+        try:
+            future.result()
+        except KafkaException as exc:
+            if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
+                raise RuntimeError(f"could not create topic {topic}: {exc}") from exc
+
+
+def pipeline_topics(settings: Settings, models: list[str]) -> list[str]:
+    """Every topic the pipeline reads or writes, for these models."""
+    return [
+        settings.requests_topic,
+        settings.results_topic,
+        settings.responses_topic,
+        settings.dlq_topic,
+        *(settings.infer_topic(m) for m in models),
+    ]

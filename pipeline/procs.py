@@ -1,0 +1,69 @@
+"""Worker child processes, started and stopped by PID (for the bench, the demo and tests)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline.config import Settings
+
+
+def spawn(
+    settings: Settings, args: list[str], log_path: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``sluice <args>`` in a child process with ``settings`` in its environment."""
+    env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", *args], env=env, stdout=out,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+    finally:
+        if log_path:
+            out.close()  # type: ignore[union-attr]
+
+
+def spawn_workers(
+    settings: Settings, mode: str, log_dir: Path | None = None
+) -> list[subprocess.Popen[bytes]]:
+    """The processes of one pipeline: one for fused/naive, one per stage for split."""
+    if mode == "split":
+        stages = ["gateway", "infer", "respond"]
+        return [
+            spawn(settings, ["worker", "--mode", "split", "--stage", s],
+                  log_dir / f"worker-{s}.log" if log_dir else None)
+            for s in stages
+        ]  # fmt: skip
+    if mode == "relay":
+        return [spawn(settings, ["relay"], log_dir / "relay.log" if log_dir else None)]
+    return [spawn(settings, ["worker", "--mode", mode],
+                  log_dir / f"worker-{mode}.log" if log_dir else None)]  # fmt: skip
+
+
+def stop(procs: list[subprocess.Popen[bytes]], timeout_s: float = 20.0) -> None:
+    """SIGTERM each process we started, then SIGKILL whatever outlives ``timeout_s``."""
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            p.wait(timeout=10)
+
+
+def kill(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGKILL (a crash, for fault tests)."""
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+        p.wait(timeout=10)
