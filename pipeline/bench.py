@@ -23,7 +23,9 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from pipeline import codec, procs
 from pipeline.config import Settings
-from pipeline.kafka import consumer_config, ensure_topics, pipeline_topics, producer_config
+from pipeline.kafka import (
+    consume_batch, consumer_config, ensure_topics, pipeline_topics, producer_config,
+)
 from pipeline.models import ModelRegistry
 
 MODES = ("fused", "split", "naive", "relay")
@@ -89,7 +91,7 @@ def relay(settings: Settings) -> None:
     consumer.subscribe([settings.requests_topic])
     try:
         while not stop.is_set():
-            for m in consumer.consume(1000, timeout=0.05):
+            for m in consume_batch(consumer, 1000, 0.05):
                 if m.error() is None:
                     while True:
                         try:
@@ -128,9 +130,13 @@ def run(
     workers = procs.spawn_workers(settings, mode, log_dir)
     try:
         reader = _Reader(settings, requests, load, check=mode != "relay")
+        # One producer for probes and load: its connection and idempotent-producer id are
+        # set up by the probes, outside the measured run.
+        producer = Producer(producer_config(settings, **{"linger.ms": 2}))
         try:
-            _wait_ready(settings, load, reader, workers, log_dir)
-            sent_s = _produce(settings, load, requests, rate, reader, progress, timeout_s)
+            _wait_ready(settings, producer, load, reader, workers, log_dir)
+            sent_s = _produce(settings, producer, load, requests, rate, reader, progress,
+                              timeout_s)  # fmt: skip
             reader.wait(timeout_s, progress, workers)
         finally:
             reader.close()
@@ -161,7 +167,7 @@ class _Reader:
     def _loop(self) -> None:
         tally, n = self.tally, self.tally.n
         while not self._stop.is_set():
-            messages = self._consumer.consume(2000, timeout=0.05)
+            messages = consume_batch(self._consumer, 2000, 0.05)
             now = time.perf_counter()
             for m in messages:
                 key = m.key() or b""
@@ -216,10 +222,10 @@ class _Reader:
 
 
 def _wait_ready(
-    settings: Settings, load: Load, reader: _Reader, workers: list[Any], log_dir: Path
-) -> None:
+    settings: Settings, producer: Producer, load: Load, reader: _Reader, workers: list[Any],
+    log_dir: Path,
+) -> None:  # fmt: skip
     """Send probe requests until one is answered: the pipeline is assigned and serving."""
-    producer = Producer(producer_config(settings))
     deadline = time.monotonic() + 90
     i = 0
     while not reader.probe_seen.is_set():
@@ -234,11 +240,10 @@ def _wait_ready(
 
 
 def _produce(
-    settings: Settings, load: Load, n: int, rate: float | None, reader: _Reader,
-    progress: bool, timeout_s: float,
+    settings: Settings, producer: Producer, load: Load, n: int, rate: float | None,
+    reader: _Reader, progress: bool, timeout_s: float,
 ) -> np.ndarray:  # fmt: skip
     """Open loop: request i is due at start + i/rate; latency counts from when it was due."""
-    producer = Producer(producer_config(settings, **{"linger.ms": 2, "batch.num.messages": 2000}))
     sent = np.zeros(n)
     topic = settings.requests_topic
     start = time.perf_counter()

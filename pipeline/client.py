@@ -12,7 +12,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from pipeline import codec
 from pipeline.config import Settings
-from pipeline.kafka import consumer_config, producer_config
+from pipeline.kafka import consume_batch, consumer_config, producer_config
 
 Request = dict[str, Any] | codec.Request
 
@@ -119,7 +119,7 @@ class Client:
 
     def _consume(self) -> None:
         while not self._closed.is_set():
-            for message in self._consumer.consume(500, timeout=0.1):
+            for message in consume_batch(self._consumer, 500, 0.1):
                 if message.error() is not None or message.value() is None:
                     continue
                 try:
