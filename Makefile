@@ -36,7 +36,7 @@ setup: $(VENV)/.ok sysdeps kafka-runtime
 	@$(BIN)/pip install -q --no-deps --no-build-isolation -e . >/dev/null
 
 $(VENV)/.ok: pyproject.toml
-	rm -rf $(VENV)
+	rm -rf $(SLUICE_CACHE_DIR)/venv-*
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \

@@ -12,7 +12,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from pipeline import codec
 from pipeline.config import Settings
-from pipeline.kafka import consume_batch, consumer_config, producer_config
+from pipeline.kafka import consume_batch, consumer_config, high_watermark, producer_config
 
 Request = dict[str, Any] | codec.Request
 
@@ -53,9 +53,7 @@ class Client:
             raise RuntimeError(f"response topic {self.response_topic!r} does not exist")
         assignment = []
         for p in topic.partitions:
-            _, high = self._consumer.get_watermark_offsets(
-                TopicPartition(self.response_topic, p), timeout=15
-            )
+            high = high_watermark(self._consumer, self.response_topic, p)
             assignment.append(TopicPartition(self.response_topic, p, high))
         self._consumer.assign(assignment)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+import time
 from typing import Any
 
 from confluent_kafka import KafkaException
@@ -102,6 +103,24 @@ def ensure_topics(settings: Settings, topics: list[str], partitions: int | None 
         except KafkaException as exc:
             if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
                 raise RuntimeError(f"could not create topic {topic}: {exc}") from exc
+    _wait_for_leaders(admin, [t.topic for t in wanted])
+
+
+def _wait_for_leaders(admin: AdminClient, topics: list[str], timeout_s: float = 30.0) -> None:
+    """Block until every partition of ``topics`` has a leader (creation is asynchronous)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        metadata = admin.list_topics(timeout=10).topics
+        ready = all(
+            t in metadata and metadata[t].error is None and metadata[t].partitions
+            and all(p.leader >= 0 for p in metadata[t].partitions.values())
+            for t in topics
+        )  # fmt: skip
+        if ready:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"topics {topics} have no leaders after {timeout_s}s")
+        time.sleep(0.1)
 
 
 def pipeline_topics(settings: Settings, models: list[str]) -> list[str]:
@@ -125,3 +144,23 @@ def consume_batch(consumer: Any, max_messages: int, timeout_s: float) -> list[An
     if first is None:
         return []
     return [first, *consumer.consume(max_messages - 1, timeout=0)]
+
+
+def high_watermark(consumer: Any, topic: str, partition: int, timeout_s: float = 30.0) -> int:
+    """A partition's high watermark, retrying while a new topic's leader settles."""
+    from confluent_kafka import TopicPartition
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return int(consumer.get_watermark_offsets(TopicPartition(topic, partition),
+                                                      timeout=5)[1])  # fmt: skip
+        except KafkaException as exc:
+            if not exc.args[0].retriable() and exc.args[0].name() not in _SETTLING:
+                raise
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+_SETTLING = {"NOT_LEADER_FOR_PARTITION", "LEADER_NOT_AVAILABLE", "UNKNOWN_TOPIC_OR_PART"}

@@ -1,0 +1,77 @@
+"""End to end on the real broker: requests in, correct responses out, in both modes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.client import Client
+from pipeline.models import ModelRegistry
+from tests.integration.conftest import demo_request
+
+
+@pytest.mark.parametrize("mode", ["fused", "split"])
+def test_1000_requests_give_1000_correct_responses(
+    mode: str, settings, client: Client, start_workers, registry: ModelRegistry
+) -> None:
+    workers = start_workers(settings, mode)
+    workers.wait_ready(client)
+    rng = np.random.default_rng(0)
+    inputs = rng.standard_normal((1000, 16)).astype(np.float32)
+    futures = [
+        client.submit(demo_request(f"req-{i}", inputs[i].tolist(), parameters={"top_k": 2}),
+                      headers={"correlation-id": f"corr-{i}"})
+        for i in range(1000)
+    ]  # fmt: skip
+    client.flush()
+    responses = [f.result(timeout=60) for f in futures]
+
+    model = registry.resolve("demo")
+    expected = model.run([inputs])[0]
+    assert [r.id for r in responses] == [f"req-{i}" for i in range(1000)]
+    assert {r.status for r in responses} == {"ok"}
+    assert {r.model_version for r in responses} == {model.version}
+    got = np.array([r.outputs[0].data for r in responses], dtype=np.float32)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    labels = [r.outputs[1].data for r in responses]
+    assert all(len(top) == 2 for top in labels)
+    top1 = [model.config.labels[int(i)] for i in expected.argmax(axis=1)]
+    assert [top[0] for top in labels] == top1
+    batch_sizes = [r.timings.batch_size for r in responses]
+    assert max(batch_sizes) > 1, "requests were never batched"
+    assert max(batch_sizes) <= settings.max_batch_size
+
+
+def test_reply_to_version_and_headers(settings, client: Client, start_workers, bootstrap) -> None:
+    from confluent_kafka import Consumer, TopicPartition
+
+    from pipeline import codec
+    from pipeline.kafka import consumer_config, ensure_topics
+
+    reply_topic = settings.topic_prefix + ".replies"
+    ensure_topics(settings, [reply_topic], partitions=1)
+    workers = start_workers(settings, "fused")
+    workers.wait_ready(client)
+    consumer = Consumer(consumer_config(settings, "reply-reader"))
+    consumer.assign([TopicPartition(reply_topic, 0, 0)])
+    producer_client = client
+    producer_client.submit(
+        demo_request("to-reply", reply_to=reply_topic, version="1"),
+        headers={"correlation-id": "abc", "traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"},
+    )
+    producer_client.flush()
+    try:
+        message = None
+        for _ in range(100):
+            message = consumer.poll(0.3)
+            if message is not None and message.error() is None:
+                break
+        assert message is not None and message.error() is None
+        response = codec.decode_response(message.value())
+        assert message.key() == b"to-reply"
+        assert response.status == "ok" and response.model_version == "1"
+        headers = dict(message.headers() or [])
+        assert headers["correlation-id"] == b"abc"
+        assert headers["traceparent"].startswith(b"00-111")
+    finally:
+        consumer.close()

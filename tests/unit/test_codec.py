@@ -1,0 +1,514 @@
+"""Wire formats: request decoding and its reason codes, tensors, DLQ records, JSON Schemas."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from referencing import Registry, Resource
+
+from pipeline import codec
+from pipeline.codec import (
+    BAD_DTYPE, BAD_SHAPE, MALFORMED, OVERSIZE, REASONS, SCHEMA, DlqRecord, ErrorInfo, Request,
+    RequestError, Response, Tensor, Timings, array_to_tensor, decode_dlq, decode_request,
+    decode_response, dlq_record, encode, tensor_to_array,
+)  # fmt: skip
+
+SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
+LIMIT = 1_048_576
+
+
+def request_doc(**changes: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "id": "req-1",
+        "model": "demo",
+        "inputs": [{"name": "features", "datatype": "FP32", "shape": [4],
+                    "data": [0.5, -1.0, 2.0, 3.25]}],  # fmt: skip
+    }
+    doc.update(changes)
+    return {k: v for k, v in doc.items() if v is not None}
+
+
+def raw(doc: Any) -> bytes:
+    return json.dumps(doc).encode()
+
+
+def reject(data: bytes | None, limit: int = LIMIT) -> RequestError:
+    with pytest.raises(RequestError) as info:
+        decode_request(data, limit)
+    return info.value
+
+
+# -- decode_request -------------------------------------------------------------------------
+
+
+def test_decode_valid_request() -> None:
+    doc = request_doc(version="2", key="user-7", parameters={"top_k": 3}, deadline_ms=123,
+                      ttl_ms=500, reply_to="my.replies", priority=5)  # fmt: skip
+    req = decode_request(raw(doc), LIMIT)
+    assert isinstance(req, Request)
+    assert (req.id, req.model, req.version, req.key) == ("req-1", "demo", "2", "user-7")
+    assert req.parameters is not None and req.parameters.top_k == 3
+    assert (req.deadline_ms, req.ttl_ms, req.reply_to, req.priority) == (123, 500, "my.replies", 5)
+    [t] = req.inputs
+    assert (t.name, t.datatype, t.shape, t.data) == ("features", "FP32", [4], [0.5, -1.0, 2.0, 3.25])
+
+
+def test_decode_minimal_request_defaults() -> None:
+    req = decode_request(raw(request_doc()), LIMIT)
+    assert req.version is None and req.reply_to is None and req.parameters is None
+    assert req.deadline_ms is None and req.ttl_ms is None
+    assert req.priority == 0
+
+
+def test_oversize_is_checked_on_bytes_before_parsing() -> None:
+    data = raw(request_doc())
+    assert decode_request(data, len(data)).id == "req-1"  # exactly at the limit is fine
+    err = reject(data, len(data) - 1)
+    assert err.code == OVERSIZE
+    assert str(len(data)) in err.message and str(len(data) - 1) in err.message
+    # Not even parsed: garbage over the limit is oversize, not malformed.
+    assert reject(b"\xff" * 100, 99).code == OVERSIZE
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"{",
+        b"not json",
+        b'{"id": "a", "model": "demo", "inputs": [}',
+        b"\xff\xfe{}",  # invalid UTF-8 outside any string
+        raw(request_doc())[:-1],  # truncated
+    ],
+)
+def test_malformed_json(data: bytes) -> None:
+    err = reject(data)
+    assert err.code == MALFORMED
+    assert err.request_id is None
+
+
+def test_null_value_is_malformed() -> None:
+    err = reject(None)
+    assert err.code == MALFORMED
+    assert "null" in err.message
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        # Invalid UTF-8 inside a string value. msgspec raises UnicodeDecodeError (not a
+        # DecodeError) here, so it must still come out as a RequestError.
+        b'{"id": "\xff", "model": "demo", "inputs": []}',
+        b'{"id": "a", "model": "demo", "inputs": [{"name": "f\xc3", "datatype": "FP32", '
+        b'"shape": [1], "data": [1]}]}',
+        # ... and in a field that is only read when salvaging an invalid request.
+        b'{"id": "a", "model": "not valid!", "version": "\xff\xfe", "inputs": []}',
+    ],
+)
+def test_invalid_utf8_in_a_string_is_malformed(data: bytes) -> None:
+    err = reject(data)
+    assert err.code in (MALFORMED, SCHEMA)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        # 20 KB of nesting, well under the payload limit: must be an error, not a crash.
+        raw(request_doc())[:-3] + b", \"parameters\": {\"x\": " + b"[" * 10_000
+        + b"]" * 10_000 + b"}}]}",
+        b'{"id": "a", "model": "demo", "inputs": [{"name": "f", "datatype": "FP32", '
+        b'"shape": [1], "data": ' + b"[" * 10_000 + b"]" * 10_000 + b"}]}",
+        b'{"id": "a", "model": "not valid!", "extra": ' + b"[" * 10_000 + b"]" * 10_000 + b"}",
+    ],
+    ids=["tensor-parameters", "tensor-data", "unknown-field-while-salvaging"],
+)
+def test_deeply_nested_json_is_a_request_error(data: bytes) -> None:
+    assert len(data) < LIMIT
+    err = reject(data)
+    assert err.code in (MALFORMED, SCHEMA)
+
+
+@pytest.mark.parametrize(
+    ("doc", "where"),
+    [
+        (request_doc(id=None), "id"),
+        (request_doc(id=5), "$.id"),
+        (request_doc(id=""), "$.id"),
+        (request_doc(model=None), "model"),
+        (request_doc(model="no spaces allowed"), "$.model"),
+        (request_doc(model="x" * 129), "$.model"),
+        (request_doc(inputs=[]), "$.inputs"),
+        (request_doc(inputs="features"), "$.inputs"),
+        (request_doc(inputs=[{"name": "f", "datatype": "FP32", "shape": [-1], "data": []}]),
+         "$.inputs[0].shape[0]"),
+        (request_doc(inputs=[{"name": "f", "datatype": "FP32", "shape": [1]}]), "data"),
+        (request_doc(parameters={"top_k": 0}), "$.parameters.top_k"),
+        (request_doc(priority=10), "$.priority"),
+        (request_doc(ttl_ms=0), "$.ttl_ms"),
+        (request_doc(reply_to="bad topic"), "$.reply_to"),
+        ([request_doc()], "object"),
+        ("a string", "object"),
+    ],
+)  # fmt: skip
+def test_schema_errors(doc: Any, where: str) -> None:
+    err = reject(raw(doc))
+    assert err.code == SCHEMA
+    assert where in err.message
+
+
+def test_schema_error_salvages_what_is_known() -> None:
+    doc = request_doc(inputs=[], version="3", reply_to="client.replies")
+    err = reject(raw(doc))
+    assert err.code == SCHEMA
+    assert (err.request_id, err.model, err.version, err.reply_to) == (
+        "req-1", "demo", "3", "client.replies")  # fmt: skip
+
+
+def test_schema_error_salvages_only_valid_parts() -> None:
+    # The model name is the invalid part: the id and reply_to can still be answered.
+    err = reject(raw(request_doc(model="bad model", reply_to="client.replies")))
+    assert err.code == SCHEMA
+    assert err.request_id == "req-1"
+    assert err.model == "bad model"  # kept for the DLQ record; the schema caps its length
+    assert err.reply_to == "client.replies"
+
+
+def test_schema_error_does_not_salvage_unusable_values() -> None:
+    err = reject(raw(request_doc(id=5, model=["x"], reply_to="bad topic!")))
+    assert err.code == SCHEMA
+    assert err.request_id is None and err.model is None and err.reply_to is None
+    err = reject(raw(request_doc(id="x" * 257)))
+    assert err.request_id is None
+
+
+# -- tensors --------------------------------------------------------------------------------
+
+
+def t(datatype: str, shape: list[int], data: list[Any], name: str = "x") -> Tensor:
+    return Tensor(name=name, datatype=datatype, shape=shape, data=data)
+
+
+def test_tensor_to_array_flat() -> None:
+    a = tensor_to_array(t("FP32", [2, 3], [1, 2, 3, 4, 5, 6.5]), 100)
+    assert a.dtype == np.float32
+    assert a.shape == (2, 3)
+    np.testing.assert_array_equal(a, np.array([[1, 2, 3], [4, 5, 6.5]], dtype=np.float32))
+
+
+def test_tensor_to_array_nested() -> None:
+    a = tensor_to_array(t("INT64", [2, 2], [[1, -2], [3, 4]]), 100)
+    assert a.dtype == np.int64
+    np.testing.assert_array_equal(a, [[1, -2], [3, 4]])
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data", "dtype"),
+    [
+        ("BOOL", [True, False], np.bool_),
+        ("UINT8", [0, 255], np.uint8),
+        ("UINT16", [0, 65535], np.uint16),
+        ("INT8", [-128, 127], np.int8),
+        ("INT16", [-32768, 32767], np.int16),
+        ("INT32", [-(2**31), 2**31 - 1], np.int32),
+        ("INT64", [-(2**63), 2**63 - 1], np.int64),
+        ("UINT64", [0, 2**64 - 1], np.uint64),
+        ("FP16", [0.5, -2.0], np.float16),
+        ("FP64", [0.1, 1e300], np.float64),
+    ],
+)
+def test_tensor_to_array_dtypes_at_their_limits(datatype: str, data: list[Any], dtype: Any) -> None:
+    a = tensor_to_array(t(datatype, [2], data), 100)
+    assert a.dtype == np.dtype(dtype)
+    assert a.tolist() == data
+
+
+def test_tensor_to_array_scalar_and_empty() -> None:
+    assert tensor_to_array(t("FP32", [], [3]), 10).shape == ()
+    assert tensor_to_array(t("FP32", [0, 4], []), 10).shape == (0, 4)
+
+
+@pytest.mark.parametrize(
+    ("shape", "data"),
+    [
+        ([3], [1, 2]),
+        ([2, 2], [1, 2, 3, 4, 5]),
+        ([2, 2], [[1, 2], [3]]),  # ragged
+        ([3], [1, [2, 3]]),  # ragged
+        ([1], []),
+    ],
+)
+def test_bad_shape(shape: list[int], data: list[Any]) -> None:
+    with pytest.raises(RequestError) as info:
+        tensor_to_array(t("FP32", shape, data), 100)
+    assert info.value.code == BAD_SHAPE
+    assert "'x'" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data"),
+    [
+        ("FP32", ["a", "b"]),
+        ("FP32", [1, "b"]),
+        ("FP32", [1, None]),
+        ("FP32", [{"a": 1}, 2]),
+        ("INT64", [1.5, 2]),
+        ("INT32", [1, 2.25]),
+        ("BYTES", ["a", "b"]),  # a valid datatype that models cannot take
+        ("COMPLEX64", [1, 2]),
+        ("fp32", [1, 2]),
+        ("FP16", [1e10, 0]),  # out of range for half precision
+        ("INT64", [2**70, 0]),
+    ],
+)
+def test_bad_dtype(datatype: str, data: list[Any]) -> None:
+    with pytest.raises(RequestError) as info:
+        tensor_to_array(t(datatype, [2], data), 100)
+    assert info.value.code == BAD_DTYPE
+    assert "'x'" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data"),
+    [
+        ("UINT8", [256, 0]),
+        ("UINT8", [-1, 0]),
+        ("INT8", [128, 0]),
+        ("INT16", [40000, 0]),
+        ("UINT32", [2**32, 0]),
+        ("INT64", [2**63, 0]),
+    ],
+)
+def test_out_of_range_integers_are_bad_dtype_not_wrapped(datatype: str, data: list[int]) -> None:
+    # Integer casts in numpy wrap silently (errstate does not cover them): 256 as UINT8 would
+    # reach the model as 0. The request must be refused instead.
+    with pytest.raises(RequestError) as info:
+        tensor_to_array(t(datatype, [2], data), 100)
+    assert info.value.code == BAD_DTYPE
+
+
+def test_oversize_elements() -> None:
+    assert tensor_to_array(t("FP32", [10, 10], [0.0] * 100), 100).size == 100
+    with pytest.raises(RequestError) as info:
+        tensor_to_array(t("FP32", [10, 11], [0.0] * 110), 100)
+    assert info.value.code == OVERSIZE
+    assert "110" in info.value.message and "100" in info.value.message
+
+
+@pytest.mark.parametrize("shape", [[2**32, 2**32], [2**21, 2**21, 2**22], [2**62, 4]])
+def test_oversize_elements_when_the_count_overflows_int64(shape: list[int]) -> None:
+    # The element count must be computed without int64 wrap-around: 2**64 is not 0.
+    with pytest.raises(RequestError) as info:
+        tensor_to_array(t("FP32", shape, []), 1_000_000)
+    assert info.value.code == OVERSIZE
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(12, dtype=np.float32).reshape(3, 4) / 7,
+        np.array([[1, -2], [3, 4]], dtype=np.int64),
+        np.array([0, 255], dtype=np.uint8),
+        np.array([True, False, True]),
+        np.array([1.5, -0.25], dtype=np.float16),
+        np.array([1e-300, 1e300], dtype=np.float64),
+        np.zeros((2, 0), dtype=np.int32),
+    ],
+)
+def test_array_to_tensor_round_trip(array: np.ndarray) -> None:
+    tensor = array_to_tensor("out", array)
+    assert tensor.name == "out"
+    assert tensor.shape == list(array.shape)
+    # Through the wire and back.
+    back = msgspec_round_trip(tensor)
+    result = tensor_to_array(back, 1_000_000)
+    assert result.dtype == array.dtype
+    assert result.shape == array.shape
+    np.testing.assert_array_equal(result, array)
+
+
+def msgspec_round_trip(tensor: Tensor) -> Tensor:
+    import msgspec
+
+    return msgspec.json.decode(encode(tensor), type=Tensor)
+
+
+def test_array_to_tensor_datatypes() -> None:
+    assert array_to_tensor("a", np.zeros(1, np.float32)).datatype == "FP32"
+    assert array_to_tensor("a", np.zeros(1, np.int8)).datatype == "INT8"
+    assert array_to_tensor("a", np.zeros(1, bool)).datatype == "BOOL"
+    s = array_to_tensor("a", np.array([b"x", "y"], dtype=object))
+    assert (s.datatype, s.data) == ("BYTES", ["x", "y"])
+
+
+def test_array_to_tensor_data_is_flat() -> None:
+    tensor = array_to_tensor("a", np.arange(6, dtype=np.int32).reshape(2, 3))
+    assert tensor.data == [0, 1, 2, 3, 4, 5]
+    assert tensor.shape == [2, 3]
+
+
+# -- DLQ records ----------------------------------------------------------------------------
+
+
+def test_dlq_record_contents() -> None:
+    original = b'{"id": "r9", "model": "demo", "inputs": [] \xff}'
+    error = RequestError(SCHEMA, "inputs: too short", request_id="r9", model="demo")
+    before = int(time.time() * 1000)
+    record = decode_dlq(dlq_record(original, "sluice.requests", 3, 1234, "gateway", error,
+                                   attempts=2))  # fmt: skip
+    after = int(time.time() * 1000)
+    assert base64.b64decode(record.original_b64) == original
+    assert (record.topic, record.partition, record.offset) == ("sluice.requests", 3, 1234)
+    assert record.stage == "gateway"
+    assert record.reason == SCHEMA
+    assert record.error == "inputs: too short"
+    assert record.attempts == 2
+    assert before <= record.time_ms <= after
+    assert (record.request_id, record.model) == ("r9", "demo")
+
+
+def test_dlq_record_of_a_null_value() -> None:
+    record = decode_dlq(dlq_record(None, "t", 0, 0, "gateway", RequestError(MALFORMED, "null")))
+    assert record.original_b64 == ""
+    assert record.attempts == 1
+    assert record.request_id is None and record.model is None
+
+
+# -- JSON Schemas ---------------------------------------------------------------------------
+
+
+def _schemas() -> tuple[Registry, dict[str, dict[str, Any]]]:
+    schemas = {p.name: json.loads(p.read_text()) for p in SCHEMAS.glob("*.schema.json")}
+    registry: Registry = Registry()
+    for name, schema in schemas.items():
+        resource = Resource.from_contents(schema)
+        registry = registry.with_resource(schema["$id"], resource)
+        registry = registry.with_resource(name, resource)
+    return registry, schemas
+
+
+def validator(name: str) -> jsonschema.protocols.Validator:
+    registry, schemas = _schemas()
+    schema = schemas[name]
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema, registry=registry)
+
+
+def test_schemas_are_valid_and_refs_resolve() -> None:
+    registry, schemas = _schemas()
+    assert set(schemas) == {"request.schema.json", "response.schema.json", "dlq.schema.json",
+                            "tensor.schema.json"}  # fmt: skip
+    v = validator("request.schema.json")
+    # The $ref really is followed: a tensor without data fails through it.
+    bad = request_doc(inputs=[{"name": "f", "datatype": "FP32", "shape": [1]}])
+    assert not v.is_valid(bad)
+    assert v.is_valid(request_doc())
+
+
+def test_dlq_reasons_match_the_schema() -> None:
+    assert set(_schemas()[1]["dlq.schema.json"]["properties"]["reason"]["enum"]) == set(REASONS)
+
+
+def test_datatypes_match_the_schema() -> None:
+    enum = _schemas()[1]["tensor.schema.json"]["properties"]["datatype"]["enum"]
+    assert set(enum) == set(codec.DTYPES)
+
+
+def test_encoded_requests_validate() -> None:
+    v = validator("request.schema.json")
+    full = decode_request(raw(request_doc(version="1", key="k", parameters={"top_k": 2},
+                                          deadline_ms=1, ttl_ms=1, reply_to="r", priority=9)),
+                          LIMIT)  # fmt: skip
+    for req in (full, decode_request(raw(request_doc()), LIMIT)):
+        v.validate(json.loads(encode(req)))
+
+
+def test_encoded_responses_validate() -> None:
+    v = validator("response.schema.json")
+    tensors = [array_to_tensor("logits", np.array([0.1, -0.2], dtype=np.float32)),
+               array_to_tensor("labels", np.array(["a"], dtype=object))]  # fmt: skip
+    examples = [
+        Response(id="r", status="ok", model="demo", model_version="1", outputs=tensors,
+                 timings=Timings(queue_ms=0.1, inference_ms=1.0, total_ms=2.5, batch_size=4)),
+        Response(id="r", status="error", model=None, error=ErrorInfo("schema", "bad")),
+        Response(id="r", status="expired", model="demo", model_version="2",
+                 error=ErrorInfo("expired", "late")),
+    ]  # fmt: skip
+    for response in examples:
+        doc = json.loads(encode(response))
+        v.validate(doc)
+        assert decode_response(encode(response)) == response
+    # And the schema has teeth: an ok response without outputs is invalid.
+    assert not v.is_valid({"id": "r", "status": "ok"})
+    assert not v.is_valid({"id": "r", "status": "error"})
+
+
+@pytest.mark.parametrize("reason", REASONS)
+def test_dlq_records_validate(reason: str) -> None:
+    v = validator("dlq.schema.json")
+    for error in (RequestError(reason, "why"), RequestError(reason, "why", "id", "demo")):
+        for stage in ("gateway", "infer", "respond"):
+            v.validate(json.loads(dlq_record(b"\x00raw", "t", 1, 2, stage, error)))
+
+
+def test_decoder_rejects_what_the_request_schema_rejects() -> None:
+    """The msgspec structs mirror request.schema.json: what one refuses, so does the other."""
+    v = validator("request.schema.json")
+    invalid = [
+        request_doc(id=""),
+        request_doc(model="a b"),
+        request_doc(inputs=[]),
+        request_doc(priority=-1),
+        request_doc(parameters={"top_k": 101}),
+        request_doc(inputs=[{"name": "", "datatype": "FP32", "shape": [1], "data": [1]}]),
+        request_doc(inputs=[{"name": "f", "datatype": "FP32", "shape": [1] * 9, "data": [1]}]),
+        request_doc(inputs=[{"name": "f", "datatype": "FLOAT", "shape": [1], "data": [1]}]),
+    ]
+    for doc in invalid:
+        assert not v.is_valid(doc), doc
+        with pytest.raises(RequestError) as info:
+            decode_request(raw(doc), LIMIT)
+        assert info.value.code == SCHEMA, doc
+
+
+def test_dlq_struct_fields_match_the_schema() -> None:
+    schema = _schemas()[1]["dlq.schema.json"]
+    assert set(DlqRecord.__struct_fields__) == set(schema["properties"])
+    assert set(schema["required"]) <= set(DlqRecord.__struct_fields__)
+
+
+# -- fuzzing --------------------------------------------------------------------------------
+
+_FRAGMENTS = [
+    b"{", b"}", b"[", b"]", b":", b",", b'"', b" ", b"1", b"-0.5", b"1e999", b"null", b"true",
+    b'"id"', b'"model"', b'"inputs"', b'"reply_to"', b'"version"', b'"x"', b'"demo"',
+    b'"name"', b'"datatype"', b'"FP32"', b'"shape"', b'"data"', b"\xff", b"\xc3", b"\x00",
+    b"\\u0000", b"\\ud800", b"\\", b"[" * 50,
+]  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None, database=None, derandomize=True)
+@given(st.binary(max_size=512))
+def test_random_bytes_only_raise_request_error(data: bytes) -> None:
+    try:
+        decode_request(data, 256)
+    except RequestError as exc:
+        assert exc.code in (MALFORMED, SCHEMA, OVERSIZE)
+
+
+@settings(max_examples=600, deadline=None, database=None, derandomize=True)
+@given(st.lists(st.sampled_from(_FRAGMENTS), max_size=60).map(b"".join))
+def test_json_like_bytes_only_raise_request_error(data: bytes) -> None:
+    try:
+        decode_request(b'{"id": "a", "model": ' + data, LIMIT)
+    except RequestError as exc:
+        assert exc.code in (MALFORMED, SCHEMA, OVERSIZE)
