@@ -68,21 +68,32 @@ class Client:
             request_id, key = str(request["id"]), request.get("key") or request["id"]
         else:
             request_id, key = request.id, request.key or request.id
-        value = codec.encode(request)
+        return self.submit_raw(request_id, codec.encode(request), str(key).encode(),
+                               headers, topic)  # fmt: skip
+
+    def submit_raw(
+        self,
+        request_id: str,
+        value: bytes | None,
+        key: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        topic: str | None = None,
+    ) -> concurrent.futures.Future[codec.Response]:
+        """Produce an already-encoded request whose id is ``request_id``."""
         if not self._slots.acquire(timeout=60):
             raise TimeoutError(f"more than {self.max_pending} requests pending")
         future: concurrent.futures.Future[codec.Response] = concurrent.futures.Future()
         with self._lock:
             self._pending[request_id] = future
         try:
-            self._produce(topic or self.settings.requests_topic, str(key).encode(), value,
-                          list((headers or {}).items()))  # fmt: skip
+            self._produce(topic or self.settings.requests_topic, key or request_id.encode(),
+                          value, list((headers or {}).items()))  # fmt: skip
         except BaseException:
             self._resolve(request_id, None, KeyError(request_id))
             raise
         return future
 
-    def _produce(self, topic: str, key: bytes, value: bytes, headers: list[Any]) -> None:
+    def _produce(self, topic: str, key: bytes, value: bytes | None, headers: list[Any]) -> None:
         while True:
             try:
                 self._producer.produce(topic, value, key, headers=headers or None)

@@ -181,14 +181,14 @@ def decode_request(raw: bytes | None, max_payload_bytes: int) -> Request:
     except msgspec.ValidationError as exc:
         probe = _probe(raw)
         raise RequestError(SCHEMA, str(exc), **probe) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise RequestError(MALFORMED, f"not valid JSON: {exc}") from None
 
 
 def _probe(raw: bytes) -> dict[str, str | None]:
     try:
         p = _probe_decoder.decode(raw)
-    except msgspec.MsgspecError:
+    except (msgspec.MsgspecError, UnicodeDecodeError):
         return {}
 
     def text(v: Any, limit: int) -> str | None:

@@ -127,7 +127,12 @@ class Pipeline:
             return self.admit(origin)
         except RequestError as exc:
             await self.reject(origin, exc, "gateway")
-            return None
+        except Exception as exc:  # noqa: BLE001 - a record must never stop the worker
+            log.exception("unexpected error admitting %s:%s:%s", origin.topic, origin.partition,
+                          origin.offset)  # fmt: skip
+            await self.reject(origin, RequestError(
+                codec.MALFORMED, f"{type(exc).__name__}: {exc}"), "gateway")  # fmt: skip
+        return None
 
     async def forward(self, job: Job) -> None:
         """Split mode: publish an admitted request to its model's infer topic."""
