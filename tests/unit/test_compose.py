@@ -85,8 +85,10 @@ def _volumes(service: dict[str, Any]) -> list[dict[str, Any]]:
     mounts = []
     for v in service.get("volumes") or []:
         if isinstance(v, dict):
-            mounts.append({"type": v.get("type", "volume"), "source": v.get("source"),
-                           "target": v["target"], "read_only": bool(v.get("read_only"))})  # fmt: skip
+            mounts.append({
+                "type": v.get("type", "volume"), "source": v.get("source"),
+                "target": v["target"], "read_only": bool(v.get("read_only")),
+            })  # fmt: skip
             continue
         parts = _interpolate(v).split(":")
         assert len(parts) in (2, 3), f"unexpected volume syntax {v!r}"
@@ -170,7 +172,7 @@ def _promql_metric_names(expr: str) -> set[str]:
     names = set()
     for m in re.finditer(r"(?<![\w.:])[A-Za-z_:][A-Za-z0-9_:]*", s):
         token = m.group(0)
-        if s[m.end():].lstrip().startswith("("):  # a function call
+        if s[m.end() :].lstrip().startswith("("):  # a function call
             continue
         if token.lower() in _PROMQL_WORDS:
             continue
@@ -248,7 +250,9 @@ def test_kafka_is_a_single_kraft_node(services: dict[str, Any]) -> None:
     node_id = env["KAFKA_NODE_ID"]
     listeners = _listeners(env["KAFKA_LISTENERS"])
     advertised = _listeners(env["KAFKA_ADVERTISED_LISTENERS"])
-    protocols = dict(item.split(":") for item in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
+    protocols = dict(
+        item.split(":") for item in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(",")
+    )
     controller = env["KAFKA_CONTROLLER_LISTENER_NAMES"]
     assert controller in listeners and controller not in advertised
     assert set(listeners) <= set(protocols)
