@@ -59,6 +59,9 @@ def create_app(settings: Settings, stage: str) -> SluiceApp:
         producer_max_request_size=max(settings.max_payload_bytes * 2, 1_048_576),
         consumer_max_fetch_size=max(settings.max_payload_bytes * 2, 1_048_576),
         broker_commit_interval=1.0,
+        # A crashed worker's partitions move to the others after this long.
+        broker_session_timeout=settings.session_timeout_ms / 1000.0,
+        broker_heartbeat_interval=min(3.0, settings.session_timeout_ms / 3000.0),
         stream_buffer_maxsize=max(settings.max_inflight, 1024),
     )
     app.fetch_max_wait_ms = settings.consumer_fetch_max_wait_ms

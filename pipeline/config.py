@@ -48,6 +48,7 @@ class Settings:
     metrics_port: int = 0
     producer_linger_ms: int = 1
     consumer_fetch_max_wait_ms: int = 10
+    session_timeout_ms: int = 10_000
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
@@ -69,6 +70,7 @@ class Settings:
         _require_int(self, "metrics_port", minimum=0, maximum=65535)
         _require_int(self, "producer_linger_ms", minimum=0)
         _require_int(self, "consumer_fetch_max_wait_ms", minimum=0)
+        _require_int(self, "session_timeout_ms", minimum=1000)
         _require_int(self, "torch_threads", minimum=1)
         if not isinstance(self.max_delay_s, (int, float)) or not 0 <= self.max_delay_s <= 60:
             raise SettingsError(
