@@ -49,6 +49,8 @@ def create_app(settings: Settings, stage: str) -> SluiceApp:
         broker=f"kafka://{settings.bootstrap_servers()}",
         broker_credentials=faust_credentials(settings),
         store="memory://",
+        # faust keeps per-app state in a folder; keep it out of the working directory.
+        datadir=str(settings.cache_dir / "faust" / settings.group_id(stage)),
         autodiscover=False,
         web_enabled=False,
         topic_partitions=settings.partitions,

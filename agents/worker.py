@@ -29,7 +29,7 @@ def build(settings: Settings, mode: str, stage: str | None = None) -> tuple[Slui
     if not registry.names:
         raise SystemExit(f"no models in {settings.models_path}; run `sluice model init-demo`")
     metrics = Metrics()
-    app = create_app(settings, stage if mode == "split" else mode)
+    app = create_app(settings, stage if mode == "split" and stage else mode)
     pipeline = Pipeline(settings, registry, faust_sink(app), metrics)
     stage_obj: InferStage | None = None
     if mode == "fused":
@@ -51,7 +51,7 @@ def build(settings: Settings, mode: str, stage: str | None = None) -> tuple[Slui
     if stage_obj is not None:
         flushing = stage_obj
 
-        @app.on_partitions_revoked.connect
+        @app.on_partitions_revoked.connect  # type: ignore[arg-type]
         async def _flush_on_revoke(app: Any, revoked: Any, **kwargs: Any) -> None:
             # Answer what is in flight before its partitions move to another worker.
             await flushing.flush(timeout_s=10.0)
@@ -68,8 +68,8 @@ def run(settings: Settings, mode: str, stage: str | None = None) -> None:
     ensure_topics(settings, pipeline_topics(settings, registry.names))
     app, metrics = build(settings, mode, stage)
     if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr=settings.metrics_host,
-                          registry=metrics.registry)  # fmt: skip
-    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True,
-                          redirect_stdouts=False)  # fmt: skip
+        start_http_server(
+            settings.metrics_port, addr=settings.metrics_host, registry=metrics.registry
+        )
+    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()

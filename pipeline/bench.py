@@ -24,7 +24,11 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from pipeline import codec, procs
 from pipeline.config import Settings
 from pipeline.kafka import (
-    consume_batch, consumer_config, ensure_topics, pipeline_topics, producer_config,
+    consume_batch,
+    consumer_config,
+    ensure_topics,
+    pipeline_topics,
+    producer_config,
 )
 from pipeline.models import ModelRegistry
 
@@ -50,8 +54,12 @@ class Load:
         expected = loaded.run([inputs])[0]
         payloads = []
         for row in inputs:
-            tensor = codec.Tensor(name=spec.name, datatype=spec.datatype, shape=list(spec.shape),
-                                  data=row.reshape(-1).tolist())  # fmt: skip
+            tensor = codec.Tensor(
+                name=spec.name,
+                datatype=spec.datatype,
+                shape=list(spec.shape),
+                data=row.reshape(-1).tolist(),
+            )
             body = codec.encode({"model": model, "version": loaded.version, "inputs": [tensor]})
             payloads.append(body[1:])  # without the opening brace; the id goes first
         return cls(model, loaded.version, payloads, expected)
@@ -135,8 +143,7 @@ def run(
         producer = Producer(producer_config(settings, **{"linger.ms": 2}))
         try:
             _wait_ready(settings, producer, load, reader, workers, log_dir)
-            sent_s = _produce(settings, producer, load, requests, rate, reader, progress,
-                              timeout_s)  # fmt: skip
+            sent_s = _produce(settings, producer, load, requests, rate, reader, progress, timeout_s)
             reader.wait(timeout_s, progress, workers)
         finally:
             reader.close()
@@ -155,9 +162,13 @@ class _Reader:
         self.prefix = b"r"
         self.probe_seen = threading.Event()
         self._stop = threading.Event()
-        self._consumer = Consumer(consumer_config(
-            settings, f"sluice-bench-reader-{uuid.uuid4().hex[:8]}",
-            **{"enable.auto.commit": False}))  # fmt: skip
+        self._consumer = Consumer(
+            consumer_config(
+                settings,
+                f"sluice-bench-reader-{uuid.uuid4().hex[:8]}",
+                **{"enable.auto.commit": False},
+            )
+        )
         topic = settings.responses_topic
         md = self._consumer.list_topics(topic, timeout=15).topics[topic]
         self._consumer.assign([TopicPartition(topic, p, 0) for p in md.partitions])
@@ -222,9 +233,13 @@ class _Reader:
 
 
 def _wait_ready(
-    settings: Settings, producer: Producer, load: Load, reader: _Reader, workers: list[Any],
+    settings: Settings,
+    producer: Producer,
+    load: Load,
+    reader: _Reader,
+    workers: list[Any],
     log_dir: Path,
-) -> None:  # fmt: skip
+) -> None:
     """Send probe requests until one is answered: the pipeline is assigned and serving."""
     deadline = time.monotonic() + 90
     i = 0
@@ -240,9 +255,15 @@ def _wait_ready(
 
 
 def _produce(
-    settings: Settings, producer: Producer, load: Load, n: int, rate: float | None,
-    reader: _Reader, progress: bool, timeout_s: float,
-) -> np.ndarray:  # fmt: skip
+    settings: Settings,
+    producer: Producer,
+    load: Load,
+    n: int,
+    rate: float | None,
+    reader: _Reader,
+    progress: bool,
+    timeout_s: float,
+) -> np.ndarray:
     """Open loop: request i is due at start + i/rate; latency counts from when it was due."""
     sent = np.zeros(n)
     topic = settings.requests_topic
@@ -273,8 +294,9 @@ def _produce(
 def _progress(n: int, sent: int, answered: int) -> None:
     width = 30
     filled = int(width * answered / n) if n else width
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] sent {sent}/{n} "
-                     f"answered {answered}/{n}")  # fmt: skip
+    sys.stderr.write(
+        f"\r[{'#' * filled}{'.' * (width - filled)}] sent {sent}/{n} answered {answered}/{n}"
+    )
     sys.stderr.flush()
 
 
@@ -286,7 +308,9 @@ def _summary(
     if answered_mask.any():
         span_s = float(np.nanmax(tally.recv_s) - sent_s.min())
         throughput = float(answered_mask.sum() / span_s) if span_s > 0 else 0.0
-        pct = {f"p{q}": round(float(np.percentile(latency_ms, q)), 3) for q in (50, 95, 99)}
+        pct: dict[str, float | None] = {
+            f"p{q}": round(float(np.percentile(latency_ms, q)), 3) for q in (50, 95, 99)
+        }
         pct["max"] = round(float(latency_ms.max()), 3)
     else:
         throughput, pct = 0.0, {"p50": None, "p95": None, "p99": None, "max": None}
@@ -301,8 +325,9 @@ def _summary(
         "throughput_rps": round(throughput, 1),
         "latency_ms": pct,
         "mean_batch_size": round(float(np.mean(tally.batch_sizes)), 2)
-        if tally.batch_sizes else None,
-    }  # fmt: skip
+        if tally.batch_sizes
+        else None,
+    }
 
 
 def to_json(summary: dict[str, Any]) -> str:

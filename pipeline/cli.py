@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
-from pathlib import Path
+from typing import Any
 
 import click
 
 from pipeline.config import Settings, SettingsError
 
 
-def _settings(**overrides: object) -> Settings:
+def _settings(**overrides: Any) -> Settings:
     try:
         return Settings.from_env(**overrides)
     except SettingsError as exc:
@@ -28,7 +27,9 @@ def _local_broker(settings: Settings):  # type: ignore[no-untyped-def]
 @click.group()
 def main() -> None:
     """sluice: event-driven streaming inference on Kafka."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
 
 
 # -- broker ---------------------------------------------------------------------------------
@@ -105,8 +106,12 @@ def model_list() -> None:
 
 @main.command()
 @click.option("--mode", type=click.Choice(["fused", "split", "naive"]), default="fused")
-@click.option("--stage", type=click.Choice(["gateway", "infer", "respond"]), default=None,
-              help="Split mode: the stage this process runs (all three when omitted).")
+@click.option(
+    "--stage",
+    type=click.Choice(["gateway", "infer", "respond"]),
+    default=None,
+    help="Split mode: the stage this process runs (all three when omitted).",
+)
 def worker(mode: str, stage: str | None) -> None:
     """Run a worker until SIGTERM/SIGINT."""
     settings = _settings()
@@ -190,8 +195,10 @@ def demo(n: int, rate: float, mode: str) -> None:
         local = _local_broker(settings)
         started = local.state() is None
         state = local.start()
-        click.echo(f"kafka: pid {state.pid} on {state.bootstrap}"
-                   + ("" if started else " (already running)"))  # fmt: skip
+        click.echo(
+            f"kafka: pid {state.pid} on {state.bootstrap}"
+            + ("" if started else " (already running)")
+        )
         if not started:
             local = None  # not ours to stop
     try:
@@ -200,11 +207,13 @@ def demo(n: int, rate: float, mode: str) -> None:
         click.echo(f"worker: {mode} mode; sending {n} requests at {rate:g}/s")
         summary = bench_mod.run(settings, mode, n, rate)
         _print_human(summary)
-        click.echo(json.dumps(summary))
     finally:
         if local is not None:
             local.stop()
             click.echo("kafka: stopped")
+    click.echo(bench_mod.to_json(summary))
+    if summary["answered"] != summary["sent"] or summary.get("wrong_outputs"):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -38,9 +38,11 @@ class Client:
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_pending)
         self._producer = Producer(producer_config(settings, **{"linger.ms": 1}))
-        self._consumer = Consumer(consumer_config(
-            settings, f"sluice-client-{uuid.uuid4().hex[:12]}", **{"enable.auto.commit": False}
-        ))  # fmt: skip
+        self._consumer = Consumer(
+            consumer_config(
+                settings, f"sluice-client-{uuid.uuid4().hex[:12]}", **{"enable.auto.commit": False}
+            )
+        )
         self._assign_from_end()
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._consume, name="sluice-client", daemon=True)
@@ -68,8 +70,7 @@ class Client:
             request_id, key = str(request["id"]), request.get("key") or request["id"]
         else:
             request_id, key = request.id, request.key or request.id
-        return self.submit_raw(request_id, codec.encode(request), str(key).encode(),
-                               headers, topic)  # fmt: skip
+        return self.submit_raw(request_id, codec.encode(request), str(key).encode(), headers, topic)
 
     def submit_raw(
         self,
@@ -86,8 +87,12 @@ class Client:
         with self._lock:
             self._pending[request_id] = future
         try:
-            self._produce(topic or self.settings.requests_topic, key or request_id.encode(),
-                          value, list((headers or {}).items()))  # fmt: skip
+            self._produce(
+                topic or self.settings.requests_topic,
+                key or request_id.encode(),
+                value,
+                list((headers or {}).items()),
+            )
         except BaseException:
             self._resolve(request_id, None, KeyError(request_id))
             raise

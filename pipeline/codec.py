@@ -25,9 +25,17 @@ EXPIRED = "expired"
 MODEL_ERROR = "model_error"
 DELIVERY_FAILED = "delivery_failed"
 REASONS = (
-    MALFORMED, SCHEMA, OVERSIZE, UNKNOWN_MODEL, UNKNOWN_VERSION, BAD_SHAPE, BAD_DTYPE,
-    EXPIRED, MODEL_ERROR, DELIVERY_FAILED,
-)  # fmt: skip
+    MALFORMED,
+    SCHEMA,
+    OVERSIZE,
+    UNKNOWN_MODEL,
+    UNKNOWN_VERSION,
+    BAD_SHAPE,
+    BAD_DTYPE,
+    EXPIRED,
+    MODEL_ERROR,
+    DELIVERY_FAILED,
+)
 
 DTYPES: dict[str, Any] = {
     "BOOL": np.bool_,
@@ -209,8 +217,9 @@ def tensor_to_array(tensor: Tensor, max_elements: int) -> np.ndarray:
     """Turn a request tensor into a numpy array of its datatype and shape."""
     dtype = DTYPES.get(tensor.datatype)
     if dtype is None or tensor.datatype == "BYTES":
-        raise RequestError(BAD_DTYPE, f"input {tensor.name!r}: unsupported datatype "
-                           f"{tensor.datatype!r}")  # fmt: skip
+        raise RequestError(
+            BAD_DTYPE, f"input {tensor.name!r}: unsupported datatype {tensor.datatype!r}"
+        )
     expected = int(np.prod(tensor.shape)) if tensor.shape else 1
     if expected > max_elements:
         raise RequestError(

@@ -150,7 +150,7 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None, /, **overrides: Any) -> Settings:
         """Read every field from ``SLUICE_<FIELD>``; ``overrides`` win over the environment."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}

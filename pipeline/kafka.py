@@ -90,11 +90,14 @@ def ensure_topics(settings: Settings, topics: list[str], partitions: int | None 
     admin = AdminClient(confluent_config(settings))
     existing = set(admin.list_topics(timeout=15).topics)
     wanted = [
-        NewTopic(t, num_partitions=partitions or settings.partitions,
-                 replication_factor=settings.replication_factor)
+        NewTopic(
+            t,
+            num_partitions=partitions or settings.partitions,
+            replication_factor=settings.replication_factor,
+        )
         for t in topics
         if t not in existing
-    ]  # fmt: skip
+    ]
     if not wanted:
         return
     for topic, future in admin.create_topics(wanted, operation_timeout=15).items():
@@ -112,10 +115,12 @@ def _wait_for_leaders(admin: AdminClient, topics: list[str], timeout_s: float = 
     while True:
         metadata = admin.list_topics(timeout=10).topics
         ready = all(
-            t in metadata and metadata[t].error is None and metadata[t].partitions
+            t in metadata
+            and metadata[t].error is None
+            and metadata[t].partitions
             and all(p.leader >= 0 for p in metadata[t].partitions.values())
             for t in topics
-        )  # fmt: skip
+        )
         if ready:
             return
         if time.monotonic() > deadline:
@@ -153,8 +158,9 @@ def high_watermark(consumer: Any, topic: str, partition: int, timeout_s: float =
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            return int(consumer.get_watermark_offsets(TopicPartition(topic, partition),
-                                                      timeout=5)[1])  # fmt: skip
+            return int(
+                consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=5)[1]
+            )
         except KafkaException as exc:
             if not exc.args[0].retriable() and exc.args[0].name() not in _SETTLING:
                 raise

@@ -22,9 +22,15 @@ import torch
 from torch import nn
 
 from pipeline.codec import (
-    BAD_DTYPE, BAD_SHAPE, DTYPES, UNKNOWN_MODEL, UNKNOWN_VERSION, RequestError, Tensor,
+    BAD_DTYPE,
+    BAD_SHAPE,
+    DTYPES,
+    UNKNOWN_MODEL,
+    UNKNOWN_VERSION,
+    RequestError,
+    Tensor,
     tensor_to_array,
-)  # fmt: skip
+)
 
 FORMATS = {"safetensors": "model.safetensors", "state_dict": "model.pt", "torchscript": "model.ts"}
 
@@ -89,11 +95,13 @@ class ModelConfig:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ModelLoadError(f"{path}: invalid model config ({exc!r})") from exc
         if cfg.format not in FORMATS:
-            raise ModelLoadError(f"{path}: format must be one of {list(FORMATS)}, "
-                                 f"got {cfg.format!r}")  # fmt: skip
+            raise ModelLoadError(
+                f"{path}: format must be one of {list(FORMATS)}, got {cfg.format!r}"
+            )
         if cfg.format != "torchscript" and cfg.arch not in ARCHITECTURES:
-            raise ModelLoadError(f"{path}: arch must be one of {list(ARCHITECTURES)}, "
-                                 f"got {cfg.arch!r}")  # fmt: skip
+            raise ModelLoadError(
+                f"{path}: arch must be one of {list(ARCHITECTURES)}, got {cfg.arch!r}"
+            )
         return cfg
 
     def to_json(self) -> dict[str, Any]:
@@ -144,19 +152,27 @@ class LoadedModel:
         for spec in self.config.inputs:
             tensor = by_name.pop(spec.name, None)
             if tensor is None:
-                raise RequestError(BAD_SHAPE, f"model {self.name}:{self.version} needs input "
-                                   f"{spec.name!r}, got {[t.name for t in tensors]}")  # fmt: skip
+                raise RequestError(
+                    BAD_SHAPE,
+                    f"model {self.name}:{self.version} needs input "
+                    f"{spec.name!r}, got {[t.name for t in tensors]}",
+                )
             if tensor.datatype != spec.datatype:
-                raise RequestError(BAD_DTYPE, f"input {spec.name!r} must be {spec.datatype}, "
-                                   f"got {tensor.datatype}")  # fmt: skip
+                raise RequestError(
+                    BAD_DTYPE, f"input {spec.name!r} must be {spec.datatype}, got {tensor.datatype}"
+                )
             shape = tuple(tensor.shape)
             if shape != spec.shape and shape != (1, *spec.shape):
-                raise RequestError(BAD_SHAPE, f"input {spec.name!r} must have shape "
-                                   f"{list(spec.shape)}, got {list(shape)}")  # fmt: skip
+                raise RequestError(
+                    BAD_SHAPE,
+                    f"input {spec.name!r} must have shape {list(spec.shape)}, got {list(shape)}",
+                )
             arrays.append(tensor_to_array(tensor, max_elements).reshape(spec.shape))
         if by_name:
-            raise RequestError(BAD_SHAPE, f"unexpected inputs {sorted(by_name)} for model "
-                               f"{self.name}:{self.version}")  # fmt: skip
+            raise RequestError(
+                BAD_SHAPE,
+                f"unexpected inputs {sorted(by_name)} for model {self.name}:{self.version}",
+            )
         return arrays
 
     def run(self, batch: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -168,9 +184,7 @@ class LoadedModel:
         return [o.detach().to("cpu").numpy() for o in outs]
 
     def warm_up(self) -> None:
-        dummy = [
-            np.zeros((1, *s.shape), dtype=DTYPES[s.datatype]) for s in self.config.inputs
-        ]
+        dummy = [np.zeros((1, *s.shape), dtype=DTYPES[s.datatype]) for s in self.config.inputs]
         self.run(dummy)
 
 
@@ -238,16 +252,16 @@ class ModelRegistry:
         if version is None:
             version = known[-1]
         elif version not in known:
-            raise RequestError(UNKNOWN_VERSION,
-                               f"model {name!r} has no version {version!r}; has {known}")  # fmt: skip
+            raise RequestError(
+                UNKNOWN_VERSION, f"model {name!r} has no version {version!r}; has {known}"
+            )
         key = (name, version)
         model = self._loaded.get(key)
         if model is None:
             with self._lock:
                 model = self._loaded.get(key)
                 if model is None:
-                    model = LoadedModel(name, version, self.model_dir / name / version,
-                                        self.device)  # fmt: skip
+                    model = LoadedModel(name, version, self.model_dir / name / version, self.device)
                     model.warm_up()
                     self._loaded[key] = model
         return model
@@ -257,8 +271,7 @@ class ModelRegistry:
         config = self._configs.get((name, version))
         if config is None:
             if version not in self._versions.get(name, ()):
-                raise RequestError(UNKNOWN_VERSION,
-                                   f"model {name!r} has no version {version!r}")  # fmt: skip
+                raise RequestError(UNKNOWN_VERSION, f"model {name!r} has no version {version!r}")
             config = ModelConfig.read(self.model_dir / name / version / "config.json")
             self._configs[(name, version)] = config
         return config
@@ -302,8 +315,11 @@ def demo_config(fmt: str = "safetensors") -> ModelConfig:
         inputs=(TensorSpec("features", "FP32", (DEMO_FEATURES,)),),
         outputs=(TensorSpec("logits", "FP32", (len(DEMO_LABELS),)),),
         arch="mlp",
-        arch_config={"in_features": DEMO_FEATURES, "hidden": [32],
-                     "out_features": len(DEMO_LABELS)},  # fmt: skip
+        arch_config={
+            "in_features": DEMO_FEATURES,
+            "hidden": [32],
+            "out_features": len(DEMO_LABELS),
+        },
         labels=DEMO_LABELS,
     )
 

@@ -20,9 +20,13 @@ def spawn(
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", *args], env=env, stdout=out,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
+            [sys.executable, "-m", "pipeline.cli", *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     finally:
         if log_path:
             out.close()  # type: ignore[union-attr]
@@ -35,14 +39,22 @@ def spawn_workers(
     if mode == "split":
         stages = ["gateway", "infer", "respond"]
         return [
-            spawn(settings, ["worker", "--mode", "split", "--stage", s],
-                  log_dir / f"worker-{s}.log" if log_dir else None)
+            spawn(
+                settings,
+                ["worker", "--mode", "split", "--stage", s],
+                log_dir / f"worker-{s}.log" if log_dir else None,
+            )
             for s in stages
-        ]  # fmt: skip
+        ]
     if mode == "relay":
         return [spawn(settings, ["relay"], log_dir / "relay.log" if log_dir else None)]
-    return [spawn(settings, ["worker", "--mode", mode],
-                  log_dir / f"worker-{mode}.log" if log_dir else None)]  # fmt: skip
+    return [
+        spawn(
+            settings,
+            ["worker", "--mode", mode],
+            log_dir / f"worker-{mode}.log" if log_dir else None,
+        )
+    ]
 
 
 def stop(procs: list[subprocess.Popen[bytes]], timeout_s: float = 20.0) -> None:

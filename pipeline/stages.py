@@ -105,19 +105,25 @@ class Pipeline:
     def admit(self, origin: Origin) -> Job:
         """Decode, validate, resolve the model and check the deadline; raise `RequestError`."""
         request = codec.decode_request(origin.value, self.settings.max_payload_bytes)
-        context = {"request_id": request.id, "model": request.model,
-                   "version": request.version, "reply_to": request.reply_to}  # fmt: skip
+        context = {
+            "request_id": request.id,
+            "model": request.model,
+            "version": request.version,
+            "reply_to": request.reply_to,
+        }
         try:
             model = self.registry.resolve(request.model, request.version)
-            arrays = model.inputs_from_request(request.inputs,
-                                               self.settings.max_elements_per_tensor)  # fmt: skip
+            arrays = model.inputs_from_request(
+                request.inputs, self.settings.max_elements_per_tensor
+            )
         except RequestError as exc:
             raise RequestError(exc.code, exc.message, **context) from None
         deadline = _deadline_ms(request, origin.timestamp_ms, self.settings.default_ttl_ms)
         job = Job(request, model, arrays, deadline, origin, now_ms())
         if deadline is not None and job.received_ms >= deadline:
-            raise RequestError(codec.EXPIRED, "deadline passed before the request was admitted",
-                               **context)  # fmt: skip
+            raise RequestError(
+                codec.EXPIRED, "deadline passed before the request was admitted", **context
+            )
         self.metrics.inflight.inc()
         return job
 
@@ -128,10 +134,12 @@ class Pipeline:
         except RequestError as exc:
             await self.reject(origin, exc, "gateway")
         except Exception as exc:  # noqa: BLE001 - a record must never stop the worker
-            log.exception("unexpected error admitting %s:%s:%s", origin.topic, origin.partition,
-                          origin.offset)  # fmt: skip
-            await self.reject(origin, RequestError(
-                codec.MALFORMED, f"{type(exc).__name__}: {exc}"), "gateway")  # fmt: skip
+            log.exception(
+                "unexpected error admitting %s:%s:%s", origin.topic, origin.partition, origin.offset
+            )
+            await self.reject(
+                origin, RequestError(codec.MALFORMED, f"{type(exc).__name__}: {exc}"), "gateway"
+            )
         return None
 
     async def forward(self, job: Job) -> None:
@@ -140,8 +148,7 @@ class Pipeline:
         headers = [*o.headers, (ORIGIN_HEADER, f"{o.topic}:{o.partition}:{o.offset}".encode())]
         key = (job.request.key or job.request.id).encode()
         assert o.value is not None
-        delivery = await self.sink(self.settings.infer_topic(job.model.name), key, o.value,
-                                   headers)  # fmt: skip
+        delivery = await self.sink(self.settings.infer_topic(job.model.name), key, o.value, headers)
         self.metrics.inflight.dec()
         self._ack_after([delivery], o)
 
@@ -158,11 +165,21 @@ class Pipeline:
         for job in jobs:
             job.started_ms = t
             if job.deadline_ms is not None and t >= job.deadline_ms:
-                outcomes.append(Outcome(job, error=RequestError(
-                    codec.EXPIRED, "deadline passed while queued for a batch",
-                    job.request.id, job.model.name, job.model.version, job.request.reply_to)))
+                outcomes.append(
+                    Outcome(
+                        job,
+                        error=RequestError(
+                            codec.EXPIRED,
+                            "deadline passed while queued for a batch",
+                            job.request.id,
+                            job.model.name,
+                            job.model.version,
+                            job.request.reply_to,
+                        ),
+                    )
+                )
             else:
-                live.append(job)  # fmt: skip
+                live.append(job)
         if live:
             outcomes.extend(self._run_bisect(live))
         return outcomes
@@ -178,17 +195,28 @@ class Pipeline:
                 mid = len(jobs) // 2
                 return self._run_bisect(jobs[:mid]) + self._run_bisect(jobs[mid:])
             job = jobs[0]
-            return [Outcome(job, error=RequestError(
-                codec.MODEL_ERROR, f"{type(exc).__name__}: {exc}", job.request.id,
-                model.name, model.version, job.request.reply_to))]  # fmt: skip
+            return [
+                Outcome(
+                    job,
+                    error=RequestError(
+                        codec.MODEL_ERROR,
+                        f"{type(exc).__name__}: {exc}",
+                        job.request.id,
+                        model.name,
+                        model.version,
+                        job.request.reply_to,
+                    ),
+                )
+            ]
         elapsed_s = time.perf_counter() - t0
         self.metrics.batch_size.labels(model.name).observe(len(jobs))
         self.metrics.inference.labels(model.name).observe(elapsed_s)
         return [
-            Outcome(job, [o[i] for o in outputs], inference_ms=elapsed_s * 1000,
-                    batch_size=len(jobs))
+            Outcome(
+                job, [o[i] for o in outputs], inference_ms=elapsed_s * 1000, batch_size=len(jobs)
+            )
             for i, job in enumerate(jobs)
-        ]  # fmt: skip
+        ]
 
     # -- respond --------------------------------------------------------------------------
 
@@ -213,13 +241,18 @@ class Pipeline:
                 continue
             assert outcome.outputs is not None
             result = self._result(outcome)
-            result.outputs = [codec.array_to_tensor(spec.name, out) for spec, out
-                              in zip(job.model.config.outputs, outcome.outputs)]  # fmt: skip
+            result.outputs = [
+                codec.array_to_tensor(spec.name, out)
+                for spec, out in zip(job.model.config.outputs, outcome.outputs, strict=False)
+            ]
             o = job.origin
-            headers = [*o.correlation_headers(),
-                       (ORIGIN_HEADER, f"{o.topic}:{o.partition}:{o.offset}".encode())]
-            delivery = await self.sink(self.settings.results_topic, job.request.id.encode(),
-                                       codec.encode(result), headers)  # fmt: skip
+            headers = [
+                *o.correlation_headers(),
+                (ORIGIN_HEADER, f"{o.topic}:{o.partition}:{o.offset}".encode()),
+            ]
+            delivery = await self.sink(
+                self.settings.results_topic, job.request.id.encode(), codec.encode(result), headers
+            )
             self._ack_after([delivery], o)
 
     async def respond_record(self, origin: Origin) -> None:
@@ -228,7 +261,9 @@ class Pipeline:
             result = codec.decode_result(origin.value or b"")
             arrays = [codec.tensor_to_array(t, 1 << 62) for t in result.outputs]
         except (RequestError, ValueError) as exc:
-            error = exc if isinstance(exc, RequestError) else RequestError(codec.MALFORMED, str(exc))
+            error = (
+                exc if isinstance(exc, RequestError) else RequestError(codec.MALFORMED, str(exc))
+            )
             await self.reject(origin, error, "respond")
             return
         await self._publish_response(result, arrays, origin)
@@ -237,23 +272,33 @@ class Pipeline:
         job = outcome.job
         params = job.request.parameters
         return codec.ResultRecord(
-            id=job.request.id, model=job.model.name, model_version=job.model.version,
-            outputs=[], reply_to=job.request.reply_to,
+            id=job.request.id,
+            model=job.model.name,
+            model_version=job.model.version,
+            outputs=[],
+            reply_to=job.request.reply_to,
             top_k=params.top_k if params is not None else None,
-            produced_ms=job.origin.timestamp_ms, received_ms=job.received_ms,
-            started_ms=job.started_ms, inference_ms=outcome.inference_ms,
+            produced_ms=job.origin.timestamp_ms,
+            received_ms=job.received_ms,
+            started_ms=job.started_ms,
+            inference_ms=outcome.inference_ms,
             batch_size=outcome.batch_size,
-        )  # fmt: skip
+        )
 
     async def _publish_response(
         self, result: codec.ResultRecord, outputs: list[np.ndarray], origin: Origin
     ) -> None:
         config = self.registry.config(result.model, result.model_version)
-        tensors = [codec.array_to_tensor(spec.name, out)
-                   for spec, out in zip(config.outputs, outputs)]  # fmt: skip
+        tensors = [
+            codec.array_to_tensor(spec.name, out)
+            for spec, out in zip(config.outputs, outputs, strict=False)
+        ]
         tensors += postprocess(config.labels, outputs, result.top_k)
         response = Response(
-            id=result.id, status="ok", model=result.model, model_version=result.model_version,
+            id=result.id,
+            status="ok",
+            model=result.model,
+            model_version=result.model_version,
             outputs=tensors,
             timings=codec.Timings(
                 queue_ms=round(result.started_ms - result.received_ms, 3),
@@ -261,33 +306,46 @@ class Pipeline:
                 total_ms=round(now_ms() - result.produced_ms, 3),
                 batch_size=result.batch_size,
             ),
-        )  # fmt: skip
+        )
         topic = result.reply_to or self.settings.responses_topic
-        delivery = await self.sink(topic, result.id.encode(), codec.encode(response),
-                                   origin.correlation_headers())  # fmt: skip
+        delivery = await self.sink(
+            topic, result.id.encode(), codec.encode(response), origin.correlation_headers()
+        )
         self._count(result.model, result.model_version, "ok", result.produced_ms)
         self._ack_after([delivery], origin)
 
     # -- errors ---------------------------------------------------------------------------
 
-    async def reject(
-        self, origin: Origin, error: RequestError, stage: str) -> None:
+    async def reject(self, origin: Origin, error: RequestError, stage: str) -> None:
         """Dead-letter a record and answer its requester when it can be identified."""
-        deliveries = [await self.sink(
-            self.settings.dlq_topic, error.request_id.encode() if error.request_id else None,
-            codec.dlq_record(origin.value, origin.topic, origin.partition, origin.offset,
-                             stage, error),
-            origin.correlation_headers())]  # fmt: skip
+        deliveries = [
+            await self.sink(
+                self.settings.dlq_topic,
+                error.request_id.encode() if error.request_id else None,
+                codec.dlq_record(
+                    origin.value, origin.topic, origin.partition, origin.offset, stage, error
+                ),
+                origin.correlation_headers(),
+            )
+        ]
         self.metrics.dlq.labels(error.code).inc()
         if error.request_id is not None:
             status = "expired" if error.code == codec.EXPIRED else "error"
             response = Response(
-                id=error.request_id, status=status, model=error.model,
-                model_version=error.version, error=codec.ErrorInfo(error.code, error.message),
-            )  # fmt: skip
-            deliveries.append(await self.sink(
-                error.reply_to or self.settings.responses_topic, error.request_id.encode(),
-                codec.encode(response), origin.correlation_headers()))  # fmt: skip
+                id=error.request_id,
+                status=status,
+                model=error.model,
+                model_version=error.version,
+                error=codec.ErrorInfo(error.code, error.message),
+            )
+            deliveries.append(
+                await self.sink(
+                    error.reply_to or self.settings.responses_topic,
+                    error.request_id.encode(),
+                    codec.encode(response),
+                    origin.correlation_headers(),
+                )
+            )
         outcome = "expired" if error.code == codec.EXPIRED else "error"
         # Label values must stay bounded: only models and versions that exist on disk.
         known = error.model is not None and error.model in self.registry.names
@@ -315,8 +373,12 @@ class Pipeline:
             for d in deliveries:
                 await d
         except Exception:  # noqa: BLE001 - not acked: the record is consumed again
-            log.exception("publish failed for %s:%s:%s; left unacked for redelivery",
-                          origin.topic, origin.partition, origin.offset)  # fmt: skip
+            log.exception(
+                "publish failed for %s:%s:%s; left unacked for redelivery",
+                origin.topic,
+                origin.partition,
+                origin.offset,
+            )
             return
         if origin.ack is not None:
             result = origin.ack()
@@ -344,9 +406,13 @@ def postprocess(
     top = np.argsort(-probs, kind="stable")[:k]
     return [
         Tensor(name="labels", datatype="BYTES", shape=[k], data=[labels[i] for i in top]),
-        Tensor(name="scores", datatype="FP32", shape=[k],
-               data=[float(np.float32(probs[i])) for i in top]),
-    ]  # fmt: skip
+        Tensor(
+            name="scores",
+            datatype="FP32",
+            shape=[k],
+            data=[float(np.float32(probs[i])) for i in top],
+        ),
+    ]
 
 
 def _deadline_ms(request: codec.Request, produced_ms: float, default_ttl_ms: int) -> float | None:

@@ -155,22 +155,44 @@ class LocalBroker:
             shutil.rmtree(data_dir, ignore_errors=True)
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             fmt = subprocess.run(
-                [java, "-cp", classpath, log4j, "kafka.tools.StorageTool", "format",
-                 "-t", cluster_id, "-c", str(config)],
-                capture_output=True, text=True,
-            )  # fmt: skip
+                [
+                    java,
+                    "-cp",
+                    classpath,
+                    log4j,
+                    "kafka.tools.StorageTool",
+                    "format",
+                    "-t",
+                    cluster_id,
+                    "-c",
+                    str(config),
+                ],
+                capture_output=True,
+                text=True,
+            )
             if fmt.returncode != 0:
                 raise BrokerError(f"kafka storage format failed:\n{fmt.stdout}{fmt.stderr}")
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
         cmd = [
-            java, f"-Xmx{self.heap_mb}m", f"-Xms{min(self.heap_mb, 256)}m",
-            "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true",
-            log4j, "-cp", classpath, "kafka.Kafka", str(config),
-        ]  # fmt: skip
+            java,
+            f"-Xmx{self.heap_mb}m",
+            f"-Xms{min(self.heap_mb, 256)}m",
+            "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=20",
+            "-Djava.awt.headless=true",
+            log4j,
+            "-cp",
+            classpath,
+            "kafka.Kafka",
+            str(config),
+        ]
         self._proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,
-        )  # fmt: skip
+        )
         log.close()
         state = BrokerState(
             pid=self._proc.pid,

@@ -62,9 +62,13 @@ def registry(model_dir: Path) -> ModelRegistry:
 
 def make_settings(bootstrap: str, model_dir: Path, **overrides: object) -> Settings:
     """Settings on uuid-named topics and groups, so tests never see each other's records."""
-    base = {"bootstrap": bootstrap, "model_dir": model_dir,
-            "topic_prefix": f"t{uuid.uuid4().hex[:10]}", "partitions": 2,
-            "max_delay_s": 0.002}  # fmt: skip
+    base = {
+        "bootstrap": bootstrap,
+        "model_dir": model_dir,
+        "topic_prefix": f"t{uuid.uuid4().hex[:10]}",
+        "partitions": 2,
+        "max_delay_s": 0.002,
+    }
     base.update(overrides)
     return Settings.from_env({}, **base)
 
@@ -99,8 +103,9 @@ class Workers:
         return all(p.poll() is None for p in self.procs)
 
     def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}"
-                         for p in sorted(self.log_dir.glob("*.log")))  # fmt: skip
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(self.log_dir.glob("*.log"))
+        )
 
     def wait_ready(self, client: Client, timeout_s: float = 90.0) -> None:
         """Send probe requests until one is answered."""
@@ -145,6 +150,9 @@ def client(settings: Settings) -> Iterator[Client]:
 
 def demo_request(request_id: str, features: list[float] | None = None, **extra: object) -> dict:  # type: ignore[type-arg]
     features = features if features is not None else [0.1 * i for i in range(16)]
-    return {"id": request_id, "model": "demo",
-            "inputs": [{"name": "features", "datatype": "FP32", "shape": [16],
-                        "data": features}], **extra}  # fmt: skip
+    return {
+        "id": request_id,
+        "model": "demo",
+        "inputs": [{"name": "features", "datatype": "FP32", "shape": [16], "data": features}],
+        **extra,
+    }

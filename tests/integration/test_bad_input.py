@@ -40,16 +40,28 @@ CASES = [
     ("bad-type", b'{"id": "bad-type", "model": "demo", "inputs": 5}', "schema", "error"),
     ("bad-model", _req("bad-model", model="nope"), "unknown_model", "error"),
     ("bad-version", _req("bad-version", version="99"), "unknown_version", "error"),
-    ("bad-shape", _req("bad-shape", inputs=_tensor(shape=[8], data=[1.0] * 8)), "bad_shape",
-     "error"),
+    (
+        "bad-shape",
+        _req("bad-shape", inputs=_tensor(shape=[8], data=[1.0] * 8)),
+        "bad_shape",
+        "error",
+    ),
     ("bad-count", _req("bad-count", inputs=_tensor(data=[1.0] * 15)), "bad_shape", "error"),
-    ("bad-dtype", _req("bad-dtype", inputs=_tensor(datatype="INT64", data=[1] * 16)),
-     "bad_dtype", "error"),
+    (
+        "bad-dtype",
+        _req("bad-dtype", inputs=_tensor(datatype="INT64", data=[1] * 16)),
+        "bad_dtype",
+        "error",
+    ),
     ("bad-values", _req("bad-values", inputs=_tensor(data=["a"] * 16)), "bad_dtype", "error"),
     (None, b'{"id": "huge", "model": "demo", "pad": "' + b"x" * 9000 + b'"}', "oversize", None),
-    ("expired", _req("expired", deadline_ms=int(time.time() * 1000) - 60_000), "expired",
-     "expired"),
-]  # fmt: skip
+    (
+        "expired",
+        _req("expired", deadline_ms=int(time.time() * 1000) - 60_000),
+        "expired",
+        "expired",
+    ),
+]
 
 
 @pytest.mark.parametrize("mode", ["fused", "split"])
@@ -80,7 +92,7 @@ def test_bad_inputs_are_dead_lettered_and_good_ones_served(
     reasons = sorted(r.reason for r in dlq)
     assert reasons == sorted(c[2] for c in CASES)
     by_reason_id = {(r.reason, r.request_id) for r in dlq}
-    for request_id, raw, reason, _ in CASES:
+    for request_id, _raw, reason, _ in CASES:
         assert (reason, request_id) in by_reason_id
     for record in dlq:
         assert record.error and record.topic and record.offset >= 0 and record.attempts == 1
@@ -96,8 +108,10 @@ def test_dlq_records_match_their_schema(bootstrap: str, model_dir) -> None:
     settings = make_settings(bootstrap, model_dir)
     ensure_topics(settings, pipeline_topics(settings, ["demo"]))
     producer = Producer(producer_config(settings))
-    producer.produce(settings.dlq_topic, codec.dlq_record(
-        b"abc", "t", 0, 1, "gateway", codec.RequestError("malformed", "x")))  # fmt: skip
+    producer.produce(
+        settings.dlq_topic,
+        codec.dlq_record(b"abc", "t", 0, 1, "gateway", codec.RequestError("malformed", "x")),
+    )
     producer.flush(10)
     record = _read_topic(settings, settings.dlq_topic, 1)[0]
     schema = json.loads(Path("schemas/dlq.schema.json").read_text())

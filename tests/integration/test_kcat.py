@@ -35,8 +35,9 @@ def test_kcat_request_gets_a_response_kcat_reads(settings, client: Client, start
     deadline = time.monotonic() + 30
     out = ""
     while time.monotonic() < deadline:
-        result = subprocess.run(["bash", "-c", consume], env=env, capture_output=True,
-                                text=True, timeout=30)  # fmt: skip
+        result = subprocess.run(
+            ["bash", "-c", consume], env=env, capture_output=True, text=True, timeout=30
+        )
         out = result.stdout
         if out.strip():
             break

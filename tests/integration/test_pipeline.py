@@ -19,10 +19,12 @@ def test_1000_requests_give_1000_correct_responses(
     rng = np.random.default_rng(0)
     inputs = rng.standard_normal((1000, 16)).astype(np.float32)
     futures = [
-        client.submit(demo_request(f"req-{i}", inputs[i].tolist(), parameters={"top_k": 2}),
-                      headers={"correlation-id": f"corr-{i}"})
+        client.submit(
+            demo_request(f"req-{i}", inputs[i].tolist(), parameters={"top_k": 2}),
+            headers={"correlation-id": f"corr-{i}"},
+        )
         for i in range(1000)
-    ]  # fmt: skip
+    ]
     client.flush()
     responses = [f.result(timeout=60) for f in futures]
 

@@ -14,8 +14,7 @@ N = 3000
 RATE = 500.0
 
 
-@pytest.mark.parametrize(("mode", "how"), [("fused", "stop"), ("fused", "kill"),
-                                           ("split", "kill")])  # fmt: skip
+@pytest.mark.parametrize(("mode", "how"), [("fused", "stop"), ("fused", "kill"), ("split", "kill")])
 def test_restart_mid_run_loses_nothing(
     mode: str, how: str, settings, client: Client, start_workers
 ) -> None:

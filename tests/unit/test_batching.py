@@ -270,9 +270,9 @@ def test_a_failing_handler_does_not_stop_later_batches() -> None:
         b: Batcher[int] = Batcher(handler, max_batch_size=1, max_delay_s=0, max_pending=1)
         b.start()
         await b.put(0)
-        await asyncio.wait_for(b.put(1), 2)
-        await asyncio.wait_for(second.wait(), 2)
+        await asyncio.wait_for(b.put(1), 1)
+        await asyncio.wait_for(second.wait(), 1)
         assert handled == [[1]]
-        await asyncio.wait_for(b.close(), 2)
+        await asyncio.wait_for(b.close(), 1)
 
     asyncio.run(main())

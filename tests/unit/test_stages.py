@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from pipeline import codec
-from pipeline.codec import REASONS, DlqRecord, ResultRecord
+from pipeline.codec import DlqRecord, ResultRecord
 from pipeline.config import Settings
 from pipeline.metrics import Metrics
 from pipeline.models import DEMO_FEATURES, DEMO_LABELS, LoadedModel, ModelRegistry
@@ -724,9 +724,12 @@ async def respond_only(env: Env, o: Origin) -> None:
 # -- a model that cannot be loaded ----------------------------------------------------------
 
 
-def test_gateway_dead_letters_when_the_model_fails_to_load(demo_dir: Path, tmp_path: Path) -> None:
+def test_gateway_dead_letters_when_the_model_fails_to_load(
+    demo_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # A broken weights file on disk must not turn every request for it into an exception out
-    # of the gateway agent: the request is dead-lettered (and answered) like any other error.
+    # of the gateway agent; and the request itself was valid, so its requester is answered
+    # (it has an id) and the reason is the model's fault, not "malformed".
     models = tmp_path / "models"
     shutil.copytree(demo_dir, models)
     (models / "demo" / "2" / "model.pt").write_bytes(b"corrupt")
@@ -739,11 +742,15 @@ def test_gateway_dead_letters_when_the_model_fails_to_load(demo_dir: Path, tmp_p
         return job
 
     assert run(main) is None
-    [dlq] = e.dlq()
-    assert dlq.reason in REASONS
-    assert dlq.request_id == "ml"
-    assert decode(e.responses()[0]).status == "error"
     assert acks.calls == [0]
+    [dlq] = e.dlq()
+    assert dlq.stage == "gateway"
+    assert "model.pt" in dlq.error
+    assert dlq.reason == "model_error"
+    assert (dlq.request_id, dlq.model) == ("ml", "demo")
+    [sent] = e.responses()
+    response = decode(sent)
+    assert response.id == "ml" and response.status == "error"
 
 
 # -- postprocess ----------------------------------------------------------------------------
@@ -773,3 +780,18 @@ def test_outcome_defaults() -> None:
               arrays=[], deadline_ms=None, origin=origin(b""), received_ms=time.time() * 1000)
     out = Outcome(job)
     assert out.outputs is None and out.error is None and out.batch_size == 0
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b'{"id": "\xff", "model": "demo", "model_version": "2", "outputs": []}',
+        b'{"id": "n", "model": "demo", "model_version": "2", "outputs": [{"name": "logits", '
+        b'"datatype": "FP32", "shape": [4], "data": ' + b"[" * 10_000 + b"]" * 10_000 + b"}]}",
+    ],
+    ids=["invalid-utf8", "deeply-nested"],
+)
+def test_respond_record_dead_letters_undecodable_results(env: Env, value: bytes) -> None:
+    run(lambda: respond_only(env, origin(value, topic="t.results")))
+    [dlq] = env.dlq()
+    assert (dlq.reason, dlq.stage) == ("malformed", "respond")

@@ -1,0 +1,90 @@
+"""`sluice bench` in every mode and `sluice demo`, at small scale: correctness, not timing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import bench
+from pipeline.broker import runtime_dir
+from pipeline.config import default_cache_dir
+
+
+@pytest.mark.parametrize("mode", ["fused", "split", "naive", "relay"])
+def test_bench_answers_every_request(mode: str, settings) -> None:
+    summary = bench.run(settings, mode, requests=300, rate=300.0, progress=False)
+    assert summary["mode"] == mode
+    assert summary["sent"] == summary["answered"] == 300
+    assert summary["wrong_outputs"] == 0 and summary["duplicates"] == 0
+    expected = "relayed" if mode == "relay" else "ok"
+    assert summary["outcomes"] == {expected: 300}
+    assert summary["throughput_rps"] > 0
+    lat = summary["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+    if mode in ("fused", "split"):
+        assert summary["mean_batch_size"] >= 1
+
+
+def test_bench_cli_prints_json_last(settings) -> None:
+    env = {**os.environ, **settings.to_env()}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "bench",
+            "--mode",
+            "fused",
+            "--requests",
+            "200",
+            "--json",
+            "--no-progress",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(summary) >= {
+        "mode",
+        "sent",
+        "answered",
+        "outcomes",
+        "throughput_rps",
+        "latency_ms",
+        "mean_batch_size",
+    }
+    assert summary["answered"] == 200
+
+
+def test_demo_starts_and_stops_its_own_broker(tmp_path: Path) -> None:
+    """The main job from a bare cache: broker, topics, demo model, worker, load, summary."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    real_cache = Path(os.environ.get("SLUICE_CACHE_DIR") or default_cache_dir())
+    runtime = runtime_dir(real_cache)
+    (cache / runtime.name).symlink_to(runtime)  # reuse the fetched jars
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+    env["SLUICE_CACHE_DIR"] = str(cache)
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "demo", "--requests", "500", "--rate", "500"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert summary["answered"] == summary["sent"] == 500
+    assert "kafka: stopped" in out.stdout
+    assert (cache / "models" / "demo" / "1" / "model.safetensors").exists()
+    state = cache / "broker" / "state.json"
+    assert not state.exists(), "the demo left its broker running"
