@@ -44,13 +44,15 @@ class SluiceApp(faust.App):
 
 def create_app(settings: Settings, stage: str) -> SluiceApp:
     """The faust app for one stage (its own consumer group) or ``fused``/``naive``."""
+    datadir = settings.cache_dir / "faust" / settings.group_id(stage)
+    datadir.mkdir(parents=True, exist_ok=True)
     app = SluiceApp(
         settings.group_id(stage),
         broker=f"kafka://{settings.bootstrap_servers()}",
         broker_credentials=faust_credentials(settings),
         store="memory://",
         # faust keeps per-app state in a folder; keep it out of the working directory.
-        datadir=str(settings.cache_dir / "faust" / settings.group_id(stage)),
+        datadir=str(datadir),
         autodiscover=False,
         web_enabled=False,
         topic_partitions=settings.partitions,
