@@ -4,12 +4,14 @@ full or ``max_delay_s`` after the oldest waiting item arrived."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class Batcher(Generic[T]):
@@ -92,6 +94,10 @@ class Batcher(Generic[T]):
             batch = [queue.popleft()[1] for _ in range(n)]
             try:
                 await self._handler(batch)
+            except Exception:
+                # The handler answers its own failures; one that escapes must not stop the
+                # loop (every later batch would wait forever). Its items stay unacked.
+                log.exception("batch handler failed for %d items", n)
             finally:
                 self.pending -= n
                 for _ in range(n):

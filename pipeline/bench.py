@@ -56,7 +56,7 @@ class Load:
         for row in inputs:
             tensor = codec.Tensor(
                 name=spec.name,
-                datatype=spec.datatype,
+                datatype=spec.datatype,  # type: ignore[arg-type]
                 shape=list(spec.shape),
                 data=row.reshape(-1).tolist(),
             )

@@ -7,8 +7,9 @@ Decoding is strict (msgspec structs that mirror the JSON Schemas) and every fail
 from __future__ import annotations
 
 import base64
+import math
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 import numpy as np
@@ -52,7 +53,7 @@ DTYPES: dict[str, Any] = {
     "FP64": np.float64,
     "BYTES": np.object_,
 }
-DATATYPE_OF = {np.dtype(v).name: k for k, v in DTYPES.items() if k != "BYTES"}
+DATATYPE_OF: dict[str, Any] = {np.dtype(v).name: k for k, v in DTYPES.items() if k != "BYTES"}
 
 # Headers copied from a request onto its response.
 CORRELATION_HEADERS = ("correlation-id", "traceparent", "tracestate")
@@ -82,9 +83,15 @@ class RequestError(Exception):
         self.reply_to = reply_to
 
 
+Datatype = Literal[
+    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+    "FP16", "FP32", "FP64", "BYTES",
+]  # fmt: skip
+
+
 class Tensor(msgspec.Struct, omit_defaults=True):
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-    datatype: str
+    datatype: Datatype
     shape: Annotated[list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(max_length=8)]
     data: list[Any]
     parameters: dict[str, Any] | None = None
@@ -189,14 +196,14 @@ def decode_request(raw: bytes | None, max_payload_bytes: int) -> Request:
     except msgspec.ValidationError as exc:
         probe = _probe(raw)
         raise RequestError(SCHEMA, str(exc), **probe) from None
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise RequestError(MALFORMED, f"not valid JSON: {exc}") from None
 
 
 def _probe(raw: bytes) -> dict[str, str | None]:
     try:
         p = _probe_decoder.decode(raw)
-    except (msgspec.MsgspecError, UnicodeDecodeError):
+    except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
         return {}
 
     def text(v: Any, limit: int) -> str | None:
@@ -220,7 +227,7 @@ def tensor_to_array(tensor: Tensor, max_elements: int) -> np.ndarray:
         raise RequestError(
             BAD_DTYPE, f"input {tensor.name!r}: unsupported datatype {tensor.datatype!r}"
         )
-    expected = int(np.prod(tensor.shape)) if tensor.shape else 1
+    expected = math.prod(tensor.shape)  # exact: np.prod wraps around in int64
     if expected > max_elements:
         raise RequestError(
             OVERSIZE, f"input {tensor.name!r} has {expected} elements, limit is {max_elements}"
@@ -235,9 +242,20 @@ def tensor_to_array(tensor: Tensor, max_elements: int) -> np.ndarray:
         )
     want = np.dtype(dtype)
     if want.kind in "iu" and array.size and array.dtype.kind == "f":
-        raise RequestError(
-            BAD_DTYPE, f"input {tensor.name!r}: {tensor.datatype} data holds non-integers"
-        )
+        # numpy turns ints beyond int64 (valid UINT64) into floats; keep them exact.
+        if want == np.uint64 and all(type(v) is int for v in tensor.data):
+            array = np.array(tensor.data, dtype=object)
+        else:
+            raise RequestError(
+                BAD_DTYPE, f"input {tensor.name!r}: {tensor.datatype} data holds non-integers"
+            )
+    if want.kind in "iu" and array.size:
+        # astype wraps integers silently (256 -> 0 in UINT8): check the range first.
+        info = np.iinfo(want)
+        if int(array.min()) < info.min or int(array.max()) > info.max:
+            raise RequestError(
+                BAD_DTYPE, f"input {tensor.name!r}: data out of range for {tensor.datatype}"
+            )
     if array.size != expected:
         raise RequestError(
             BAD_SHAPE,
@@ -276,7 +294,7 @@ def decode_response(raw: bytes) -> Response:
 def decode_result(raw: bytes) -> ResultRecord:
     try:
         return _result_decoder.decode(raw)
-    except msgspec.MsgspecError as exc:
+    except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError) as exc:
         raise RequestError(MALFORMED, f"invalid result record: {exc}") from None
 
 

@@ -131,10 +131,12 @@ class Settings:
         state = self.cache_dir / "broker" / "state.json"
         try:
             port = json.loads(state.read_text())["port"]
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
+            port = None
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
             raise SettingsError(
                 "no Kafka cluster: set SLUICE_BOOTSTRAP, or run `sluice broker start`"
-            ) from None
+            )
         return f"127.0.0.1:{port}"
 
     def to_env(self) -> dict[str, str]:

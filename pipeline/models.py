@@ -148,6 +148,9 @@ class LoadedModel:
         Each tensor's shape is the model's per-example shape, optionally with a leading 1.
         """
         by_name = {t.name: t for t in tensors}
+        if len(by_name) != len(tensors):
+            raise RequestError(BAD_SHAPE, "inputs must have distinct names, got "
+                               f"{[t.name for t in tensors]}")  # fmt: skip
         arrays = []
         for spec in self.config.inputs:
             tensor = by_name.pop(spec.name, None)

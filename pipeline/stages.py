@@ -22,7 +22,7 @@ from pipeline import codec
 from pipeline.codec import RequestError, Response, Tensor
 from pipeline.config import Settings
 from pipeline.metrics import Metrics
-from pipeline.models import LoadedModel, ModelRegistry
+from pipeline.models import LoadedModel, ModelLoadError, ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,13 @@ class Pipeline:
         }
         try:
             model = self.registry.resolve(request.model, request.version)
+        except RequestError as exc:
+            raise RequestError(exc.code, exc.message, **context) from None
+        except ModelLoadError as exc:
+            self.metrics.model_load_failures.labels(request.model).inc()
+            raise RequestError(codec.MODEL_ERROR, str(exc), **context) from None
+        context["version"] = model.version
+        try:
             arrays = model.inputs_from_request(
                 request.inputs, self.settings.max_elements_per_tensor
             )
@@ -266,7 +273,13 @@ class Pipeline:
             )
             await self.reject(origin, error, "respond")
             return
-        await self._publish_response(result, arrays, origin)
+        try:
+            await self._publish_response(result, arrays, origin)
+        except RequestError as exc:
+            # e.g. a version this process does not know (the infer stage served it).
+            await self.reject(origin, RequestError(
+                exc.code, exc.message, result.id, result.model, result.model_version,
+                result.reply_to), "respond")  # fmt: skip
 
     def _result(self, outcome: Outcome) -> codec.ResultRecord:
         job = outcome.job

@@ -162,8 +162,8 @@ class LocalBroker:
                     log4j,
                     "kafka.tools.StorageTool",
                     "format",
-                    "-t",
-                    cluster_id,
+                    # "=" form: a base64 id may start with "-".
+                    f"--cluster-id={cluster_id}",
                     "-c",
                     str(config),
                 ],

@@ -37,8 +37,9 @@ def test_defaults(tmp_path: Path) -> None:
 
 
 def test_derived_names_follow_overrides(tmp_path: Path) -> None:
-    s = Settings(cache_dir=tmp_path, topic_prefix="t-1.x", model_dir=tmp_path / "m",
-                 response_topic="answers")  # fmt: skip
+    s = Settings(
+        cache_dir=tmp_path, topic_prefix="t-1.x", model_dir=tmp_path / "m", response_topic="answers"
+    )
     assert s.models_path == tmp_path / "m"
     assert s.responses_topic == "answers"
     assert s.dlq_topic == "t-1.x.dlq"
@@ -95,8 +96,9 @@ def test_from_env_does_not_read_os_environ_when_given_a_mapping(
 
 
 def test_from_env_overrides_win_and_none_is_ignored() -> None:
-    s = Settings.from_env({"SLUICE_PARTITIONS": "3", "SLUICE_TOPIC_PREFIX": "a"},
-                          partitions=9, topic_prefix=None)  # fmt: skip
+    s = Settings.from_env(
+        {"SLUICE_PARTITIONS": "3", "SLUICE_TOPIC_PREFIX": "a"}, partitions=9, topic_prefix=None
+    )
     assert s.partitions == 9
     assert s.topic_prefix == "a"
 
@@ -161,8 +163,14 @@ def test_settings_error_is_a_value_error() -> None:
 
 
 def test_boundary_values_are_accepted() -> None:
-    s = Settings(max_batch_size=1, max_inflight=1, max_delay_s=0, metrics_port=65535,
-                 security_protocol="SASL_PLAINTEXT", sasl_mechanism="PLAIN")  # fmt: skip
+    s = Settings(
+        max_batch_size=1,
+        max_inflight=1,
+        max_delay_s=0,
+        metrics_port=65535,
+        security_protocol="SASL_PLAINTEXT",
+        sasl_mechanism="PLAIN",
+    )
     assert s.max_delay_s == 0
     assert Settings(max_delay_s=60).max_delay_s == 60
 
@@ -224,7 +232,9 @@ def test_bootstrap_servers_reads_local_broker_state(tmp_path: Path) -> None:
     assert s.bootstrap_servers() == "127.0.0.1:41234"
 
 
-@pytest.mark.parametrize("state", [None, "", "{not json", '{"pid": 1}'])
+@pytest.mark.parametrize(
+    "state", [None, "", "{not json", '{"pid": 1}', "null", "[]", '{"port": null}']
+)
 def test_bootstrap_servers_errors_clearly_without_a_cluster(
     tmp_path: Path, state: str | None
 ) -> None:

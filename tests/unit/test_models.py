@@ -13,12 +13,27 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.codec import (
-    BAD_DTYPE, BAD_SHAPE, OVERSIZE, UNKNOWN_MODEL, UNKNOWN_VERSION, RequestError, Tensor,
-)  # fmt: skip
+    BAD_DTYPE,
+    BAD_SHAPE,
+    OVERSIZE,
+    UNKNOWN_MODEL,
+    UNKNOWN_VERSION,
+    RequestError,
+    Tensor,
+)
 from pipeline.models import (
-    DEMO_FEATURES, DEMO_LABELS, MLP, LoadedModel, ModelConfig, ModelLoadError, ModelRegistry,
-    TensorSpec, demo_config, init_demo, save_model,
-)  # fmt: skip
+    DEMO_FEATURES,
+    DEMO_LABELS,
+    MLP,
+    LoadedModel,
+    ModelConfig,
+    ModelLoadError,
+    ModelRegistry,
+    TensorSpec,
+    demo_config,
+    init_demo,
+    save_model,
+)
 
 CPU = torch.device("cpu")
 
@@ -152,8 +167,7 @@ def test_loaded_demo_matches_the_original_module(registry: ModelRegistry, versio
     [out] = registry.resolve("demo", version).run([x])
     assert out.shape == (5, len(DEMO_LABELS))
     assert out.dtype == np.float32
-    np.testing.assert_allclose(out, module_out(reference_module(version), x), rtol=1e-6,
-                               atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(out, module_out(reference_module(version), x), rtol=1e-6, atol=1e-6)
 
 
 def test_the_two_demo_versions_differ(registry: ModelRegistry) -> None:
@@ -171,8 +185,12 @@ def test_save_then_load_gives_the_module_outputs(tmp_path: Path, fmt: str) -> No
     cfg = demo_config(fmt)
     module = MLP(**cfg.arch_config).eval()
     path = save_model(tmp_path, "m", "1", module, cfg)
-    assert (path / {"safetensors": "model.safetensors", "state_dict": "model.pt",
-                    "torchscript": "model.ts"}[fmt]).is_file()  # fmt: skip
+    assert (
+        path
+        / {"safetensors": "model.safetensors", "state_dict": "model.pt", "torchscript": "model.ts"}[
+            fmt
+        ]
+    ).is_file()
     loaded = LoadedModel("m", "1", path, CPU)
     if fmt == "torchscript":
         assert isinstance(loaded.module, torch.jit.ScriptModule)
@@ -187,8 +205,11 @@ def test_torchscript_needs_no_architecture(tmp_path: Path) -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x * 2 + 1
 
-    cfg = ModelConfig(format="torchscript", inputs=(TensorSpec("x", "FP32", (3,)),),
-                      outputs=(TensorSpec("y", "FP32", (3,)),))  # fmt: skip
+    cfg = ModelConfig(
+        format="torchscript",
+        inputs=(TensorSpec("x", "FP32", (3,)),),
+        outputs=(TensorSpec("y", "FP32", (3,)),),
+    )
     path = save_model(tmp_path, "double", "1", Doubler(), cfg)
     assert "arch" not in json.loads((path / "config.json").read_text())
     model = ModelRegistry(tmp_path, device=CPU).resolve("double")
@@ -260,11 +281,19 @@ def test_missing_weights_raise_model_load_error(demo_dir: Path, tmp_path: Path) 
         json.dumps({"format": "onnx", "inputs": [], "outputs": []}),
         json.dumps({"format": "safetensors", "arch": "resnet", "inputs": [], "outputs": []}),
         json.dumps({"format": "safetensors", "arch": "mlp", "outputs": []}),
-        json.dumps({"format": "safetensors", "arch": "mlp", "outputs": [],
-                    "inputs": [{"name": "x", "datatype": "FLOAT", "shape": [1]}]}),
+        json.dumps(
+            {
+                "format": "safetensors",
+                "arch": "mlp",
+                "outputs": [],
+                "inputs": [{"name": "x", "datatype": "FLOAT", "shape": [1]}],
+            }
+        ),
     ],
-)  # fmt: skip
-def test_invalid_config_raises_model_load_error(demo_dir: Path, tmp_path: Path, config: str) -> None:
+)
+def test_invalid_config_raises_model_load_error(
+    demo_dir: Path, tmp_path: Path, config: str
+) -> None:
     path = copy_version(demo_dir, tmp_path, "1")
     (path / "config.json").write_text(config)
     with pytest.raises(ModelLoadError, match="config.json"):
@@ -280,9 +309,7 @@ class _Boom:
     marker = Path("/nonexistent")
 
 
-def test_state_dict_loading_refuses_pickled_objects(
-    demo_dir: Path, tmp_path: Path
-) -> None:
+def test_state_dict_loading_refuses_pickled_objects(demo_dir: Path, tmp_path: Path) -> None:
     path = copy_version(demo_dir, tmp_path, "2")
     marker = tmp_path / "pwned"
     _Boom.marker = marker
@@ -304,7 +331,9 @@ def tensor(shape: list[int], name: str = "features", datatype: str = "FP32") -> 
 
 
 @pytest.mark.parametrize("shape", [[DEMO_FEATURES], [1, DEMO_FEATURES]])
-def test_inputs_from_request_accepts_example_shapes(registry: ModelRegistry, shape: list[int]) -> None:
+def test_inputs_from_request_accepts_example_shapes(
+    registry: ModelRegistry, shape: list[int]
+) -> None:
     model = registry.resolve("demo")
     [array] = model.inputs_from_request([tensor(shape)], 1000)
     assert array.shape == (DEMO_FEATURES,)
@@ -324,14 +353,29 @@ def test_inputs_from_request_accepts_example_shapes(registry: ModelRegistry, sha
         ([tensor([4, 4])], BAD_SHAPE),
         ([tensor([1, 1, DEMO_FEATURES])], BAD_SHAPE),
         ([tensor([])], BAD_SHAPE),
-        ([Tensor(name="features", datatype="FP32", shape=[DEMO_FEATURES], data=[1.0] * 15)],
-         BAD_SHAPE),
-        ([Tensor(name="features", datatype="FP32", shape=[DEMO_FEATURES], data=["a"] * 16)],
-         BAD_DTYPE),
+        (
+            [Tensor(name="features", datatype="FP32", shape=[DEMO_FEATURES], data=[1.0] * 15)],
+            BAD_SHAPE,
+        ),
+        (
+            [Tensor(name="features", datatype="FP32", shape=[DEMO_FEATURES], data=["a"] * 16)],
+            BAD_DTYPE,
+        ),
     ],
-    ids=["wrong-name", "extra-input", "fp64", "int32", "17-wide", "two-rows", "4x4", "rank-3",
-         "scalar", "short-data", "strings"],
-)  # fmt: skip
+    ids=[
+        "wrong-name",
+        "extra-input",
+        "fp64",
+        "int32",
+        "17-wide",
+        "two-rows",
+        "4x4",
+        "rank-3",
+        "scalar",
+        "short-data",
+        "strings",
+    ],
+)
 def test_inputs_from_request_rejects(
     registry: ModelRegistry, tensors: list[Tensor], code: str
 ) -> None:
