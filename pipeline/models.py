@@ -11,6 +11,7 @@ Layout: ``<model_dir>/<name>/<version>/config.json`` beside one weights file:
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -142,10 +143,15 @@ class LoadedModel:
         self.config = ModelConfig.read(path / "config.json")
         self.module = _load_module(self.config, path, device)
 
-    def inputs_from_request(self, tensors: list[Tensor], max_elements: int) -> list[np.ndarray]:
+    def inputs_from_request(
+        self, tensors: list[Tensor], max_elements: int, flat: bool = False
+    ) -> list[Any]:
         """Check a request's tensors against this model's inputs; return one array per input.
 
         Each tensor's shape is the model's per-example shape, optionally with a leading 1.
+        With ``flat``, an input may come back as the request's own flat list of numbers
+        (already checked) or a flat array: `stack_inputs` converts a whole batch at once,
+        which is far cheaper than one numpy conversion per request.
         """
         by_name = {t.name: t for t in tensors}
         if len(by_name) != len(tensors):
@@ -170,13 +176,26 @@ class LoadedModel:
                     BAD_SHAPE,
                     f"input {spec.name!r} must have shape {list(spec.shape)}, got {list(shape)}",
                 )
-            arrays.append(tensor_to_array(tensor, max_elements).reshape(spec.shape))
+            if flat and spec.datatype in _FAST_DATATYPES and _flat_numbers(tensor.data, shape):
+                arrays.append(tensor.data)
+            elif flat:
+                arrays.append(tensor_to_array(tensor, max_elements).reshape(-1))
+            else:
+                arrays.append(tensor_to_array(tensor, max_elements).reshape(spec.shape))
         if by_name:
             raise RequestError(
                 BAD_SHAPE,
                 f"unexpected inputs {sorted(by_name)} for model {self.name}:{self.version}",
             )
         return arrays
+
+    def stack_inputs(self, rows: Sequence[Sequence[Any]]) -> list[np.ndarray]:
+        """One batch array per input from each request's inputs (arrays or flat lists)."""
+        batch = []
+        for i, spec in enumerate(self.config.inputs):
+            column = np.array([r[i] for r in rows], dtype=DTYPES[spec.datatype])
+            batch.append(column.reshape(len(rows), *spec.shape))
+        return batch
 
     def run(self, batch: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Run one batch (one stacked array per input); return one array per output."""
@@ -189,6 +208,20 @@ class LoadedModel:
     def warm_up(self) -> None:
         dummy = [np.zeros((1, *s.shape), dtype=DTYPES[s.datatype]) for s in self.config.inputs]
         self.run(dummy)
+
+
+_FAST_DATATYPES = frozenset({"FP32", "FP64"})
+
+
+def _flat_numbers(data: list[Any], shape: tuple[int, ...]) -> bool:
+    """A flat list of exactly prod(shape) ints and floats (JSON has no NaN or infinity)."""
+    if len(data) != math.prod(shape):
+        return False
+    for v in data:
+        t = type(v)
+        if t is not float and t is not int:
+            return False
+    return True
 
 
 def _load_module(config: ModelConfig, path: Path, device: torch.device) -> nn.Module:

@@ -75,13 +75,33 @@ class Job:
 
 @dataclass(slots=True)
 class Outcome:
-    """What became of one job in a batch: outputs (one row per model output) or an error."""
+    """What became of one job in a batch: outputs (one row per model output) or an error.
+
+    ``batch_outputs`` and ``row`` point into the whole batch's outputs, so that responses
+    for a batch can be postprocessed at once.
+    """
 
     job: Job
     outputs: list[np.ndarray] | None = None
     error: RequestError | None = None
     inference_ms: float = 0.0
     batch_size: int = 0
+    batch_outputs: list[np.ndarray] | None = None
+    row: int = 0
+
+
+@dataclass(slots=True)
+class Record:
+    """One record to publish."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: Headers | None
+
+
+# Records to publish for one source record; the source is acked once all are delivered.
+Publication = tuple[Origin, list[Record]]
 
 
 def now_ms() -> float:
@@ -89,10 +109,16 @@ def now_ms() -> float:
 
 
 class Pipeline:
-    """Gateway, infer and respond logic shared by the split, fused and naive workers."""
+    """Gateway, infer and respond logic shared by every engine and mode.
+
+    The core is synchronous and returns the records to publish (`Publication`s); the async
+    methods publish them through ``sink`` and ack each source record once everything
+    published for it is delivered (the faust agents use those). The batch engine publishes
+    the same records with its own producer.
+    """
 
     def __init__(
-        self, settings: Settings, registry: ModelRegistry, sink: Sink, metrics: Metrics
+        self, settings: Settings, registry: ModelRegistry, sink: Sink | None, metrics: Metrics
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -134,152 +160,148 @@ class Pipeline:
         self.metrics.inflight.inc()
         return job
 
-    async def gateway(self, origin: Origin) -> Job | None:
-        """Admit a record, or dead-letter it (and answer where possible); None if rejected."""
+    def admit_or_reject(self, origin: Origin) -> Job | Publication:
+        """A `Job`, or the DLQ record (and answer) for a record that cannot be served."""
         try:
             return self.admit(origin)
         except RequestError as exc:
-            await self.reject(origin, exc, "gateway")
+            return origin, self.reject_records(origin, exc, "gateway")
         except Exception as exc:  # noqa: BLE001 - a record must never stop the worker
             log.exception(
                 "unexpected error admitting %s:%s:%s", origin.topic, origin.partition, origin.offset
             )
-            await self.reject(
-                origin, RequestError(codec.MALFORMED, f"{type(exc).__name__}: {exc}"), "gateway"
-            )
-        return None
+            error = RequestError(codec.MALFORMED, f"{type(exc).__name__}: {exc}")
+            return origin, self.reject_records(origin, error, "gateway")
 
-    async def forward(self, job: Job) -> None:
-        """Split mode: publish an admitted request to its model's infer topic."""
+    def forward_record(self, job: Job) -> Publication:
+        """Split mode: the admitted request, unchanged, on its model's infer topic."""
         o = job.origin
+        assert o.value is not None
+        self.metrics.inflight.dec()
         headers = [*o.headers, (ORIGIN_HEADER, f"{o.topic}:{o.partition}:{o.offset}".encode())]
         key = (job.request.key or job.request.id).encode()
-        assert o.value is not None
-        delivery = await self.sink(self.settings.infer_topic(job.model.name), key, o.value, headers)
-        self.metrics.inflight.dec()
-        self._ack_after([delivery], o)
+        return o, [Record(self.settings.infer_topic(job.model.name), key, o.value, headers)]
 
     # -- infer ----------------------------------------------------------------------------
 
     def infer(self, jobs: Sequence[Job]) -> list[Outcome]:
-        """Run a batch of jobs for one model; expired jobs are answered without computing.
+        """Run a batch of jobs; expired jobs are answered without computing.
 
-        A batch that raises is bisected, so a poison request fails alone.
+        Jobs for different model versions run as separate batches. A batch that raises is
+        bisected, so a poison request fails alone.
         """
         outcomes: list[Outcome] = []
-        live: list[Job] = []
+        live: dict[LoadedModel, list[Job]] = {}
         t = now_ms()
         for job in jobs:
             job.started_ms = t
             if job.deadline_ms is not None and t >= job.deadline_ms:
-                outcomes.append(
-                    Outcome(
-                        job,
-                        error=RequestError(
-                            codec.EXPIRED,
-                            "deadline passed while queued for a batch",
-                            job.request.id,
-                            job.model.name,
-                            job.model.version,
-                            job.request.reply_to,
-                        ),
-                    )
-                )
+                error = RequestError(
+                    codec.EXPIRED, "deadline passed while queued for a batch",
+                    job.request.id, job.model.name, job.model.version, job.request.reply_to,
+                )  # fmt: skip
+                outcomes.append(Outcome(job, error=error))
             else:
-                live.append(job)
-        if live:
-            outcomes.extend(self._run_bisect(live))
+                live.setdefault(job.model, []).append(job)
+        for model_jobs in live.values():
+            outcomes.extend(self._run_bisect(model_jobs))
         return outcomes
 
     def _run_bisect(self, jobs: list[Job]) -> list[Outcome]:
         model = jobs[0].model
         t0 = time.perf_counter()
         try:
-            stacked = [np.stack([j.arrays[i] for j in jobs]) for i in range(len(jobs[0].arrays))]
-            outputs = model.run(stacked)
+            outputs = model.run(model.stack_inputs([j.arrays for j in jobs]))
         except Exception as exc:  # noqa: BLE001 - any model failure is the request's error
             if len(jobs) > 1:
                 mid = len(jobs) // 2
                 return self._run_bisect(jobs[:mid]) + self._run_bisect(jobs[mid:])
             job = jobs[0]
-            return [
-                Outcome(
-                    job,
-                    error=RequestError(
-                        codec.MODEL_ERROR,
-                        f"{type(exc).__name__}: {exc}",
-                        job.request.id,
-                        model.name,
-                        model.version,
-                        job.request.reply_to,
-                    ),
-                )
-            ]
+            error = RequestError(
+                codec.MODEL_ERROR, f"{type(exc).__name__}: {exc}", job.request.id,
+                model.name, model.version, job.request.reply_to,
+            )  # fmt: skip
+            return [Outcome(job, error=error)]
         elapsed_s = time.perf_counter() - t0
         self.metrics.batch_size.labels(model.name).observe(len(jobs))
         self.metrics.inference.labels(model.name).observe(elapsed_s)
+        ms, n = elapsed_s * 1000, len(jobs)
         return [
-            Outcome(
-                job, [o[i] for o in outputs], inference_ms=elapsed_s * 1000, batch_size=len(jobs)
-            )
+            Outcome(job, [o[i] for o in outputs], None, ms, n, outputs, i)
             for i, job in enumerate(jobs)
         ]
 
     # -- respond --------------------------------------------------------------------------
 
-    async def respond(self, outcomes: Sequence[Outcome], stage: str = "infer") -> None:
-        """Fused mode: publish each outcome's response (errors also to the DLQ)."""
-        for outcome in outcomes:
-            job = outcome.job
-            self.metrics.inflight.dec()
-            if outcome.error is not None:
-                await self.reject(job.origin, outcome.error, stage)
+    def response_records(self, outcomes: Sequence[Outcome], stage: str) -> list[Publication]:
+        """Fused mode: each outcome's response (errors: DLQ record and error response)."""
+        publications: list[Publication] = []
+        for group in _groups(outcomes):
+            if group[0].error is not None:
+                for o in group:
+                    self.metrics.inflight.dec()
+                    assert o.error is not None
+                    publications.append(
+                        (o.job.origin, self.reject_records(o.job.origin, o.error, stage))
+                    )
                 continue
-            assert outcome.outputs is not None
-            await self._publish_response(self._result(outcome), outcome.outputs, job.origin)
+            self.metrics.inflight.dec(len(group))
+            model = group[0].job.model
+            metas = [self._result(o) for o in group]
+            outputs = _rows(group)
+            values = self._responses(model.name, model.version, outputs, metas)
+            for o, meta, value in zip(group, metas, values, strict=True):
+                origin = o.job.origin
+                topic = meta.reply_to or self.settings.responses_topic
+                record = Record(topic, meta.id.encode(), value, origin.correlation_headers())
+                publications.append((origin, [record]))
+        return publications
 
-    async def publish_results(self, outcomes: Sequence[Outcome]) -> None:
-        """Split mode, infer stage: publish raw outputs to the results topic."""
-        for outcome in outcomes:
-            job = outcome.job
+    def result_records(self, outcomes: Sequence[Outcome]) -> list[Publication]:
+        """Split mode, infer stage: raw outputs for the results topic."""
+        publications: list[Publication] = []
+        for o in outcomes:
+            job, origin = o.job, o.job.origin
             self.metrics.inflight.dec()
-            if outcome.error is not None:
-                await self.reject(job.origin, outcome.error, "infer")
+            if o.error is not None:
+                publications.append((origin, self.reject_records(origin, o.error, "infer")))
                 continue
-            assert outcome.outputs is not None
-            result = self._result(outcome)
+            assert o.outputs is not None
+            result = self._result(o)
             result.outputs = [
                 codec.array_to_tensor(spec.name, out)
-                for spec, out in zip(job.model.config.outputs, outcome.outputs, strict=False)
+                for spec, out in zip(job.model.config.outputs, o.outputs, strict=False)
             ]
-            o = job.origin
             headers = [
-                *o.correlation_headers(),
-                (ORIGIN_HEADER, f"{o.topic}:{o.partition}:{o.offset}".encode()),
+                *origin.correlation_headers(),
+                (ORIGIN_HEADER, f"{origin.topic}:{origin.partition}:{origin.offset}".encode()),
             ]
-            delivery = await self.sink(
-                self.settings.results_topic, job.request.id.encode(), codec.encode(result), headers
-            )
-            self._ack_after([delivery], o)
+            key = job.request.id.encode()
+            record = Record(self.settings.results_topic, key, codec.encode(result), headers)
+            publications.append((origin, [record]))
+        return publications
 
-    async def respond_record(self, origin: Origin) -> None:
-        """Split mode, respond stage: postprocess a results-topic record and publish it."""
+    def respond_result_records(self, origin: Origin) -> Publication:
+        """Split mode, respond stage: postprocess one results-topic record into a response."""
         try:
             result = codec.decode_result(origin.value or b"")
-            arrays = [codec.tensor_to_array(t, 1 << 62) for t in result.outputs]
+            arrays = [codec.tensor_to_array(t, 1 << 62)[None] for t in result.outputs]
         except (RequestError, ValueError) as exc:
             error = (
                 exc if isinstance(exc, RequestError) else RequestError(codec.MALFORMED, str(exc))
             )
-            await self.reject(origin, error, "respond")
-            return
+            return origin, self.reject_records(origin, error, "respond")
         try:
-            await self._publish_response(result, arrays, origin)
+            [value] = self._responses(result.model, result.model_version, arrays, [result])
         except RequestError as exc:
             # e.g. a version this process does not know (the infer stage served it).
-            await self.reject(origin, RequestError(
+            error = RequestError(
                 exc.code, exc.message, result.id, result.model, result.model_version,
-                result.reply_to), "respond")  # fmt: skip
+                result.reply_to,
+            )  # fmt: skip
+            return origin, self.reject_records(origin, error, "respond")
+        topic = result.reply_to or self.settings.responses_topic
+        return origin, [Record(topic, result.id.encode(), value, origin.correlation_headers())]
 
     def _result(self, outcome: Outcome) -> codec.ResultRecord:
         job = outcome.job
@@ -298,49 +320,54 @@ class Pipeline:
             batch_size=outcome.batch_size,
         )
 
-    async def _publish_response(
-        self, result: codec.ResultRecord, outputs: list[np.ndarray], origin: Origin
-    ) -> None:
-        config = self.registry.config(result.model, result.model_version)
-        tensors = [
-            codec.array_to_tensor(spec.name, out)
+    def _responses(
+        self, model: str, version: str, outputs: list[np.ndarray], metas: list[codec.ResultRecord]
+    ) -> list[bytes]:
+        """Encoded ok responses for a batch: ``outputs[k]`` holds output k for every row."""
+        config = self.registry.config(model, version)
+        n = len(metas)
+        raw = [
+            (spec.name, codec.DATATYPE_OF[out.dtype.name], list(out.shape[1:]),
+             out.reshape(n, -1).tolist())
             for spec, out in zip(config.outputs, outputs, strict=False)
-        ]
-        tensors += postprocess(config.labels, outputs, result.top_k)
-        response = Response(
-            id=result.id,
-            status="ok",
-            model=result.model,
-            model_version=result.model_version,
-            outputs=tensors,
-            timings=codec.Timings(
-                queue_ms=round(result.started_ms - result.received_ms, 3),
-                inference_ms=round(result.inference_ms, 3),
-                total_ms=round(now_ms() - result.produced_ms, 3),
-                batch_size=result.batch_size,
-            ),
-        )
-        topic = result.reply_to or self.settings.responses_topic
-        delivery = await self.sink(
-            topic, result.id.encode(), codec.encode(response), origin.correlation_headers()
-        )
-        self._count(result.model, result.model_version, "ok", result.produced_ms)
-        self._ack_after([delivery], origin)
+        ]  # fmt: skip
+        top = _top_k(config.labels, outputs, [m.top_k or 1 for m in metas])
+        done = now_ms()
+        values = []
+        for i, meta in enumerate(metas):
+            tensors = [Tensor(name, dt, shape, data[i]) for name, dt, shape, data in raw]
+            if top is not None:
+                labels, scores = top[i]
+                k = len(labels)
+                tensors.append(Tensor("labels", "BYTES", [k], labels))
+                tensors.append(Tensor("scores", "FP32", [k], scores))
+            response = Response(
+                id=meta.id,
+                status="ok",
+                model=model,
+                model_version=version,
+                outputs=tensors,
+                timings=codec.Timings(
+                    queue_ms=round(meta.started_ms - meta.received_ms, 3),
+                    inference_ms=round(meta.inference_ms, 3),
+                    total_ms=round(done - meta.produced_ms, 3),
+                    batch_size=meta.batch_size,
+                ),
+            )
+            values.append(codec.encode(response))
+            self._count(model, version, "ok", meta.produced_ms)
+        return values
 
     # -- errors ---------------------------------------------------------------------------
 
-    async def reject(self, origin: Origin, error: RequestError, stage: str) -> None:
-        """Dead-letter a record and answer its requester when it can be identified."""
-        deliveries = [
-            await self.sink(
-                self.settings.dlq_topic,
-                error.request_id.encode() if error.request_id else None,
-                codec.dlq_record(
-                    origin.value, origin.topic, origin.partition, origin.offset, stage, error
-                ),
-                origin.correlation_headers(),
-            )
-        ]
+    def reject_records(self, origin: Origin, error: RequestError, stage: str) -> list[Record]:
+        """The DLQ record for a failed request and, when it can be identified, its answer."""
+        dlq_value = codec.dlq_record(
+            origin.value, origin.topic, origin.partition, origin.offset, stage, error
+        )
+        key = error.request_id.encode() if error.request_id else None
+        headers = origin.correlation_headers()
+        records = [Record(self.settings.dlq_topic, key, dlq_value, headers)]
         self.metrics.dlq.labels(error.code).inc()
         if error.request_id is not None:
             status = "expired" if error.code == codec.EXPIRED else "error"
@@ -351,35 +378,55 @@ class Pipeline:
                 model_version=error.version,
                 error=codec.ErrorInfo(error.code, error.message),
             )
-            deliveries.append(
-                await self.sink(
-                    error.reply_to or self.settings.responses_topic,
-                    error.request_id.encode(),
-                    codec.encode(response),
-                    origin.correlation_headers(),
-                )
-            )
+            topic = error.reply_to or self.settings.responses_topic
+            records.append(Record(topic, key, codec.encode(response), headers))
         outcome = "expired" if error.code == codec.EXPIRED else "error"
         # Label values must stay bounded: only models and versions that exist on disk.
         known = error.model is not None and error.model in self.registry.names
         label_model = error.model if known and error.model else "unknown"
         versions = self.registry.versions(label_model) if known else []
         label_version = error.version if error.version in versions else ""
-        self._count(label_model, label_version, outcome, origin.timestamp_ms)
-        self._ack_after(deliveries, origin)
+        self._count(label_model, label_version or "", outcome, origin.timestamp_ms)
+        return records
 
     def _count(self, model: str, version: str, outcome: str, produced_ms: float) -> None:
         self.metrics.requests.labels(model, version, outcome).inc()
         latency_s = max(0.0, (now_ms() - produced_ms) / 1000.0)
         self.metrics.request_latency.labels(model, version, "respond").observe(latency_s)
 
-    # -- acking ---------------------------------------------------------------------------
+    # -- async publishing (faust agents) ----------------------------------------------------
 
-    def _ack_after(self, deliveries: list[Awaitable[Any]], origin: Origin) -> None:
-        """Ack the source record once every record published for it is on the broker."""
-        task = asyncio.ensure_future(self._await_then_ack(deliveries, origin))
-        self._acks.add(task)
-        task.add_done_callback(self._acks.discard)
+    async def gateway(self, origin: Origin) -> Job | None:
+        """Admit a record, or dead-letter it (and answer where possible); None if rejected."""
+        admitted = self.admit_or_reject(origin)
+        if isinstance(admitted, Job):
+            return admitted
+        await self.publish([admitted])
+        return None
+
+    async def forward(self, job: Job) -> None:
+        await self.publish([self.forward_record(job)])
+
+    async def respond(self, outcomes: Sequence[Outcome], stage: str = "infer") -> None:
+        await self.publish(self.response_records(outcomes, stage))
+
+    async def publish_results(self, outcomes: Sequence[Outcome]) -> None:
+        await self.publish(self.result_records(outcomes))
+
+    async def respond_record(self, origin: Origin) -> None:
+        await self.publish([self.respond_result_records(origin)])
+
+    async def reject(self, origin: Origin, error: RequestError, stage: str) -> None:
+        await self.publish([(origin, self.reject_records(origin, error, stage))])
+
+    async def publish(self, publications: Sequence[Publication]) -> None:
+        """Send every record through the sink; ack each source once its records are in."""
+        assert self.sink is not None, "async publishing needs a sink"
+        for origin, records in publications:
+            deliveries = [await self.sink(r.topic, r.key, r.value, r.headers) for r in records]
+            task = asyncio.ensure_future(self._await_then_ack(deliveries, origin))
+            self._acks.add(task)
+            task.add_done_callback(self._acks.discard)
 
     async def _await_then_ack(self, deliveries: list[Awaitable[Any]], origin: Origin) -> None:
         try:
@@ -404,27 +451,69 @@ class Pipeline:
             await asyncio.gather(*list(self._acks), return_exceptions=True)
 
 
+def _groups(outcomes: Sequence[Outcome]) -> list[list[Outcome]]:
+    """Runs of outcomes that are all errors, or all rows of one batch's outputs."""
+    groups: list[list[Outcome]] = []
+    for o in outcomes:
+        if groups:
+            last = groups[-1][0]
+            same = (
+                (o.error is not None and last.error is not None)
+                if o.error is not None or last.error is not None
+                else o.batch_outputs is last.batch_outputs and o.batch_outputs is not None
+            )
+            if same:
+                groups[-1].append(o)
+                continue
+        groups.append([o])
+    return groups
+
+
+def _rows(group: list[Outcome]) -> list[np.ndarray]:
+    """The group's rows of every output, stacked: one array per output."""
+    first = group[0]
+    if first.batch_outputs is not None:
+        rows = [o.row for o in group]
+        if rows == list(range(first.batch_size)):
+            return first.batch_outputs
+        return [out[rows] for out in first.batch_outputs]
+    assert first.outputs is not None
+    return [np.stack([o.outputs[k] for o in group]) for k in range(len(first.outputs))]  # type: ignore[index]
+
+
+def _top_k(
+    labels: Sequence[str], outputs: list[np.ndarray], ks: list[int]
+) -> list[tuple[list[str], list[float]]] | None:
+    """Softmax top-k labels and scores per row, for classifiers (models with labels)."""
+    if not labels or not outputs:
+        return None
+    logits = outputs[0].reshape(len(ks), -1).astype(np.float64)
+    if logits.shape[1] != len(labels):
+        return None
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    order = np.argsort(-probs, axis=1, kind="stable")
+    scores = np.take_along_axis(probs, order, axis=1).astype(np.float32).tolist()
+    order_list = order.tolist()
+    out = []
+    for i, k in enumerate(ks):
+        k = min(k, len(labels))
+        out.append(([labels[j] for j in order_list[i][:k]], scores[i][:k]))
+    return out
+
+
 def postprocess(
     labels: Sequence[str], outputs: list[np.ndarray], top_k: int | None
 ) -> list[Tensor]:
     """Classifier models (with labels) add top-k ``labels`` and softmax ``scores``."""
-    if not labels or not outputs:
+    top = _top_k(labels, [o[None] for o in outputs], [top_k or 1])
+    if top is None:
         return []
-    logits = outputs[0].astype(np.float64).reshape(-1)
-    if logits.size != len(labels):
-        return []
-    k = min(top_k or 1, len(labels))
-    probs = np.exp(logits - logits.max())
-    probs /= probs.sum()
-    top = np.argsort(-probs, kind="stable")[:k]
+    names, scores = top[0]
+    k = len(names)
     return [
-        Tensor(name="labels", datatype="BYTES", shape=[k], data=[labels[i] for i in top]),
-        Tensor(
-            name="scores",
-            datatype="FP32",
-            shape=[k],
-            data=[float(np.float32(probs[i])) for i in top],
-        ),
+        Tensor(name="labels", datatype="BYTES", shape=[k], data=names),
+        Tensor(name="scores", datatype="FP32", shape=[k], data=scores),
     ]
 
 
