@@ -60,16 +60,45 @@ def build(settings: Settings, mode: str, stage: str | None = None) -> tuple[Slui
 
 
 def run(settings: Settings, mode: str, stage: str | None = None) -> None:
-    """Create topics, start the metrics endpoint and run the faust worker until stopped."""
-    import faust
-    from prometheus_client import start_http_server
+    """Create topics, start the metrics endpoint and run the worker until stopped.
 
+    ``naive`` and ``engine=faust`` run faust agents; otherwise the batch engine runs the same
+    stages on confluent-kafka.
+    """
     registry = ModelRegistry(settings.models_path)
     ensure_topics(settings, pipeline_topics(settings, registry.names))
+    if mode != "naive" and settings.engine == "batch":
+        _run_batch_engine(settings, mode, stage)
+        return
+    import faust
+
     app, metrics = build(settings, mode, stage)
+    _serve_metrics(settings, metrics)
+    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
+    worker.execute_from_commandline()
+
+
+def _serve_metrics(settings: Settings, metrics: Metrics) -> None:
+    from prometheus_client import start_http_server
+
     if settings.metrics_port:
         start_http_server(
             settings.metrics_port, addr=settings.metrics_host, registry=metrics.registry
         )
-    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
-    worker.execute_from_commandline()
+
+
+def _run_batch_engine(settings: Settings, mode: str, stage: str | None) -> None:
+    from pipeline.engine import BatchEngine, install_signal_handlers
+
+    if mode == "split" and stage not in STAGES:
+        raise ValueError(f"split mode needs a stage in {STAGES}, got {stage!r}")
+    torch.set_num_threads(settings.torch_threads)
+    registry = ModelRegistry(settings.models_path)
+    if mode == "fused" or stage == "infer":
+        registry.load_all()
+    metrics = Metrics()
+    pipeline = Pipeline(settings, registry, None, metrics)
+    engine = BatchEngine(settings, "fused" if mode == "fused" else str(stage), pipeline)
+    install_signal_handlers(engine)
+    _serve_metrics(settings, metrics)
+    engine.run()

@@ -12,6 +12,8 @@ from typing import Any
 
 ENV_PREFIX = "SLUICE_"
 MODES = ("fused", "split", "naive")
+# batch: confluent-kafka, a batch at a time (fast); faust: faust agents, an event at a time.
+ENGINES = ("batch", "faust")
 
 
 class SettingsError(ValueError):
@@ -38,7 +40,7 @@ class Settings:
     cache_dir: Path = field(default_factory=default_cache_dir)
     model_dir: Path | None = None
     max_batch_size: int = 64
-    max_delay_s: float = 0.005
+    max_delay_s: float = 0.002
     max_inflight: int = 4096
     max_payload_bytes: int = 1_048_576
     max_elements_per_tensor: int = 1_048_576
@@ -57,6 +59,7 @@ class Settings:
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     torch_threads: int = 1
+    engine: str = "batch"
     log_level: str = "WARNING"
 
     def __post_init__(self) -> None:
@@ -86,6 +89,8 @@ class Settings:
                 f"topic_prefix must be non-empty and use only [a-zA-Z0-9._-], "
                 f"got {self.topic_prefix!r}"
             )
+        if self.engine not in ENGINES:
+            raise SettingsError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         protocols = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
         if self.security_protocol not in protocols:
             raise SettingsError(

@@ -157,7 +157,7 @@ class LoadedModel:
         if len(by_name) != len(tensors):
             raise RequestError(BAD_SHAPE, "inputs must have distinct names, got "
                                f"{[t.name for t in tensors]}")  # fmt: skip
-        arrays = []
+        arrays: list[Any] = []
         for spec in self.config.inputs:
             tensor = by_name.pop(spec.name, None)
             if tensor is None:

@@ -1,0 +1,228 @@
+"""The batch engine: the pipeline's stages on confluent-kafka, a batch at a time.
+
+faust delivers one event at a time through several asyncio hops and sends each response
+with its own future; that caps a worker at a few thousand requests/s. Here one loop takes
+whatever the consumer has (up to ``max_batch_size``, waiting at most ``max_delay_s`` after
+the first record), runs the same `Pipeline` calls on the whole batch, and hands the
+records to librdkafka's producer. Offsets are stored only once everything published for
+a batch (and every batch before it) is delivered, so at-least-once holds across crashes.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+
+from pipeline.config import Settings
+from pipeline.kafka import consume_batch, consumer_config, producer_config
+from pipeline.stages import Job, Origin, Pipeline, Publication
+
+log = logging.getLogger(__name__)
+STAGES = ("fused", "gateway", "infer", "respond")
+
+
+class _Batch:
+    """Deliveries outstanding for one consumed batch, and the offsets it covers."""
+
+    __slots__ = ("offsets", "outstanding", "failed")
+
+    def __init__(self, offsets: dict[tuple[str, int], int]) -> None:
+        self.offsets = offsets
+        self.outstanding = 0
+        self.failed: KafkaError | None = None
+
+    def on_delivery(self, err: KafkaError | None, _msg: Any) -> None:
+        self.outstanding -= 1
+        if err is not None and self.failed is None:
+            self.failed = err
+
+
+class OffsetTracker:
+    """Stores a batch's offsets once it and every earlier batch are fully delivered."""
+
+    def __init__(self, consumer: Consumer) -> None:
+        self.consumer = consumer
+        self.pending: deque[_Batch] = deque()
+
+    def open(self, messages: Sequence[Any]) -> _Batch:
+        offsets: dict[tuple[str, int], int] = {}
+        for m in messages:
+            offsets[(m.topic(), m.partition())] = m.offset()
+        batch = _Batch(offsets)
+        self.pending.append(batch)
+        return batch
+
+    def settle(self) -> None:
+        while self.pending and self.pending[0].outstanding == 0:
+            batch = self.pending.popleft()
+            if batch.failed is not None:
+                # librdkafka retried until message.timeout.ms: nothing more can be done here
+                # without acking a request that was not answered. Stop; the records are
+                # consumed again from the last stored offset.
+                raise RuntimeError(f"publish failed after retries: {batch.failed}")
+            self.consumer.store_offsets(
+                offsets=[TopicPartition(t, p, o + 1) for (t, p), o in batch.offsets.items()]
+            )
+
+
+class BatchEngine:
+    """One stage (or the fused pipeline) as a consume-process-produce loop."""
+
+    def __init__(self, settings: Settings, stage: str, pipeline: Pipeline) -> None:
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        self.settings = settings
+        self.stage = stage
+        self.pipeline = pipeline
+        self.stop_event = threading.Event()
+        group = settings.group_id(stage)
+        self.consumer = Consumer(
+            consumer_config(
+                settings,
+                group,
+                **{
+                    "enable.auto.offset.store": False,
+                    "enable.auto.commit": True,
+                    "auto.commit.interval.ms": 1000,
+                    "session.timeout.ms": settings.session_timeout_ms,
+                    "heartbeat.interval.ms": max(100, settings.session_timeout_ms // 3),
+                    "queued.max.messages.kbytes": 16384,
+                },
+            )
+        )
+        self.producer = Producer(producer_config(settings))
+        self.tracker = OffsetTracker(self.consumer)
+        self.process: Callable[[list[Origin]], list[Publication]] = {
+            "fused": self._fused,
+            "gateway": self._gateway,
+            "infer": self._infer,
+            "respond": self._respond,
+        }[stage]
+
+    def topics(self) -> list[str]:
+        s = self.settings
+        if self.stage in ("fused", "gateway"):
+            return [s.requests_topic]
+        if self.stage == "infer":
+            return [s.infer_topic(m) for m in self.pipeline.registry.names]
+        return [s.results_topic]
+
+    # -- the stages, a batch at a time ------------------------------------------------------
+
+    def _admit(self, origins: list[Origin]) -> tuple[list[Job], list[Publication]]:
+        jobs: list[Job] = []
+        rejected: list[Publication] = []
+        for origin in origins:
+            admitted = self.pipeline.admit_or_reject(origin)
+            if isinstance(admitted, Job):
+                jobs.append(admitted)
+            else:
+                rejected.append(admitted)
+        return jobs, rejected
+
+    def _fused(self, origins: list[Origin]) -> list[Publication]:
+        jobs, publications = self._admit(origins)
+        if jobs:
+            publications += self.pipeline.response_records(self.pipeline.infer(jobs), "infer")
+        return publications
+
+    def _gateway(self, origins: list[Origin]) -> list[Publication]:
+        jobs, publications = self._admit(origins)
+        return publications + [self.pipeline.forward_record(j) for j in jobs]
+
+    def _infer(self, origins: list[Origin]) -> list[Publication]:
+        jobs, publications = self._admit(origins)
+        if jobs:
+            publications += self.pipeline.result_records(self.pipeline.infer(jobs))
+        return publications
+
+    def _respond(self, origins: list[Origin]) -> list[Publication]:
+        return [self.pipeline.respond_result_records(o) for o in origins]
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Consume, process and publish until `stop` is called (or SIGTERM/SIGINT)."""
+        self.consumer.subscribe(self.topics(), on_revoke=self._on_revoke)
+        s = self.settings
+        try:
+            while not self.stop_event.is_set():
+                messages = self._next_batch(s.max_batch_size, s.max_delay_s)
+                if messages:
+                    self._handle(messages)
+                self.producer.poll(0)
+                self.tracker.settle()
+        finally:
+            self._finish()
+
+    def _next_batch(self, max_batch_size: int, max_delay_s: float) -> list[Any]:
+        """Up to ``max_batch_size`` records, waiting at most ``max_delay_s`` after the first."""
+        messages = consume_batch(self.consumer, max_batch_size, 0.1)
+        if messages and len(messages) < max_batch_size and max_delay_s > 0:
+            # librdkafka returns when the batch is full or the window has passed.
+            messages += self.consumer.consume(max_batch_size - len(messages), max_delay_s)
+        return messages
+
+    def _handle(self, messages: list[Any]) -> None:
+        origins: list[Origin] = []
+        consumed: list[Any] = []
+        for m in messages:
+            err = m.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consumer error: %s", err)
+                continue
+            _, ts = m.timestamp()
+            consumed.append(m)
+            origins.append(
+                Origin(
+                    m.topic(), m.partition(), m.offset(), float(ts), m.value(), m.headers() or []
+                )
+            )
+        if not consumed:
+            return
+        batch = self.tracker.open(consumed)
+        produce = self.producer.produce
+        for _origin, records in self.process(origins):
+            for r in records:
+                batch.outstanding += 1
+                while True:
+                    try:
+                        produce(r.topic, r.value, r.key, headers=r.headers,  # type: ignore[arg-type]
+                                on_delivery=batch.on_delivery)  # fmt: skip
+                        break
+                    except BufferError:
+                        self.producer.poll(0.005)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Publish and store what was consumed before the partitions move to another worker.
+        self.producer.flush(30)
+        self.tracker.settle()
+        try:
+            consumer.commit(asynchronous=False)
+        except Exception as exc:  # noqa: BLE001 - nothing stored yet is fine
+            log.debug("commit on revoke: %s", exc)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def _finish(self) -> None:
+        remaining = self.producer.flush(30)
+        if remaining == 0:
+            try:
+                self.tracker.settle()
+                self.consumer.commit(asynchronous=False)
+            except Exception as exc:  # noqa: BLE001
+                log.debug("final commit: %s", exc)
+        self.consumer.close()
+
+
+def install_signal_handlers(engine: BatchEngine) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: engine.stop())
