@@ -64,11 +64,12 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("engine", ["batch", "faust"])
 @pytest.mark.parametrize("mode", ["fused", "split"])
 def test_bad_inputs_are_dead_lettered_and_good_ones_served(
-    mode: str, bootstrap: str, model_dir, start_workers
+    mode: str, engine: str, bootstrap: str, model_dir, start_workers
 ) -> None:
-    settings = make_settings(bootstrap, model_dir, max_payload_bytes=8192)
+    settings = make_settings(bootstrap, model_dir, max_payload_bytes=8192, engine=engine)
     ensure_topics(settings, pipeline_topics(settings, ["demo"]))
     with Client(settings) as client:
         start_workers(settings, mode).wait_ready(client)

@@ -10,10 +10,12 @@ from pipeline.models import ModelRegistry
 from tests.integration.conftest import demo_request
 
 
+@pytest.mark.parametrize("engine", ["batch", "faust"])
 @pytest.mark.parametrize("mode", ["fused", "split"])
 def test_1000_requests_give_1000_correct_responses(
-    mode: str, settings, client: Client, start_workers, registry: ModelRegistry
+    mode: str, engine: str, settings, client: Client, start_workers, registry: ModelRegistry
 ) -> None:
+    settings = settings.replace(engine=engine)
     workers = start_workers(settings, mode)
     workers.wait_ready(client)
     rng = np.random.default_rng(0)

@@ -14,10 +14,20 @@ N = 3000
 RATE = 500.0
 
 
-@pytest.mark.parametrize(("mode", "how"), [("fused", "stop"), ("fused", "kill"), ("split", "kill")])
+@pytest.mark.parametrize(
+    ("engine", "mode", "how"),
+    [
+        ("batch", "fused", "stop"),
+        ("batch", "fused", "kill"),
+        ("batch", "split", "kill"),
+        ("faust", "fused", "stop"),
+        ("faust", "fused", "kill"),
+    ],
+)
 def test_restart_mid_run_loses_nothing(
-    mode: str, how: str, settings, client: Client, start_workers
+    engine: str, mode: str, how: str, settings, client: Client, start_workers
 ) -> None:
+    settings = settings.replace(engine=engine)
     workers = start_workers(settings, mode)
     workers.wait_ready(client)
     futures = []
