@@ -125,6 +125,7 @@ class Pipeline:
         self.sink = sink
         self.metrics = metrics
         self._acks: set[asyncio.Task[None]] = set()
+        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
     # -- gateway --------------------------------------------------------------------------
 
@@ -147,7 +148,7 @@ class Pipeline:
         context["version"] = model.version
         try:
             arrays = model.inputs_from_request(
-                request.inputs, self.settings.max_elements_per_tensor
+                request.inputs, self.settings.max_elements_per_tensor, flat=True
             )
         except RequestError as exc:
             raise RequestError(exc.code, exc.message, **context) from None
@@ -390,9 +391,15 @@ class Pipeline:
         return records
 
     def _count(self, model: str, version: str, outcome: str, produced_ms: float) -> None:
-        self.metrics.requests.labels(model, version, outcome).inc()
-        latency_s = max(0.0, (now_ms() - produced_ms) / 1000.0)
-        self.metrics.request_latency.labels(model, version, "respond").observe(latency_s)
+        key = (model, version, outcome)
+        children = self._children.get(key)
+        if children is None:  # labels() costs a lookup under a lock: once per label set
+            children = self._children[key] = (
+                self.metrics.requests.labels(model, version, outcome),
+                self.metrics.request_latency.labels(model, version, "respond"),
+            )
+        children[0].inc()
+        children[1].observe(max(0.0, (now_ms() - produced_ms) / 1000.0))
 
     # -- async publishing (faust agents) ----------------------------------------------------
 

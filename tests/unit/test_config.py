@@ -18,7 +18,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert s.partitions == 4
     assert s.replication_factor == 1
     assert s.max_batch_size == 64
-    assert s.max_delay_s == 0.005
+    assert s.max_delay_s == 0.002
     assert s.max_inflight == 4096
     assert s.max_payload_bytes == 1_048_576
     assert s.max_elements_per_tensor == 1_048_576
