@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import faust
@@ -83,6 +84,13 @@ def faust_sink(app: faust.App) -> Sink:
         return await app.producer.send(topic, key, value, None, None, headers or None)
 
     return send  # type: ignore[return-value]
+
+
+async def origins(stream: Any) -> AsyncIterator[Origin]:
+    """The stream's records as `Origin`s, each acked only when its answer is delivered."""
+    stream = stream.noack()
+    async for event in stream.events():
+        yield origin_of(event, stream)
 
 
 def origin_of(event: Any, stream: Any) -> Origin:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agents.app import origin_of, raw_topic
+from agents.app import origins, raw_topic
 from agents.infer import InferStage
 from pipeline.stages import Pipeline
 
@@ -15,9 +15,8 @@ def register(app: Any, pipeline: Pipeline, infer: InferStage | None) -> Any:
 
     @app.agent(topic, name="gateway")
     async def gateway(stream: Any) -> None:
-        stream = stream.noack()
-        async for event in stream.events():
-            job = await pipeline.gateway(origin_of(event, stream))
+        async for origin in origins(stream):
+            job = await pipeline.gateway(origin)
             if job is None:
                 continue
             if infer is not None:

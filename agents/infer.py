@@ -7,7 +7,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from agents.app import origin_of, raw_topic
+from agents.app import origins, raw_topic
 from pipeline.batching import Batcher
 from pipeline.stages import Job, Outcome, Pipeline
 
@@ -50,9 +50,8 @@ def register(app: Any, pipeline: Pipeline, infer: InferStage) -> Any:
 
     @app.agent(topic, name="infer")
     async def infer_agent(stream: Any) -> None:
-        stream = stream.noack()
-        async for event in stream.events():
-            job = await pipeline.gateway(origin_of(event, stream))
+        async for origin in origins(stream):
+            job = await pipeline.gateway(origin)
             if job is not None:
                 await infer.submit(job)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agents.app import origin_of, raw_topic
+from agents.app import origins, raw_topic
 from pipeline.stages import Pipeline
 
 
@@ -13,9 +13,8 @@ def register(app: Any, pipeline: Pipeline) -> Any:
 
     @app.agent(topic, name="naive")
     async def naive(stream: Any) -> None:
-        stream = stream.noack()
-        async for event in stream.events():
-            job = await pipeline.gateway(origin_of(event, stream))
+        async for origin in origins(stream):
+            job = await pipeline.gateway(origin)
             if job is not None:
                 await pipeline.respond(pipeline.infer([job]))
             await pipeline.drain()

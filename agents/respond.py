@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agents.app import origin_of, raw_topic
+from agents.app import origins, raw_topic
 from pipeline.stages import Pipeline
 
 
@@ -13,8 +13,7 @@ def register(app: Any, pipeline: Pipeline) -> Any:
 
     @app.agent(topic, name="respond")
     async def respond(stream: Any) -> None:
-        stream = stream.noack()
-        async for event in stream.events():
-            await pipeline.respond_record(origin_of(event, stream))
+        async for origin in origins(stream):
+            await pipeline.respond_record(origin)
 
     return respond
