@@ -35,6 +35,7 @@ from pipeline.models import ModelRegistry
 
 MODES = ("fused", "split", "naive", "relay")
 VARIANTS = 64
+PAYLOADS = {"json": codec.JSON, "msgpack": codec.MSGPACK}
 
 
 @dataclass
@@ -43,11 +44,17 @@ class Load:
 
     model: str
     version: str
-    payloads: list[bytes]
+    payloads: list[Any]
     expected: np.ndarray  # [VARIANTS, n_out]
+    fmt: str = codec.JSON
+
+    @property
+    def headers(self) -> Any:
+        return [(codec.CONTENT_TYPE_HEADER, self.fmt.encode())] if self.fmt != codec.JSON else None
 
     @classmethod
-    def build(cls, registry: ModelRegistry, model: str = "demo") -> Load:
+    def build(cls, registry: ModelRegistry, model: str = "demo", fmt: str = codec.JSON) -> Load:
+        """JSON requests carry lists of numbers; MessagePack ones raw float32 bytes."""
         loaded = registry.resolve(model)
         spec = loaded.config.inputs[0]
         rng = np.random.default_rng(7)
@@ -55,19 +62,24 @@ class Load:
         expected = loaded.run([inputs])[0]
         payloads = []
         for row in inputs:
+            binary = fmt == codec.MSGPACK
             tensor = codec.Tensor(
                 name=spec.name,
                 datatype=spec.datatype,  # type: ignore[arg-type]
                 shape=list(spec.shape),
-                data=row.reshape(-1).tolist(),
+                data=row.astype("<f4").tobytes() if binary else row.reshape(-1).tolist(),
             )
-            body = codec.encode({"model": model, "version": loaded.version, "inputs": [tensor]})
-            payloads.append(body[1:])  # without the opening brace; the id goes first
-        return cls(model, loaded.version, payloads, expected)
+            body = {"model": model, "version": loaded.version, "inputs": [tensor]}
+            # JSON: the encoded body without its opening brace; the id goes first.
+            payloads.append(body if binary else codec.encode(body)[1:])
+        return cls(model, loaded.version, payloads, expected, fmt)
 
     def request(self, seq: int, prefix: str) -> tuple[bytes, bytes]:
         request_id = f"{prefix}{seq}".encode()
-        return request_id, b'{"id":"' + request_id + b'",' + self.payloads[seq % VARIANTS]
+        payload = self.payloads[seq % VARIANTS]
+        if self.fmt == codec.MSGPACK:
+            return request_id, codec.encode({"id": request_id.decode(), **payload}, codec.MSGPACK)
+        return request_id, b'{"id":"' + request_id + b'",' + payload
 
 
 @dataclass
@@ -88,7 +100,7 @@ class Tally:
         self.got: np.ndarray | None = None
         self.has_output = np.zeros(self.n, dtype=bool)
 
-    def record_output(self, seq: int, data: list[float]) -> None:
+    def record_output(self, seq: int, data: list[float] | np.ndarray) -> None:
         if self.got is None:
             self.got = np.zeros((self.n, len(data)), dtype=np.float32)
         self.got[seq] = data
@@ -141,8 +153,12 @@ def run(
     progress: bool = True,
     log_dir: Path | None = None,
     timeout_s: float = 120.0,
+    payload: str = "json",
 ) -> dict[str, Any]:
-    """Start the pipeline in ``mode`` on fresh topics, drive ``requests`` through it, stop it."""
+    """Start the pipeline in ``mode`` on fresh topics, drive ``requests`` through it, stop it.
+
+    ``payload`` is ``json`` (lists of numbers) or ``msgpack`` (raw little-endian tensors).
+    """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if requests < 1:
@@ -152,7 +168,9 @@ def run(
     run_id = uuid.uuid4().hex[:8]
     settings = settings.replace(topic_prefix=f"{settings.topic_prefix}-bench-{mode}-{run_id}")
     registry = ModelRegistry(settings.models_path)
-    load = Load.build(registry)
+    if payload not in PAYLOADS:
+        raise ValueError(f"payload must be one of {list(PAYLOADS)}, got {payload!r}")
+    load = Load.build(registry, fmt=PAYLOADS[payload])
     ensure_topics(settings, pipeline_topics(settings, registry.names))
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="sluice-bench-"))
     workers = procs.spawn_workers(settings, mode, log_dir)
@@ -175,7 +193,7 @@ def run(
     finally:
         procs.stop(workers)
     reader.tally.check(load.expected)
-    return _summary(mode, requests, rate, sent_s, reader.tally)
+    return _summary(mode, requests, rate, sent_s, reader.tally, load.fmt)
 
 
 class _Reader:
@@ -226,12 +244,14 @@ class _Reader:
         if not self.check:
             tally.outcomes["relayed"] = tally.outcomes.get("relayed", 0) + 1
             return
-        response = codec.decode_response(value)
+        response = codec.decode_response(value, self.load.fmt)
         tally.outcomes[response.status] = tally.outcomes.get(response.status, 0) + 1
         if response.status != "ok" or not response.outputs:
             return
         # Checked all at once at the end (see `Tally.check`): this thread must keep up.
-        tally.record_output(seq, response.outputs[0].data)
+        data = response.outputs[0].data
+        tally.record_output(seq, data if isinstance(data, list) else codec.tensor_values(
+            response.outputs[0]).reshape(-1))  # fmt: skip
         if response.timings is not None:
             tally.batch_sizes.append(response.timings.batch_size)
 
@@ -273,7 +293,7 @@ def _wait_ready(
             logs = "\n".join(p.read_text()[-3000:] for p in log_dir.glob("*.log"))
             raise RuntimeError(f"pipeline did not become ready; worker logs:\n{logs}")
         key, value = load.request(i, "probe")
-        producer.produce(settings.requests_topic, value, key)
+        producer.produce(settings.requests_topic, value, key, headers=load.headers)
         producer.flush(5)
         i += 1
         reader.probe_seen.wait(1.0)
@@ -292,6 +312,7 @@ def _produce(
     """Open loop: request i is due at start + i/rate; latency counts from when it was due."""
     sent = np.zeros(n)
     topic = settings.requests_topic
+    headers = load.headers
     start = time.perf_counter()
     next_report = start
     for seq in range(n):
@@ -304,7 +325,7 @@ def _produce(
         key, value = load.request(seq, "r")
         while True:
             try:
-                producer.produce(topic, value, key)
+                producer.produce(topic, value, key, headers=headers)
                 break
             except BufferError:
                 producer.poll(0.005)
@@ -328,7 +349,7 @@ def _progress(n: int, sent: int, answered: int) -> None:
 
 
 def _summary(
-    mode: str, n: int, rate: float | None, sent_s: np.ndarray, tally: Tally
+    mode: str, n: int, rate: float | None, sent_s: np.ndarray, tally: Tally, fmt: str
 ) -> dict[str, Any]:
     answered_mask = ~np.isnan(tally.recv_s)
     latency_ms = (tally.recv_s[answered_mask] - sent_s[answered_mask]) * 1000.0
@@ -343,6 +364,7 @@ def _summary(
         throughput, pct = 0.0, {"p50": None, "p95": None, "p99": None, "max": None}
     return {
         "mode": mode,
+        "payload": "msgpack" if fmt == codec.MSGPACK else "json",
         "sent": n,
         "answered": int(answered_mask.sum()),
         "outcomes": dict(sorted(tally.outcomes.items())),

@@ -158,11 +158,19 @@ def relay() -> None:
 @click.option("--rate", type=float, default=None, help="Offered requests/s (open loop).")
 @click.option("--json", "as_json", is_flag=True, help="Print only the JSON summary.")
 @click.option("--no-progress", is_flag=True)
-def bench(mode: str, n: int, rate: float | None, as_json: bool, no_progress: bool) -> None:
+@click.option(
+    "--payload",
+    type=click.Choice(["json", "msgpack"]),
+    default="json",
+    help="Request format: JSON lists, or MessagePack with raw tensor bytes.",
+)
+def bench(
+    mode: str, n: int, rate: float | None, as_json: bool, no_progress: bool, payload: str
+) -> None:
     """Drive N requests through a fresh pipeline; print a JSON summary as the last line."""
     from pipeline import bench as bench_mod
 
-    summary = bench_mod.run(_settings(), mode, n, rate, progress=not no_progress)
+    summary = bench_mod.run(_settings(), mode, n, rate, progress=not no_progress, payload=payload)
     if not as_json:
         _print_human(summary)
     click.echo(bench_mod.to_json(summary))

@@ -30,8 +30,12 @@ class Client:
         settings: Settings,
         response_topic: str | None = None,
         max_pending: int = 100_000,
+        fmt: str = codec.JSON,
     ) -> None:
+        if fmt not in (codec.JSON, codec.MSGPACK):
+            raise ValueError(f"fmt must be {codec.JSON!r} or {codec.MSGPACK!r}, got {fmt!r}")
         self.settings = settings
+        self.fmt = fmt
         self.response_topic = response_topic or settings.responses_topic
         self.max_pending = max_pending
         self._pending: dict[str, concurrent.futures.Future[codec.Response]] = {}
@@ -70,7 +74,10 @@ class Client:
             request_id, key = str(request["id"]), request.get("key") or request["id"]
         else:
             request_id, key = request.id, request.key or request.id
-        return self.submit_raw(request_id, codec.encode(request), str(key).encode(), headers, topic)
+        if self.fmt != codec.JSON:
+            headers = {**(headers or {}), codec.CONTENT_TYPE_HEADER: self.fmt}
+        value = codec.encode(request, self.fmt)
+        return self.submit_raw(request_id, value, str(key).encode(), headers, topic)
 
     def submit_raw(
         self,
@@ -137,7 +144,8 @@ class Client:
                 if message.error() is not None or message.value() is None:
                     continue
                 try:
-                    response = codec.decode_response(message.value())
+                    fmt = codec.content_type(message.headers())
+                    response = codec.decode_response(message.value(), fmt)
                 except Exception:  # noqa: BLE001 - not a response record: skip it
                     continue
                 self._resolve(response.id, response, None)

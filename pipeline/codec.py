@@ -55,8 +55,24 @@ DTYPES: dict[str, Any] = {
 }
 DATATYPE_OF: dict[str, Any] = {np.dtype(v).name: k for k, v in DTYPES.items() if k != "BYTES"}
 
-# Headers copied from a request onto its response.
-CORRELATION_HEADERS = ("correlation-id", "traceparent", "tracestate")
+# Headers copied from a request onto its response (the response uses the request's format).
+CORRELATION_HEADERS = ("correlation-id", "traceparent", "tracestate", "content-type")
+
+# The `content-type` header picks the wire format; JSON when absent. MessagePack carries the
+# same fields (the same schema), and a tensor's `data` may then be raw little-endian bytes.
+CONTENT_TYPE_HEADER = "content-type"
+JSON = "application/json"
+MSGPACK = "application/msgpack"
+_MSGPACK_NAMES = {b"application/msgpack", b"application/x-msgpack"}
+
+
+def content_type(headers: list[tuple[str, bytes]] | None) -> str:
+    """The wire format named by a record's ``content-type`` header (JSON by default)."""
+    for k, v in headers or ():
+        if k == CONTENT_TYPE_HEADER:
+            return MSGPACK if v in _MSGPACK_NAMES else JSON
+    return JSON
+
 
 _Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")]
 _Topic = Annotated[str, msgspec.Meta(min_length=1, max_length=249, pattern=r"^[A-Za-z0-9_.-]+$")]
@@ -93,7 +109,9 @@ class Tensor(msgspec.Struct, omit_defaults=True):
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
     datatype: Datatype
     shape: Annotated[list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(max_length=8)]
-    data: list[Any]
+    # A list of numbers (flat or nested, row-major), or raw little-endian bytes: MessagePack
+    # `bin`, or a base64 string in JSON.
+    data: list[Any] | bytes
     parameters: dict[str, Any] | None = None
 
 
@@ -159,6 +177,7 @@ class ResultRecord(msgspec.Struct, omit_defaults=True):
     outputs: list[Tensor]
     reply_to: str | None = None
     top_k: int | None = None
+    fmt: str = JSON
     produced_ms: float = 0.0
     received_ms: float = 0.0
     started_ms: float = 0.0
@@ -176,6 +195,10 @@ class _Probe(msgspec.Struct):
 
 
 _request_decoder = msgspec.json.Decoder(Request)
+_request_decoder_mp = msgspec.msgpack.Decoder(Request)
+_response_decoder_mp = msgspec.msgpack.Decoder(Response)
+_encoder_mp = msgspec.msgpack.Encoder()
+_probe_decoder_mp = msgspec.msgpack.Decoder()
 _probe_decoder = msgspec.json.Decoder(_Probe)
 _response_decoder = msgspec.json.Decoder(Response)
 _dlq_decoder = msgspec.json.Decoder(DlqRecord)
@@ -183,7 +206,7 @@ _result_decoder = msgspec.json.Decoder(ResultRecord)
 _encoder = msgspec.json.Encoder()
 
 
-def decode_request(raw: bytes | None, max_payload_bytes: int) -> Request:
+def decode_request(raw: bytes | None, max_payload_bytes: int, fmt: str = JSON) -> Request:
     """Decode and validate one request; raise `RequestError` with a reason on failure."""
     if raw is None:
         raise RequestError(MALFORMED, "empty record (null value)")
@@ -192,17 +215,23 @@ def decode_request(raw: bytes | None, max_payload_bytes: int) -> Request:
             OVERSIZE, f"payload is {len(raw)} bytes, limit is {max_payload_bytes} bytes"
         )
     try:
+        if fmt == MSGPACK:
+            return _request_decoder_mp.decode(raw)
         return _request_decoder.decode(raw)
     except msgspec.ValidationError as exc:
-        probe = _probe(raw)
+        probe = _probe(raw, fmt)
         raise RequestError(SCHEMA, str(exc), **probe) from None
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise RequestError(MALFORMED, f"not valid JSON: {exc}") from None
+        what = "MessagePack" if fmt == MSGPACK else "JSON"
+        raise RequestError(MALFORMED, f"not valid {what}: {exc}") from None
 
 
-def _probe(raw: bytes) -> dict[str, str | None]:
+def _probe(raw: bytes, fmt: str = JSON) -> dict[str, str | None]:
     try:
-        p = _probe_decoder.decode(raw)
+        if fmt == MSGPACK:
+            p = msgspec.convert(_probe_decoder_mp.decode(raw), _Probe, strict=False)
+        else:
+            p = _probe_decoder.decode(raw)
     except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
         return {}
 
@@ -232,6 +261,8 @@ def tensor_to_array(tensor: Tensor, max_elements: int) -> np.ndarray:
         raise RequestError(
             OVERSIZE, f"input {tensor.name!r} has {expected} elements, limit is {max_elements}"
         )
+    if isinstance(tensor.data, bytes):
+        return _bytes_to_array(tensor, np.dtype(dtype), expected)
     try:
         array = np.asarray(tensor.data)
     except (ValueError, TypeError) as exc:
@@ -271,7 +302,25 @@ def tensor_to_array(tensor: Tensor, max_elements: int) -> np.ndarray:
             ) from exc
 
 
-def array_to_tensor(name: str, array: np.ndarray) -> Tensor:
+def _bytes_to_array(tensor: Tensor, dtype: np.dtype, expected: int) -> np.ndarray:
+    assert isinstance(tensor.data, bytes)
+    if len(tensor.data) != expected * dtype.itemsize:
+        raise RequestError(
+            BAD_SHAPE,
+            f"input {tensor.name!r}: shape {tensor.shape} of {tensor.datatype} needs "
+            f"{expected * dtype.itemsize} bytes, data has {len(tensor.data)}",
+        )
+    array = np.frombuffer(tensor.data, dtype=dtype.newbyteorder("<")).reshape(tensor.shape)
+    if dtype.kind == "f" and not np.isfinite(array).all():
+        raise RequestError(BAD_DTYPE, f"input {tensor.name!r}: data holds NaN or infinity")
+    return array
+
+
+def array_to_tensor(name: str, array: np.ndarray, raw: bool = False) -> Tensor:
+    """A response tensor; ``raw`` puts numeric data as little-endian bytes (MessagePack)."""
+    if raw and array.dtype != np.object_:
+        raw_bytes = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+        return Tensor(name, DATATYPE_OF[array.dtype.name], list(array.shape), raw_bytes)
     if array.dtype == np.object_:
         data = [v.decode() if isinstance(v, bytes) else str(v) for v in array.reshape(-1)]
         return Tensor(name=name, datatype="BYTES", shape=list(array.shape), data=data)
@@ -283,12 +332,22 @@ def array_to_tensor(name: str, array: np.ndarray) -> Tensor:
     )
 
 
-def encode(obj: Any) -> bytes:
-    return _encoder.encode(obj)
+def encode(obj: Any, fmt: str = JSON) -> bytes:
+    return _encoder_mp.encode(obj) if fmt == MSGPACK else _encoder.encode(obj)
 
 
-def decode_response(raw: bytes) -> Response:
+def decode_response(raw: bytes, fmt: str = JSON) -> Response:
+    if fmt == MSGPACK:
+        return _response_decoder_mp.decode(raw)
     return _response_decoder.decode(raw)
+
+
+def tensor_values(tensor: Tensor) -> np.ndarray:
+    """A decoded tensor's data as a numpy array of its datatype and shape."""
+    if isinstance(tensor.data, bytes):
+        dtype = np.dtype(DTYPES[tensor.datatype]).newbyteorder("<")
+        return np.frombuffer(tensor.data, dtype=dtype).reshape(tensor.shape)
+    return np.asarray(tensor.data, dtype=DTYPES[tensor.datatype]).reshape(tensor.shape)
 
 
 def decode_result(raw: bytes) -> ResultRecord:

@@ -14,6 +14,7 @@ ENV_PREFIX = "SLUICE_"
 MODES = ("fused", "split", "naive")
 # batch: confluent-kafka, a batch at a time (fast); faust: faust agents, an event at a time.
 ENGINES = ("batch", "faust")
+COMPRESSION_TYPES = ("none", "lz4", "zstd", "snappy", "gzip")
 
 
 class SettingsError(ValueError):
@@ -49,6 +50,7 @@ class Settings:
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0
     producer_linger_ms: int = 1
+    compression_type: str = "lz4"
     consumer_fetch_max_wait_ms: int = 10
     session_timeout_ms: int = 10_000
     security_protocol: str = "PLAINTEXT"
@@ -88,6 +90,11 @@ class Settings:
             raise SettingsError(
                 f"topic_prefix must be non-empty and use only [a-zA-Z0-9._-], "
                 f"got {self.topic_prefix!r}"
+            )
+        if self.compression_type not in COMPRESSION_TYPES:
+            raise SettingsError(
+                f"compression_type must be one of {COMPRESSION_TYPES}, "
+                f"got {self.compression_type!r}"
             )
         if self.engine not in ENGINES:
             raise SettingsError(f"engine must be one of {ENGINES}, got {self.engine!r}")

@@ -41,7 +41,7 @@ def producer_config(settings: Settings, **extra: Any) -> dict[str, Any]:
         settings,
         **{
             "linger.ms": settings.producer_linger_ms,
-            "compression.type": "lz4",
+            "compression.type": settings.compression_type,
             "enable.idempotence": True,
             "acks": "all",
             "message.max.bytes": max(settings.max_payload_bytes * 2, 1_048_576),

@@ -176,7 +176,12 @@ class LoadedModel:
                     BAD_SHAPE,
                     f"input {spec.name!r} must have shape {list(spec.shape)}, got {list(shape)}",
                 )
-            if flat and spec.datatype in _FAST_DATATYPES and _flat_numbers(tensor.data, shape):
+            if (
+                flat
+                and spec.datatype in _FAST_DATATYPES
+                and isinstance(tensor.data, list)
+                and _flat_numbers(tensor.data, shape)
+            ):
                 arrays.append(tensor.data)
             elif flat:
                 arrays.append(tensor_to_array(tensor, max_elements).reshape(-1))

@@ -131,7 +131,8 @@ class Pipeline:
 
     def admit(self, origin: Origin) -> Job:
         """Decode, validate, resolve the model and check the deadline; raise `RequestError`."""
-        request = codec.decode_request(origin.value, self.settings.max_payload_bytes)
+        fmt = codec.content_type(origin.headers)
+        request = codec.decode_request(origin.value, self.settings.max_payload_bytes, fmt)
         context = {
             "request_id": request.id,
             "model": request.model,
@@ -314,6 +315,7 @@ class Pipeline:
             outputs=[],
             reply_to=job.request.reply_to,
             top_k=params.top_k if params is not None else None,
+            fmt=codec.content_type(job.origin.headers),
             produced_ms=job.origin.timestamp_ms,
             received_ms=job.received_ms,
             started_ms=job.started_ms,
@@ -327,16 +329,24 @@ class Pipeline:
         """Encoded ok responses for a batch: ``outputs[k]`` holds output k for every row."""
         config = self.registry.config(model, version)
         n = len(metas)
-        raw = [
-            (spec.name, codec.DATATYPE_OF[out.dtype.name], list(out.shape[1:]),
-             out.reshape(n, -1).tolist())
-            for spec, out in zip(config.outputs, outputs, strict=False)
-        ]  # fmt: skip
+        binary = [m.fmt == codec.MSGPACK for m in metas]
+        raw = []
+        for spec, out in zip(config.outputs, outputs, strict=False):
+            flat = out.reshape(n, -1)
+            # Lists for JSON, little-endian bytes for MessagePack: each made once per batch.
+            lists = flat.tolist() if not all(binary) else None
+            le = np.ascontiguousarray(flat, flat.dtype.newbyteorder("<")) if any(binary) else None
+            raw.append(
+                (spec.name, codec.DATATYPE_OF[out.dtype.name], list(out.shape[1:]), lists, le)
+            )
         top = _top_k(config.labels, outputs, [m.top_k or 1 for m in metas])
         done = now_ms()
         values = []
         for i, meta in enumerate(metas):
-            tensors = [Tensor(name, dt, shape, data[i]) for name, dt, shape, data in raw]
+            tensors = [
+                Tensor(name, dt, shape, le[i].tobytes() if binary[i] else lists[i])  # type: ignore[index]
+                for name, dt, shape, lists, le in raw
+            ]
             if top is not None:
                 labels, scores = top[i]
                 k = len(labels)
@@ -355,7 +365,7 @@ class Pipeline:
                     batch_size=meta.batch_size,
                 ),
             )
-            values.append(codec.encode(response))
+            values.append(codec.encode(response, meta.fmt))
             self._count(model, version, "ok", meta.produced_ms)
         return values
 
@@ -368,7 +378,8 @@ class Pipeline:
         )
         key = error.request_id.encode() if error.request_id else None
         headers = origin.correlation_headers()
-        records = [Record(self.settings.dlq_topic, key, dlq_value, headers)]
+        dlq_headers = [(k, v) for k, v in headers if k != codec.CONTENT_TYPE_HEADER]
+        records = [Record(self.settings.dlq_topic, key, dlq_value, dlq_headers)]
         self.metrics.dlq.labels(error.code).inc()
         if error.request_id is not None:
             status = "expired" if error.code == codec.EXPIRED else "error"
@@ -380,7 +391,8 @@ class Pipeline:
                 error=codec.ErrorInfo(error.code, error.message),
             )
             topic = error.reply_to or self.settings.responses_topic
-            records.append(Record(topic, key, codec.encode(response), headers))
+            fmt = codec.content_type(headers)
+            records.append(Record(topic, key, codec.encode(response, fmt), headers))
         outcome = "expired" if error.code == codec.EXPIRED else "error"
         # Label values must stay bounded: only models and versions that exist on disk.
         known = error.model is not None and error.model in self.registry.names

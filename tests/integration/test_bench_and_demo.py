@@ -30,6 +30,13 @@ def test_bench_answers_every_request(mode: str, settings) -> None:
         assert summary["mean_batch_size"] >= 1
 
 
+def test_bench_msgpack_payload(settings) -> None:
+    summary = bench.run(settings, "fused", 300, rate=300.0, progress=False, payload="msgpack")
+    assert summary["payload"] == "msgpack"
+    assert summary["answered"] == 300 and summary["outcomes"] == {"ok": 300}
+    assert summary["wrong_outputs"] == 0
+
+
 def test_bench_cli_prints_json_last(settings) -> None:
     env = {**os.environ, **settings.to_env()}
     out = subprocess.run(

@@ -79,3 +79,25 @@ def test_reply_to_version_and_headers(settings, client: Client, start_workers, b
         assert headers["traceparent"].startswith(b"00-111")
     finally:
         consumer.close()
+
+
+@pytest.mark.parametrize("mode", ["fused", "split"])
+def test_msgpack_requests_with_raw_tensors(
+    mode: str, settings, start_workers, registry: ModelRegistry
+) -> None:
+    from pipeline import codec
+
+    with Client(settings, fmt=codec.MSGPACK) as mp_client:
+        start_workers(settings, mode).wait_ready(mp_client)
+        inputs = np.random.default_rng(1).standard_normal((200, 16)).astype("<f4")
+        futures = [
+            mp_client.submit(demo_request(f"mp-{i}", inputs[i].tobytes()))  # type: ignore[arg-type]
+            for i in range(200)
+        ]
+        mp_client.flush()
+        responses = [f.result(timeout=60) for f in futures]
+    expected = registry.resolve("demo").run([inputs])[0]
+    assert {r.status for r in responses} == {"ok"}
+    assert all(isinstance(r.outputs[0].data, bytes) for r in responses)
+    got = np.stack([codec.tensor_values(r.outputs[0]) for r in responses])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
