@@ -25,6 +25,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from pipeline import codec, procs
 from pipeline.config import Settings
 from pipeline.kafka import (
+    confluent_config,
     consume_batch,
     consumer_config,
     ensure_topics,
@@ -154,6 +155,7 @@ def run(
     log_dir: Path | None = None,
     timeout_s: float = 120.0,
     payload: str = "json",
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Start the pipeline in ``mode`` on fresh topics, drive ``requests`` through it, stop it.
 
@@ -173,27 +175,29 @@ def run(
     load = Load.build(registry, fmt=PAYLOADS[payload])
     ensure_topics(settings, pipeline_topics(settings, registry.names))
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="sluice-bench-"))
-    workers = procs.spawn_workers(settings, mode, log_dir)
+    processes = procs.spawn_workers(settings, mode, log_dir, count=workers)
     try:
         reader = _Reader(settings, requests, load, check=mode != "relay")
         # One producer for probes and load: its connection and idempotent-producer id are
         # set up by the probes, outside the measured run.
         producer = Producer(producer_config(settings, **{"linger.ms": 2}))
         try:
-            _wait_ready(settings, producer, load, reader, workers, log_dir)
+            _wait_ready(settings, producer, load, reader, processes, log_dir)
+            if workers > 1 and mode != "split":
+                _wait_members(settings, settings.group_id(mode), workers)
             # The load generator's own collector pauses would be counted as the pipeline's
             # latency; the measured loops create no reference cycles.
             gc.collect()
             gc.disable()
             sent_s = _produce(settings, producer, load, requests, rate, reader, progress, timeout_s)
-            reader.wait(timeout_s, progress, workers)
+            reader.wait(timeout_s, progress, processes)
         finally:
             gc.enable()
             reader.close()
     finally:
-        procs.stop(workers)
+        procs.stop(processes)
     reader.tally.check(load.expected)
-    return _summary(mode, requests, rate, sent_s, reader.tally, load.fmt)
+    return _summary(mode, requests, rate, sent_s, reader.tally, load.fmt, workers)
 
 
 class _Reader:
@@ -290,13 +294,27 @@ def _wait_ready(
     i = 0
     while not reader.probe_seen.is_set():
         if time.monotonic() > deadline or any(w.poll() is not None for w in workers):
-            logs = "\n".join(p.read_text()[-3000:] for p in log_dir.glob("*.log"))
+            logs = "\n".join(p.read_text()[-3000:] for p in log_dir.rglob("*.log"))
             raise RuntimeError(f"pipeline did not become ready; worker logs:\n{logs}")
         key, value = load.request(i, "probe")
         producer.produce(settings.requests_topic, value, key, headers=load.headers)
         producer.flush(5)
         i += 1
         reader.probe_seen.wait(1.0)
+
+
+def _wait_members(settings: Settings, group: str, n: int, timeout_s: float = 60.0) -> None:
+    """Wait until ``n`` consumers share the group, so no rebalance falls inside the run."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient(confluent_config(settings))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        description = admin.describe_consumer_groups([group])[group].result(timeout=10)
+        if len(description.members) >= n and str(description.state).endswith("STABLE"):
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"consumer group {group} did not reach {n} members")
 
 
 def _produce(
@@ -349,7 +367,13 @@ def _progress(n: int, sent: int, answered: int) -> None:
 
 
 def _summary(
-    mode: str, n: int, rate: float | None, sent_s: np.ndarray, tally: Tally, fmt: str
+    mode: str,
+    n: int,
+    rate: float | None,
+    sent_s: np.ndarray,
+    tally: Tally,
+    fmt: str,
+    workers: int = 1,
 ) -> dict[str, Any]:
     answered_mask = ~np.isnan(tally.recv_s)
     latency_ms = (tally.recv_s[answered_mask] - sent_s[answered_mask]) * 1000.0
@@ -365,6 +389,7 @@ def _summary(
     return {
         "mode": mode,
         "payload": "msgpack" if fmt == codec.MSGPACK else "json",
+        "workers": workers,
         "sent": n,
         "answered": int(answered_mask.sum()),
         "outcomes": dict(sorted(tally.outcomes.items())),

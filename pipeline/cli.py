@@ -164,13 +164,28 @@ def relay() -> None:
     default="json",
     help="Request format: JSON lists, or MessagePack with raw tensor bytes.",
 )
+@click.option(
+    "--workers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Worker processes (per stage in split mode), sharing one consumer group.",
+)
 def bench(
-    mode: str, n: int, rate: float | None, as_json: bool, no_progress: bool, payload: str
+    mode: str,
+    n: int,
+    rate: float | None,
+    as_json: bool,
+    no_progress: bool,
+    payload: str,
+    workers: int,
 ) -> None:
     """Drive N requests through a fresh pipeline; print a JSON summary as the last line."""
     from pipeline import bench as bench_mod
 
-    summary = bench_mod.run(_settings(), mode, n, rate, progress=not no_progress, payload=payload)
+    summary = bench_mod.run(
+        _settings(), mode, n, rate, progress=not no_progress, payload=payload, workers=workers
+    )
     if not as_json:
         _print_human(summary)
     click.echo(bench_mod.to_json(summary))

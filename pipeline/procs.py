@@ -33,9 +33,15 @@ def spawn(
 
 
 def spawn_workers(
-    settings: Settings, mode: str, log_dir: Path | None = None
+    settings: Settings, mode: str, log_dir: Path | None = None, count: int = 1
 ) -> list[subprocess.Popen[bytes]]:
-    """The processes of one pipeline: one for fused/naive, one per stage for split."""
+    """The processes of one pipeline: ``count`` for fused/naive (one consumer group), one
+    per stage for split, each stage ``count`` times."""
+    if count > 1:
+        return [p for i in range(count) for p in spawn_workers(
+            settings, mode, log_dir / f"w{i}" if log_dir else None)]  # fmt: skip
+    if log_dir:
+        log_dir.mkdir(parents=True, exist_ok=True)
     if mode == "split":
         stages = ["gateway", "infer", "respond"]
         return [
