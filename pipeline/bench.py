@@ -214,7 +214,7 @@ class _Reader:
             consumer_config(
                 settings,
                 f"sluice-bench-reader-{uuid.uuid4().hex[:8]}",
-                **{"enable.auto.commit": False},
+                **{"enable.auto.commit": False, "isolation.level": "read_committed"},
             )
         )
         topic = settings.responses_topic

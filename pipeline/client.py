@@ -44,7 +44,10 @@ class Client:
         self._producer = Producer(producer_config(settings, **{"linger.ms": 1}))
         self._consumer = Consumer(
             consumer_config(
-                settings, f"sluice-client-{uuid.uuid4().hex[:12]}", **{"enable.auto.commit": False}
+                settings,
+                f"sluice-client-{uuid.uuid4().hex[:12]}",
+                # Exactly-once workers publish in transactions: never read aborted answers.
+                **{"enable.auto.commit": False, "isolation.level": "read_committed"},
             )
         )
         self._assign_from_end()

@@ -10,19 +10,22 @@ a batch (and every batch before it) is delivered, so at-least-once holds across 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
+from pipeline.backpressure import Backpressure, downstream_of
 from pipeline.config import Settings
 from pipeline.kafka import consume_batch, consumer_config, producer_config
-from pipeline.stages import Job, Origin, Pipeline, Publication
+from pipeline.stages import Job, Origin, Pipeline, Publication, Record
 
 log = logging.getLogger(__name__)
 STAGES = ("fused", "gateway", "infer", "respond")
@@ -82,23 +85,43 @@ class BatchEngine:
         self.stage = stage
         self.pipeline = pipeline
         self.stop_event = threading.Event()
+        self.transactional = settings.delivery == "exactly_once"
         group = settings.group_id(stage)
+        offsets = (
+            # Offsets go into each batch's transaction.
+            {"enable.auto.commit": False, "isolation.level": "read_committed"}
+            if self.transactional
+            # Offsets are stored once a batch is delivered and committed in the background.
+            else {"enable.auto.offset.store": False, "enable.auto.commit": True,
+                  "auto.commit.interval.ms": 1000}
+        )  # fmt: skip
         self.consumer = Consumer(
             consumer_config(
                 settings,
                 group,
+                **offsets,
                 **{
-                    "enable.auto.offset.store": False,
-                    "enable.auto.commit": True,
-                    "auto.commit.interval.ms": 1000,
                     "session.timeout.ms": settings.session_timeout_ms,
                     "heartbeat.interval.ms": max(100, settings.session_timeout_ms // 3),
+                    # Bounds what waits in this process: the rest waits in Kafka.
                     "queued.max.messages.kbytes": 16384,
                 },
             )
         )
-        self.producer = Producer(producer_config(settings))
+        extra = {}
+        if self.transactional:
+            # Unique per process; zombies are fenced through the consumer group's generation.
+            extra["transactional.id"] = f"{group}-{uuid.uuid4().hex[:12]}"
+        self.producer = Producer(producer_config(settings, **extra))
         self.tracker = OffsetTracker(self.consumer)
+        self._txn_started: float | None = None
+        self._txn_offsets: dict[tuple[str, int], int] = {}
+        downstream = downstream_of(settings, stage, pipeline.registry.names)
+        self.backpressure = (
+            Backpressure(settings, *downstream, pipeline.metrics.paused_partitions)
+            if downstream
+            else None
+        )
         self.process: Callable[[list[Origin]], list[Publication]] = {
             "fused": self._fused,
             "gateway": self._gateway,
@@ -150,13 +173,20 @@ class BatchEngine:
 
     def run(self) -> None:
         """Consume, process and publish until `stop` is called (or SIGTERM/SIGINT)."""
-        self.consumer.subscribe(self.topics(), on_revoke=self._on_revoke)
+        if self.transactional:
+            self.producer.init_transactions(30)
+        self.consumer.subscribe(self.topics(), on_assign=self._on_assign,
+                                on_revoke=self._on_revoke)  # fmt: skip
         s = self.settings
         try:
             while not self.stop_event.is_set():
+                if self.backpressure is not None:
+                    self.backpressure.update(self.consumer)
                 messages = self._next_batch(s.max_batch_size, s.max_delay_s)
                 if messages:
                     self._handle(messages)
+                elif self.transactional:
+                    self._commit_transaction()  # idle: do not hold answers back
                 self.producer.poll(0)
                 self.tracker.settle()
         finally:
@@ -194,20 +224,70 @@ class BatchEngine:
             )
         if not consumed:
             return
+        if self.transactional:
+            self._handle_transaction(consumed, origins)
+            return
         batch = self.tracker.open(consumed)
-        produce = self.producer.produce
         for _origin, records in self.process(origins):
             for r in records:
                 batch.outstanding += 1
-                while True:
-                    try:
-                        produce(r.topic, r.value, r.key, headers=r.headers,  # type: ignore[arg-type]
-                                on_delivery=batch.on_delivery)  # fmt: skip
-                        break
-                    except BufferError:
-                        self.producer.poll(0.005)
+                self._produce(r, batch.on_delivery)
+
+    def _produce(self, r: Record, on_delivery: Any = None) -> None:
+        while True:
+            try:
+                self.producer.produce(r.topic, r.value, r.key, headers=r.headers,  # type: ignore[arg-type]
+                                      on_delivery=on_delivery)  # fmt: skip
+                return
+            except BufferError:
+                self.producer.poll(0.005)
+
+    def _handle_transaction(self, consumed: list[Any], origins: list[Origin]) -> None:
+        """Batches, their records and their consumed offsets as Kafka transactions.
+
+        A transaction spans the batches of ``transaction_interval_ms`` (a commit costs
+        several broker round trips). Any failure ends the process after an abort: the records
+        are consumed again from the last committed transaction, and read_committed readers
+        never see a duplicate.
+        """
+        producer = self.producer
+        if self._txn_started is None:
+            producer.begin_transaction()
+            self._txn_started = time.monotonic()
+        try:
+            for _origin, records in self.process(origins):
+                for r in records:
+                    self._produce(r)
+            for m in consumed:
+                self._txn_offsets[(m.topic(), m.partition())] = m.offset() + 1
+            interval_s = self.settings.transaction_interval_ms / 1000.0
+            if time.monotonic() - self._txn_started >= interval_s:
+                self._commit_transaction()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                producer.abort_transaction(10)
+            raise
+
+    def _commit_transaction(self) -> None:
+        if self._txn_started is None:
+            return
+        self.producer.send_offsets_to_transaction(
+            [TopicPartition(t, p, o) for (t, p), o in self._txn_offsets.items()],
+            self.consumer.consumer_group_metadata(),
+            30,
+        )
+        self.producer.commit_transaction(30)
+        self._txn_offsets.clear()
+        self._txn_started = None
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self.backpressure is not None and self.backpressure.paused:
+            consumer.pause(partitions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self.transactional:
+            self._commit_transaction()  # before the partitions move to another worker
+            return
         # Publish and store what was consumed before the partitions move to another worker.
         self.producer.flush(30)
         self.tracker.settle()
@@ -220,8 +300,15 @@ class BatchEngine:
         self.stop_event.set()
 
     def _finish(self) -> None:
+        if self.backpressure is not None:
+            self.backpressure.close()
+        if self.transactional:
+            try:
+                self._commit_transaction()
+            except Exception as exc:  # noqa: BLE001 - aborted: consumed again on restart
+                log.warning("final transaction: %s", exc)
         remaining = self.producer.flush(30)
-        if remaining == 0:
+        if remaining == 0 and not self.transactional:
             try:
                 self.tracker.settle()
                 self.consumer.commit(asynchronous=False)
