@@ -15,6 +15,7 @@ MODES = ("fused", "split", "naive")
 # batch: confluent-kafka, a batch at a time (fast); faust: faust agents, an event at a time.
 ENGINES = ("batch", "faust")
 COMPRESSION_TYPES = ("none", "lz4", "zstd", "snappy", "gzip")
+DELIVERIES = ("at_least_once", "exactly_once")
 
 
 class SettingsError(ValueError):
@@ -49,6 +50,10 @@ class Settings:
     response_topic: str | None = None
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0
+    # False: the pipeline records into no-op metrics and serves nothing (to measure their cost).
+    metrics_enabled: bool = True
+    lag_interval_s: float = 5.0
+    gpu_interval_s: float = 5.0
     producer_linger_ms: int = 1
     compression_type: str = "lz4"
     consumer_fetch_max_wait_ms: int = 10
@@ -62,6 +67,18 @@ class Settings:
     ssl_keyfile: str | None = None
     torch_threads: int = 1
     engine: str = "batch"
+    # at_least_once: offsets stored after delivery (duplicates possible after a crash);
+    # exactly_once: each batch's records and offsets in one Kafka transaction.
+    delivery: str = "at_least_once"
+    transaction_interval_ms: int = 100
+    # Split mode: pause consuming while the next stage's lag exceeds the high-water mark,
+    # resume below the low-water mark.
+    backpressure_high_water: int = 20_000
+    backpressure_low_water: int = 5_000
+    backpressure_interval_s: float = 0.5
+    # Transient model errors (out of memory) are retried with exponential backoff + jitter.
+    max_attempts: int = 3
+    retry_backoff_ms: int = 20
     log_level: str = "WARNING"
 
     def __post_init__(self) -> None:
@@ -81,6 +98,18 @@ class Settings:
             raise SettingsError(
                 f"max_delay_s must be a number of seconds in [0, 60], got {self.max_delay_s!r}"
             )
+        for name in ("lag_interval_s", "gpu_interval_s"):
+            value = getattr(self, name)
+            if (
+                not isinstance(value, (int, float))
+                or isinstance(value, bool)
+                or not 0.1 <= value <= 3600
+            ):
+                raise SettingsError(
+                    f"{name} must be a number of seconds in [0.1, 3600], got {value!r}"
+                )
+        if not isinstance(self.metrics_enabled, bool):
+            raise SettingsError(f"metrics_enabled must be a bool, got {self.metrics_enabled!r}")
         if self.max_inflight < self.max_batch_size:
             raise SettingsError(
                 f"max_inflight must be >= max_batch_size ({self.max_batch_size}), "
@@ -96,6 +125,25 @@ class Settings:
                 f"compression_type must be one of {COMPRESSION_TYPES}, "
                 f"got {self.compression_type!r}"
             )
+        if self.delivery not in DELIVERIES:
+            raise SettingsError(f"delivery must be one of {DELIVERIES}, got {self.delivery!r}")
+        _require_int(self, "backpressure_low_water", minimum=0)
+        _require_int(self, "backpressure_high_water", minimum=1)
+        if self.backpressure_low_water >= self.backpressure_high_water:
+            raise SettingsError(
+                f"backpressure_low_water must be < backpressure_high_water "
+                f"({self.backpressure_high_water}), got {self.backpressure_low_water}"
+            )
+        if not isinstance(self.backpressure_interval_s, (int, float)) or not (
+            0.01 <= self.backpressure_interval_s <= 60
+        ):
+            raise SettingsError(
+                "backpressure_interval_s must be a number of seconds in [0.01, 60], "
+                f"got {self.backpressure_interval_s!r}"
+            )
+        _require_int(self, "max_attempts", minimum=1, maximum=100)
+        _require_int(self, "transaction_interval_ms", minimum=1)
+        _require_int(self, "retry_backoff_ms", minimum=0)
         if self.engine not in ENGINES:
             raise SettingsError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         protocols = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Latency buckets from 0.5 ms to 10 s: the range we target, sub-millisecond to seconds.
@@ -63,6 +65,18 @@ class Metrics:
             ["group", "topic", "partition"],
             registry=r,
         )
+        self.consumer_time_lag = Gauge(
+            "sluice_consumer_time_lag_seconds",
+            "Age of the oldest record the group has not consumed yet (0 when it has no lag).",
+            ["group", "topic", "partition"],
+            registry=r,
+        )
+        self.consumer_committed_offset = Gauge(
+            "sluice_consumer_committed_offset",
+            "The group's committed offset (the log start offset where it has committed none).",
+            ["group", "topic", "partition"],
+            registry=r,
+        )
         self.paused_partitions = Gauge(
             "sluice_paused_partitions", "Partitions paused by backpressure.", registry=r
         )
@@ -94,3 +108,59 @@ class Metrics:
             registry=r,
         )
         self.dlq = Counter("sluice_dlq_total", "DLQ records by reason.", ["reason"], registry=r)
+
+
+class _NoopMetric:
+    """Stands in for a metric and for its labelled children: every call does nothing."""
+
+    __slots__ = ()
+
+    def labels(self, *_values: Any, **_labels: Any) -> _NoopMetric:
+        return self
+
+    def inc(self, _amount: float = 1) -> None:
+        pass
+
+    def dec(self, _amount: float = 1) -> None:
+        pass
+
+    def set(self, _value: float) -> None:
+        pass
+
+    def observe(self, _value: float) -> None:
+        pass
+
+    def remove(self, *_values: Any) -> None:
+        pass
+
+
+_NOOP = _NoopMetric()
+
+
+class NullMetrics(Metrics):
+    """`Metrics` whose every metric is a no-op and whose registry stays empty.
+
+    What a worker records into with ``metrics_enabled=False``, so that the cost of the
+    metrics can be measured by switching them off.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        for name in _metric_attributes():
+            setattr(self, name, _NOOP)
+
+
+_ATTRIBUTES: tuple[str, ...] = ()
+
+
+def _metric_attributes() -> tuple[str, ...]:
+    """The names of `Metrics`' metric attributes (from a throwaway instance, once)."""
+    global _ATTRIBUTES
+    if not _ATTRIBUTES:
+        _ATTRIBUTES = tuple(n for n in vars(Metrics(CollectorRegistry())) if n != "registry")
+    return _ATTRIBUTES
+
+
+def make_metrics(enabled: bool = True) -> Metrics:
+    """Real metrics in a fresh registry, or `NullMetrics` when ``enabled`` is False."""
+    return Metrics() if enabled else NullMetrics()
