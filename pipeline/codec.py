@@ -89,6 +89,7 @@ class RequestError(Exception):
         model: str | None = None,
         version: str | None = None,
         reply_to: str | None = None,
+        attempts: int = 1,
     ) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
@@ -97,6 +98,7 @@ class RequestError(Exception):
         self.model = model
         self.version = version
         self.reply_to = reply_to
+        self.attempts = attempts
 
 
 Datatype = Literal[
@@ -226,7 +228,7 @@ def decode_request(raw: bytes | None, max_payload_bytes: int, fmt: str = JSON) -
         raise RequestError(MALFORMED, f"not valid {what}: {exc}") from None
 
 
-def _probe(raw: bytes, fmt: str = JSON) -> dict[str, str | None]:
+def _probe(raw: bytes, fmt: str = JSON) -> dict[str, Any]:
     try:
         if fmt == MSGPACK:
             p = msgspec.convert(_probe_decoder_mp.decode(raw), _Probe, strict=False)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 
 from pipeline import codec
 from pipeline.codec import RequestError, Response, Tensor
@@ -133,7 +135,7 @@ class Pipeline:
         """Decode, validate, resolve the model and check the deadline; raise `RequestError`."""
         fmt = codec.content_type(origin.headers)
         request = codec.decode_request(origin.value, self.settings.max_payload_bytes, fmt)
-        context = {
+        context: dict[str, Any] = {
             "request_id": request.id,
             "model": request.model,
             "version": request.version,
@@ -212,8 +214,21 @@ class Pipeline:
     def _run_bisect(self, jobs: list[Job]) -> list[Outcome]:
         model = jobs[0].model
         t0 = time.perf_counter()
+        attempts = 1
         try:
-            outputs = model.run(model.stack_inputs([j.arrays for j in jobs]))
+            batch = model.stack_inputs([j.arrays for j in jobs])
+            while True:
+                try:
+                    outputs = model.run(batch)
+                    break
+                except Exception as exc:
+                    if attempts >= self.settings.max_attempts or not is_transient(exc):
+                        raise
+                    # Exponential backoff with jitter, so retries from workers sharing a
+                    # device do not fall into step.
+                    base_s = self.settings.retry_backoff_ms / 1000.0 * 2 ** (attempts - 1)
+                    time.sleep(base_s * random.uniform(0.5, 1.5))
+                    attempts += 1
         except Exception as exc:  # noqa: BLE001 - any model failure is the request's error
             if len(jobs) > 1:
                 mid = len(jobs) // 2
@@ -221,7 +236,7 @@ class Pipeline:
             job = jobs[0]
             error = RequestError(
                 codec.MODEL_ERROR, f"{type(exc).__name__}: {exc}", job.request.id,
-                model.name, model.version, job.request.reply_to,
+                model.name, model.version, job.request.reply_to, attempts,
             )  # fmt: skip
             return [Outcome(job, error=error)]
         elapsed_s = time.perf_counter() - t0
@@ -374,8 +389,9 @@ class Pipeline:
     def reject_records(self, origin: Origin, error: RequestError, stage: str) -> list[Record]:
         """The DLQ record for a failed request and, when it can be identified, its answer."""
         dlq_value = codec.dlq_record(
-            origin.value, origin.topic, origin.partition, origin.offset, stage, error
-        )
+            origin.value, origin.topic, origin.partition, origin.offset, stage, error,
+            error.attempts,
+        )  # fmt: skip
         key = error.request_id.encode() if error.request_id else None
         headers = origin.correlation_headers()
         dlq_headers = [(k, v) for k, v in headers if k != codec.CONTENT_TYPE_HEADER]
@@ -468,6 +484,16 @@ class Pipeline:
         """Wait until every pending publish has been delivered and acked."""
         while self._acks:
             await asyncio.gather(*list(self._acks), return_exceptions=True)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors worth retrying: the device ran out of memory (others are the request's fault)."""
+    if isinstance(exc, MemoryError):
+        return True
+    oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    return "out of memory" in str(exc).lower()
 
 
 def _groups(outcomes: Sequence[Outcome]) -> list[list[Outcome]]:
