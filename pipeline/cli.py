@@ -149,6 +149,79 @@ def relay() -> None:
     run_relay(_settings())
 
 
+# -- lag ------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--group",
+    "groups",
+    multiple=True,
+    help="A consumer group (repeatable; default: every group whose id starts with the topic "
+    "prefix).",
+)
+@click.option("--watch", is_flag=True, help="Redraw every --interval-s until interrupted.")
+@click.option(
+    "--interval-s", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+    help="Seconds between redraws with --watch.",
+)  # fmt: skip
+def lag(groups: tuple[str, ...], watch: bool, interval_s: float) -> None:
+    """Offset and time lag per consumer group, topic and partition."""
+    import time
+
+    from pipeline import lag as lag_mod
+
+    settings = _settings()
+    admin = lag_mod.admin_client(settings)
+    try:
+        while True:
+            names = list(groups) or lag_mod.list_groups(admin, settings.topic_prefix)
+            rows = lag_mod.describe(settings, names, admin=admin) if names else []
+            text = lag_mod.format_table(rows)
+            missing = sorted(set(names) - {r.group for r in rows})
+            if missing:
+                text += "\n\nno committed offsets and no members: " + ", ".join(missing)
+            if not names:
+                text = f"no consumer groups starting with {settings.topic_prefix!r}"
+            if not watch:
+                click.echo(text)
+                return
+            click.clear()
+            click.echo(f"{time.strftime('%H:%M:%S')}  every {interval_s:g}s, Ctrl-C to stop\n")
+            click.echo(text)
+            time.sleep(interval_s)
+    except KeyboardInterrupt:
+        pass
+
+
+# -- dlq ------------------------------------------------------------------------------------
+
+
+@main.group()
+def dlq() -> None:
+    """The dead-letter topic."""
+
+
+@dlq.command("replay")
+@click.option("--reason", "reasons", multiple=True, help="Only these reasons (repeatable).")
+@click.option("--max", "max_records", type=click.IntRange(min=1), default=None)
+@click.option("--to-topic", default=None, help="Default: the topic each record failed on.")
+@click.option("--dry-run", is_flag=True, help="Count what would be replayed; change nothing.")
+def dlq_replay(
+    reasons: tuple[str, ...], max_records: int | None, to_topic: str | None, dry_run: bool
+) -> None:
+    """Re-drive dead-lettered records (after a fix); prints a JSON summary."""
+    import json
+
+    from pipeline.dlq import replay
+
+    try:
+        summary = replay(_settings(), set(reasons) or None, max_records, dry_run, to_topic)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(json.dumps(summary))
+
+
 # -- bench, demo ----------------------------------------------------------------------------
 
 

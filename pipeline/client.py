@@ -91,11 +91,7 @@ class Client:
         topic: str | None = None,
     ) -> concurrent.futures.Future[codec.Response]:
         """Produce an already-encoded request whose id is ``request_id``."""
-        if not self._slots.acquire(timeout=60):
-            raise TimeoutError(f"more than {self.max_pending} requests pending")
-        future: concurrent.futures.Future[codec.Response] = concurrent.futures.Future()
-        with self._lock:
-            self._pending[request_id] = future
+        future = self.expect(request_id)
         try:
             self._produce(
                 topic or self.settings.requests_topic,
@@ -106,6 +102,15 @@ class Client:
         except BaseException:
             self._resolve(request_id, None, KeyError(request_id))
             raise
+        return future
+
+    def expect(self, request_id: str) -> concurrent.futures.Future[codec.Response]:
+        """A future for the response to ``request_id``, produced by someone else (a replay)."""
+        if not self._slots.acquire(timeout=60):
+            raise TimeoutError(f"more than {self.max_pending} requests pending")
+        future: concurrent.futures.Future[codec.Response] = concurrent.futures.Future()
+        with self._lock:
+            self._pending[request_id] = future
         return future
 
     def _produce(self, topic: str, key: bytes, value: bytes | None, headers: list[Any]) -> None:
