@@ -167,6 +167,11 @@ class Settings:
         return f"{self.topic_prefix}.requests"
 
     @property
+    def priority_topic(self) -> str:
+        """Requests here are served before those on the requests topic."""
+        return f"{self.topic_prefix}.requests.priority"
+
+    @property
     def results_topic(self) -> str:
         return f"{self.topic_prefix}.results"
 

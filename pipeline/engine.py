@@ -115,6 +115,7 @@ class BatchEngine:
         self.producer = Producer(producer_config(settings, **extra))
         self.tracker = OffsetTracker(self.consumer)
         self._txn_started: float | None = None
+        self._priority_hold = False
         self._txn_offsets: dict[tuple[str, int], int] = {}
         downstream = downstream_of(settings, stage, pipeline.registry.names)
         self.backpressure = (
@@ -132,7 +133,7 @@ class BatchEngine:
     def topics(self) -> list[str]:
         s = self.settings
         if self.stage in ("fused", "gateway"):
-            return [s.requests_topic]
+            return [s.priority_topic, s.requests_topic]
         if self.stage == "infer":
             return [s.infer_topic(m) for m in self.pipeline.registry.names]
         return [s.results_topic]
@@ -182,6 +183,7 @@ class BatchEngine:
             while not self.stop_event.is_set():
                 if self.backpressure is not None:
                     self.backpressure.update(self.consumer)
+                self._prioritize()
                 messages = self._next_batch(s.max_batch_size, s.max_delay_s)
                 if messages:
                     self._handle(messages)
@@ -280,9 +282,40 @@ class BatchEngine:
         self._txn_offsets.clear()
         self._txn_started = None
 
+    def _prioritize(self) -> None:
+        """Serve the priority topic first: while it has a backlog, the rest waits in Kafka.
+
+        Reads only librdkafka's cached high watermarks and positions (no broker round trip).
+        """
+        if self.stage not in ("fused", "gateway"):
+            return
+        if self.backpressure is not None and self.backpressure.paused:
+            self._priority_hold = False  # all paused; resuming resumes all
+            return
+        priority = self.settings.priority_topic
+        assignment = self.consumer.assignment()
+        urgent = [tp for tp in assignment if tp.topic == priority]
+        backlog = 0
+        if urgent:
+            for tp in self.consumer.position(urgent):
+                low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+                # Before the first record of a partition is consumed its position is unknown:
+                # count from the low watermark until then.
+                position = tp.offset if tp.offset >= 0 else low
+                if high > position >= 0:
+                    backlog += high - position
+        want = backlog > 0
+        if want != self._priority_hold:
+            normal = [tp for tp in assignment if tp.topic != priority]
+            if normal:
+                (self.consumer.pause if want else self.consumer.resume)(normal)
+            self._priority_hold = want
+
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         if self.backpressure is not None and self.backpressure.paused:
             consumer.pause(partitions)
+        elif self._priority_hold:
+            consumer.pause([tp for tp in partitions if tp.topic != self.settings.priority_topic])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         if self.transactional:

@@ -132,6 +132,7 @@ def pipeline_topics(settings: Settings, models: list[str]) -> list[str]:
     """Every topic the pipeline reads or writes, for these models."""
     return [
         settings.requests_topic,
+        settings.priority_topic,
         settings.results_topic,
         settings.responses_topic,
         settings.dlq_topic,
