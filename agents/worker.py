@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import gc
 import logging
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -13,7 +14,7 @@ from agents.app import SluiceApp, create_app, faust_sink
 from agents.infer import InferStage
 from pipeline.config import Settings
 from pipeline.kafka import ensure_topics, pipeline_topics
-from pipeline.metrics import Metrics
+from pipeline.metrics import Metrics, make_metrics
 from pipeline.models import ModelRegistry
 from pipeline.stages import Pipeline
 
@@ -29,7 +30,7 @@ def build(settings: Settings, mode: str, stage: str | None = None) -> tuple[Slui
     registry = ModelRegistry(settings.models_path)
     if not registry.names:
         raise SystemExit(f"no models in {settings.models_path}; run `sluice model init-demo`")
-    metrics = Metrics()
+    metrics = make_metrics(settings.metrics_enabled)
     app = create_app(settings, stage if mode == "split" and stage else mode)
     pipeline = Pipeline(settings, registry, faust_sink(app), metrics)
     stage_obj: InferStage | None = None
@@ -74,18 +75,53 @@ def run(settings: Settings, mode: str, stage: str | None = None) -> None:
     import faust
 
     app, metrics = build(settings, mode, stage)
-    _serve_metrics(settings, metrics)
+    name = stage if mode == "split" and stage else mode
+    observers = observe(
+        settings, metrics, settings.group_id(name), consumed_topics(settings, name, registry.names)
+    )
     worker = faust.Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
-    worker.execute_from_commandline()
+    try:
+        worker.execute_from_commandline()
+    finally:
+        for observer in observers:
+            observer.stop()
 
 
-def _serve_metrics(settings: Settings, metrics: Metrics) -> None:
-    from prometheus_client import start_http_server
+def consumed_topics(settings: Settings, stage: str, models: Sequence[str]) -> list[str]:
+    """The topics a worker of ``stage`` (or ``fused``/``naive``) consumes."""
+    if stage == "infer":
+        return [settings.infer_topic(m) for m in models]
+    if stage == "respond":
+        return [settings.results_topic]
+    return [settings.requests_topic]
 
-    if settings.metrics_port:
-        start_http_server(
-            settings.metrics_port, addr=settings.metrics_host, registry=metrics.registry
-        )
+
+class _Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+def observe(
+    settings: Settings, metrics: Metrics, group: str, topics: Sequence[str]
+) -> list[_Stoppable]:
+    """Serve ``/metrics``, ``/dashboard`` and ``/api/summary`` and sample lag and GPUs.
+
+    Only with metrics enabled and a ``metrics_port``; returns what to stop at exit.
+    """
+    from pipeline.gpu import GpuSampler
+    from pipeline.lag import LagMonitor
+    from pipeline.web import MetricsServer
+
+    if not settings.metrics_port:
+        return []
+    if not settings.metrics_enabled:
+        log.warning("metrics disabled (SLUICE_METRICS_ENABLED=false): not serving them")
+        return []
+    server = MetricsServer(metrics.registry, settings.metrics_host, settings.metrics_port).start()
+    return [
+        server,
+        LagMonitor(settings, metrics, [group], topics).start(),
+        GpuSampler(metrics, settings.gpu_interval_s).start(),
+    ]
 
 
 def _run_batch_engine(settings: Settings, mode: str, stage: str | None) -> None:
@@ -97,13 +133,17 @@ def _run_batch_engine(settings: Settings, mode: str, stage: str | None) -> None:
     registry = ModelRegistry(settings.models_path)
     if mode == "fused" or stage == "infer":
         registry.load_all()
-    metrics = Metrics()
+    metrics = make_metrics(settings.metrics_enabled)
     pipeline = Pipeline(settings, registry, None, metrics)
     engine = BatchEngine(settings, "fused" if mode == "fused" else str(stage), pipeline)
     install_signal_handlers(engine)
-    _serve_metrics(settings, metrics)
+    observers = observe(settings, metrics, settings.group_id(engine.stage), engine.topics())
     # Everything alive now (torch, the models) lives as long as the process: keep it out of
     # the garbage collector's full passes, which otherwise show up as tail latency.
     gc.collect()
     gc.freeze()
-    engine.run()
+    try:
+        engine.run()
+    finally:
+        for observer in observers:
+            observer.stop()

@@ -36,21 +36,27 @@ def spawn_workers(
     settings: Settings, mode: str, log_dir: Path | None = None, count: int = 1
 ) -> list[subprocess.Popen[bytes]]:
     """The processes of one pipeline: ``count`` for fused/naive (one consumer group), one
-    per stage for split, each stage ``count`` times."""
+    per stage for split, each stage ``count`` times.
+
+    With a ``metrics_port``, the processes serve metrics on that port and the ones after it
+    (in the order started), since they share a host.
+    """
     if count > 1:
+        per_copy = 3 if mode == "split" else 1
         return [p for i in range(count) for p in spawn_workers(
-            settings, mode, log_dir / f"w{i}" if log_dir else None)]  # fmt: skip
+            _metrics_port_after(settings, i * per_copy), mode,
+            log_dir / f"w{i}" if log_dir else None)]  # fmt: skip
     if log_dir:
         log_dir.mkdir(parents=True, exist_ok=True)
     if mode == "split":
         stages = ["gateway", "infer", "respond"]
         return [
             spawn(
-                settings,
+                _metrics_port_after(settings, i),
                 ["worker", "--mode", "split", "--stage", s],
                 log_dir / f"worker-{s}.log" if log_dir else None,
             )
-            for s in stages
+            for i, s in enumerate(stages)
         ]
     if mode == "relay":
         return [spawn(settings, ["relay"], log_dir / "relay.log" if log_dir else None)]
@@ -61,6 +67,12 @@ def spawn_workers(
             log_dir / f"worker-{mode}.log" if log_dir else None,
         )
     ]
+
+
+def _metrics_port_after(settings: Settings, offset: int) -> Settings:
+    if not settings.metrics_port or not offset:
+        return settings
+    return settings.replace(metrics_port=settings.metrics_port + offset)
 
 
 def stop(procs: list[subprocess.Popen[bytes]], timeout_s: float = 20.0) -> None:

@@ -107,8 +107,9 @@ class Workers:
             f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(self.log_dir.glob("*.log"))
         )
 
-    def wait_ready(self, client: Client, timeout_s: float = 90.0) -> None:
-        """Send probe requests until one is answered."""
+    def wait_ready(self, client: Client, timeout_s: float = 90.0) -> int:
+        """Send probe requests until one is answered; returns how many were sent (each is
+        answered in the end: the unanswered ones wait in Kafka for the worker)."""
         deadline = time.monotonic() + timeout_s
         i = 0
         while time.monotonic() < deadline:
@@ -117,7 +118,7 @@ class Workers:
             client.flush()
             try:
                 future.result(timeout=3)
-                return
+                return i + 1
             except Exception:  # noqa: BLE001 - not ready yet
                 i += 1
         raise AssertionError(f"pipeline not ready after {timeout_s}s:\n{self.logs()}")

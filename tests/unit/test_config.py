@@ -26,6 +26,9 @@ def test_defaults(tmp_path: Path) -> None:
     assert s.security_protocol == "PLAINTEXT"
     assert s.sasl_mechanism is None
     assert s.torch_threads == 1
+    assert s.metrics_enabled is True
+    assert s.lag_interval_s == 5.0
+    assert s.gpu_interval_s == 5.0
     # Derived names.
     assert s.models_path == tmp_path / "models"
     assert s.requests_topic == "sluice.requests"
@@ -120,6 +123,10 @@ def test_from_env_expands_user_in_paths(monkeypatch: pytest.MonkeyPatch, tmp_pat
         ({"SLUICE_MAX_DELAY_S": "-1"}, ["max_delay_s", "got -1.0"]),
         ({"SLUICE_MAX_DELAY_S": "nan"}, ["max_delay_s", "nan"]),
         ({"SLUICE_METRICS_PORT": "70000"}, ["metrics_port", "got 70000"]),
+        ({"SLUICE_METRICS_ENABLED": "maybe"}, ["SLUICE_METRICS_ENABLED", "'maybe'"]),
+        ({"SLUICE_LAG_INTERVAL_S": "0"}, ["lag_interval_s", "got 0.0"]),
+        ({"SLUICE_LAG_INTERVAL_S": "often"}, ["SLUICE_LAG_INTERVAL_S", "'often'"]),
+        ({"SLUICE_GPU_INTERVAL_S": "inf"}, ["gpu_interval_s", "got inf"]),
         ({"SLUICE_MAX_PAYLOAD_BYTES": "10"}, ["max_payload_bytes", "got 10"]),
         ({"SLUICE_TOPIC_PREFIX": "bad prefix!"}, ["topic_prefix", "'bad prefix!'"]),
         ({"SLUICE_SECURITY_PROTOCOL": "TLS"}, ["security_protocol", "'TLS'"]),
@@ -150,6 +157,13 @@ def test_from_env_rejects_bad_values_naming_them(env: dict[str, str], names: lis
         ({"topic_prefix": "a/b"}, "got 'a/b'"),
         ({"security_protocol": "SASL_PLAINTEXT"}, "sasl_mechanism is required"),
         ({"metrics_port": 65536}, "metrics_port must be an integer in [0, 65535], got 65536"),
+        (
+            {"lag_interval_s": 0.05},
+            "lag_interval_s must be a number of seconds in [0.1, 3600], got 0.05",
+        ),
+        ({"lag_interval_s": True}, "lag_interval_s must be a number of seconds"),
+        ({"gpu_interval_s": 3601}, "gpu_interval_s must be a number of seconds in [0.1, 3600]"),
+        ({"metrics_enabled": "no"}, "metrics_enabled must be a bool, got 'no'"),
     ],
 )
 def test_constructor_validation_messages(kwargs: dict[str, object], message: str) -> None:
@@ -199,6 +213,13 @@ def test_to_env_round_trips_through_from_env(tmp_path: Path) -> None:
     assert env["SLUICE_MAX_DELAY_S"] == "0.0125"
     assert "SLUICE_SSL_CAFILE" not in env  # None is left out
     assert Settings.from_env(env) == original
+
+
+def test_metrics_switch_from_env() -> None:
+    for raw, enabled in (("false", False), ("0", False), ("no", False), ("True", True)):
+        assert Settings.from_env({"SLUICE_METRICS_ENABLED": raw}).metrics_enabled is enabled
+    off = Settings(metrics_enabled=False, lag_interval_s=0.5)
+    assert Settings.from_env(off.to_env()) == off
 
 
 def test_to_env_round_trips_defaults(tmp_path: Path) -> None:
