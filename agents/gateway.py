@@ -11,7 +11,9 @@ from pipeline.stages import Pipeline
 
 def register(app: Any, pipeline: Pipeline, infer: InferStage | None) -> Any:
     """The gateway agent; ``infer`` set means fused mode (hand-off in memory)."""
-    topic = raw_topic(app, pipeline.settings.requests_topic)
+    # The priority topic is read too (the batch engine also serves it first).
+    s = pipeline.settings
+    topic = raw_topic(app, s.requests_topic, s.priority_topic)
 
     @app.agent(topic, name="gateway")
     async def gateway(stream: Any) -> None:

@@ -9,7 +9,9 @@ from pipeline.stages import Pipeline
 
 
 def register(app: Any, pipeline: Pipeline) -> Any:
-    topic = raw_topic(app, pipeline.settings.requests_topic)
+    # The priority topic is read too (the batch engine also serves it first).
+    s = pipeline.settings
+    topic = raw_topic(app, s.requests_topic, s.priority_topic)
 
     @app.agent(topic, name="naive")
     async def naive(stream: Any) -> None:
