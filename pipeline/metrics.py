@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
 
 # Latency buckets from 0.5 ms to 10 s: the range we target, sub-millisecond to seconds.
 LATENCY_BUCKETS_S = (
@@ -32,12 +35,12 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.request_latency = Histogram(
+        self.request_latency = BatchHistogram(
             "sluice_request_latency_seconds",
             "Time from the request's produce timestamp to the end of a stage.",
-            ["model", "version", "stage"],
-            buckets=LATENCY_BUCKETS_S,
-            registry=r,
+            ("model", "version", "stage"),
+            LATENCY_BUCKETS_S,
+            r,
         )
         self.requests = Counter(
             "sluice_requests_total",
@@ -110,6 +113,80 @@ class Metrics:
         self.dlq = Counter("sluice_dlq_total", "DLQ records by reason.", ["reason"], registry=r)
 
 
+class BatchHistogram:
+    """A Prometheus histogram that also takes a whole batch of observations at once.
+
+    prometheus_client's `Histogram.observe` takes a lock and searches the buckets in Python
+    for every value: about a microsecond a request. Here a batch costs one numpy bucket
+    search; the series exported are the same (``_bucket``, ``_count``, ``_sum``).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: tuple[str, ...],
+        buckets: tuple[float, ...],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = labelnames
+        self.bounds = np.asarray(buckets, dtype=np.float64)
+        self._children: dict[tuple[str, ...], _BatchHistogramChild] = {}
+        self._lock = threading.Lock()
+        registry.register(self)  # type: ignore[arg-type]
+
+    def labels(self, *values: str) -> _BatchHistogramChild:
+        child = self._children.get(values)
+        if child is None:
+            with self._lock:
+                child = self._children.setdefault(values, _BatchHistogramChild(self.bounds))
+        return child
+
+    def describe(self) -> list[Any]:
+        return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+
+    def collect(self) -> list[Any]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, child in list(self._children.items()):
+            counts, total = child.snapshot()
+            cumulative = np.cumsum(counts)
+            buckets = [(_bound(b), float(c)) for b, c in zip(self.bounds, cumulative, strict=False)]
+            buckets.append(("+Inf", float(cumulative[-1])))
+            family.add_metric(list(values), buckets, total)
+        return [family]
+
+
+class _BatchHistogramChild:
+    __slots__ = ("bounds", "counts", "total", "lock")
+
+    def __init__(self, bounds: np.ndarray) -> None:
+        self.bounds = bounds
+        self.counts = np.zeros(len(bounds) + 1, dtype=np.int64)
+        self.total = 0.0
+        self.lock = threading.Lock()
+
+    def observe(self, value: float) -> None:
+        self.observe_many(np.asarray([value], dtype=np.float64))
+
+    def observe_many(self, values: np.ndarray) -> None:
+        # side="left": a value equal to a bound falls in that bound's bucket (le semantics).
+        index = np.searchsorted(self.bounds, values, side="left")
+        binned = np.bincount(index, minlength=len(self.counts))
+        with self.lock:
+            self.counts += binned
+            self.total += float(values.sum())
+
+    def snapshot(self) -> tuple[np.ndarray, float]:
+        with self.lock:
+            return self.counts.copy(), self.total
+
+
+def _bound(b: float) -> str:
+    return repr(float(b))
+
+
 class _NoopMetric:
     """Stands in for a metric and for its labelled children: every call does nothing."""
 
@@ -119,6 +196,9 @@ class _NoopMetric:
         return self
 
     def inc(self, _amount: float = 1) -> None:
+        pass
+
+    def observe_many(self, _values: Any) -> None:
         pass
 
     def dec(self, _amount: float = 1) -> None:

@@ -381,7 +381,7 @@ class Pipeline:
                 ),
             )
             values.append(codec.encode(response, meta.fmt))
-            self._count(model, version, "ok", meta.produced_ms)
+        self._count_many(model, version, "ok", [m.produced_ms for m in metas])
         return values
 
     # -- errors ---------------------------------------------------------------------------
@@ -419,6 +419,12 @@ class Pipeline:
         return records
 
     def _count(self, model: str, version: str, outcome: str, produced_ms: float) -> None:
+        self._count_many(model, version, outcome, [produced_ms])
+
+    def _count_many(
+        self, model: str, version: str, outcome: str, produced_ms: Sequence[float]
+    ) -> None:
+        """Count requests that ended with ``outcome`` and observe their latencies at once."""
         key = (model, version, outcome)
         children = self._children.get(key)
         if children is None:  # labels() costs a lookup under a lock: once per label set
@@ -426,8 +432,9 @@ class Pipeline:
                 self.metrics.requests.labels(model, version, outcome),
                 self.metrics.request_latency.labels(model, version, "respond"),
             )
-        children[0].inc()
-        children[1].observe(max(0.0, (now_ms() - produced_ms) / 1000.0))
+        children[0].inc(len(produced_ms))
+        latencies_s = (now_ms() - np.asarray(produced_ms, dtype=np.float64)) / 1000.0
+        children[1].observe_many(np.maximum(latencies_s, 0.0))
 
     # -- async publishing (faust agents) ----------------------------------------------------
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -61,3 +63,28 @@ def test_pipeline_serves_with_null_metrics(demo_dir: Path, tmp_path: Path) -> No
     assert [decode(s).status for s in env.responses()] == ["ok"]
     assert len(env.dlq()) == 1
     assert generate_latest(metrics.registry) == b""
+
+
+def test_batch_histogram_matches_prometheus_histogram_semantics() -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from pipeline.metrics import LATENCY_BUCKETS_S, BatchHistogram
+
+    values = [0.0005, 0.0006, 0.02, 0.3, 20.0]
+    ours_registry, theirs_registry = CollectorRegistry(), CollectorRegistry()
+    ours = BatchHistogram("h_seconds", "h", ("m",), LATENCY_BUCKETS_S, ours_registry)
+    theirs = Histogram("h_seconds", "h", ["m"], buckets=LATENCY_BUCKETS_S, registry=theirs_registry)
+    ours.labels("a").observe_many(np.array(values[:3]))
+    ours.labels("a").observe(values[3])
+    ours.labels("a").observe_many(np.array(values[4:]))
+    for v in values:
+        theirs.labels("a").observe(v)
+    for le in [*(repr(float(b)) for b in LATENCY_BUCKETS_S), "+Inf"]:
+        labels = {"m": "a", "le": le}
+        assert ours_registry.get_sample_value("h_seconds_bucket", labels) == (
+            theirs_registry.get_sample_value("h_seconds_bucket", labels)
+        ), le
+    for suffix in ("_count", "_sum"):
+        assert ours_registry.get_sample_value("h_seconds" + suffix, {"m": "a"}) == pytest.approx(
+            theirs_registry.get_sample_value("h_seconds" + suffix, {"m": "a"})
+        )
