@@ -44,7 +44,7 @@ def test_gateway_pauses_on_infer_lag_and_resumes(bootstrap: str, model_dir, tmp_
             time.sleep(3)  # the gateway has had time to forward everything, were it not paused
             forwarded = _topic_size(probe, infer_topic, settings.partitions)
             # Bounded: the high-water mark plus what got through between two checks.
-            assert 300 <= forwarded < 1000, forwarded
+            assert 300 <= forwarded < 1500, forwarded  # of 3,000: the rest waits in Kafka
             assert gateway[0].poll() is None
 
             # The next stages start: the lag drains, the gateway resumes, all are answered.
