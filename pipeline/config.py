@@ -70,6 +70,9 @@ class Settings:
     # at_least_once: offsets stored after delivery (duplicates possible after a crash);
     # exactly_once: each batch's records and offsets in one Kafka transaction.
     delivery: str = "at_least_once"
+    # This worker's slot in its group: distinct per process (the transactional id in
+    # exactly-once mode), the same across restarts of that process.
+    worker_id: str = "0"
     transaction_interval_ms: int = 100
     # Split mode: pause consuming while the next stage's lag exceeds the high-water mark,
     # resume below the low-water mark.

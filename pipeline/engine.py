@@ -15,7 +15,6 @@ import logging
 import signal
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -108,10 +107,13 @@ class BatchEngine:
                 },
             )
         )
-        extra = {}
+        extra: dict[str, Any] = {}
         if self.transactional:
-            # Unique per process; zombies are fenced through the consumer group's generation.
-            extra["transactional.id"] = f"{group}-{uuid.uuid4().hex[:12]}"
+            # Stable per worker slot: a restarted worker fences its predecessor at once
+            # (init_transactions aborts the open transaction) instead of waiting for the
+            # broker to time it out, which holds the group's offsets until then.
+            extra["transactional.id"] = f"{group}-{settings.worker_id}"
+            extra["transaction.timeout.ms"] = 10_000
         self.producer = Producer(producer_config(settings, **extra))
         self.tracker = OffsetTracker(self.consumer)
         self._txn_started: float | None = None

@@ -198,7 +198,16 @@ class LoadedModel:
         """One batch array per input from each request's inputs (arrays or flat lists)."""
         batch = []
         for i, spec in enumerate(self.config.inputs):
-            column = np.array([r[i] for r in rows], dtype=DTYPES[spec.datatype])
+            with np.errstate(over="ignore"):
+                column = np.array([r[i] for r in rows], dtype=DTYPES[spec.datatype])
+            if column.dtype.kind == "f" and not np.isfinite(column).all():
+                # JSON holds no infinity: a value beyond the datatype's range overflowed.
+                # One request alone is answered bad_dtype; a batch is bisected to find it.
+                if len(rows) == 1:
+                    raise RequestError(
+                        BAD_DTYPE, f"input {spec.name!r}: data out of range for {spec.datatype}"
+                    )
+                raise ValueError(f"input {spec.name!r}: values out of range in the batch")
             batch.append(column.reshape(len(rows), *spec.shape))
         return batch
 

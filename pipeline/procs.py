@@ -44,7 +44,7 @@ def spawn_workers(
     if count > 1:
         per_copy = 3 if mode == "split" else 1
         return [p for i in range(count) for p in spawn_workers(
-            _metrics_port_after(settings, i * per_copy), mode,
+            _metrics_port_after(settings, i * per_copy).replace(worker_id=str(i)), mode,
             log_dir / f"w{i}" if log_dir else None)]  # fmt: skip
     if log_dir:
         log_dir.mkdir(parents=True, exist_ok=True)

@@ -234,9 +234,13 @@ class Pipeline:
                 mid = len(jobs) // 2
                 return self._run_bisect(jobs[:mid]) + self._run_bisect(jobs[mid:])
             job = jobs[0]
+            code, message = (
+                (exc.code, exc.message) if isinstance(exc, RequestError)
+                else (codec.MODEL_ERROR, f"{type(exc).__name__}: {exc}")
+            )  # fmt: skip
             error = RequestError(
-                codec.MODEL_ERROR, f"{type(exc).__name__}: {exc}", job.request.id,
-                model.name, model.version, job.request.reply_to, attempts,
+                code, message, job.request.id, model.name, model.version,
+                job.request.reply_to, attempts,
             )  # fmt: skip
             return [Outcome(job, error=error)]
         elapsed_s = time.perf_counter() - t0

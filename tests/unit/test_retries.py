@@ -74,3 +74,13 @@ def test_permanent_errors_are_not_retried(pipeline: Pipeline, monkeypatch) -> No
     monkeypatch.setattr(LoadedModel, "run", broken)
     [outcome] = pipeline.infer([_job(pipeline, 0)])
     assert calls == [1] and outcome.error is not None and outcome.error.attempts == 1
+
+
+def test_fp32_overflow_on_the_fast_path_is_bad_dtype_and_fails_alone(pipeline: Pipeline) -> None:
+    body = {"id": "big", "model": "demo", "inputs": [
+        {"name": "features", "datatype": "FP32", "shape": [16], "data": [1e39] * 16}]}  # fmt: skip
+    big = pipeline.admit(Origin("t", 0, 99, now_ms(), codec.encode(body)))
+    outcomes = pipeline.infer([_job(pipeline, 0), big, _job(pipeline, 1)])
+    by_id = {o.job.request.id: o for o in outcomes}
+    assert by_id["big"].error is not None and by_id["big"].error.code == "bad_dtype"
+    assert by_id["r0"].error is None and by_id["r1"].error is None
