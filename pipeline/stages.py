@@ -246,6 +246,17 @@ class Pipeline:
         elapsed_s = time.perf_counter() - t0
         self.metrics.batch_size.labels(model.name).observe(len(jobs))
         self.metrics.inference.labels(model.name).observe(elapsed_s)
+        # Per-stage latency from the produce timestamp: admitted (gateway), computed (infer);
+        # the respond stage's is observed with each response.
+        produced = np.fromiter((j.origin.timestamp_ms for j in jobs), np.float64, len(jobs))
+        admitted = np.fromiter((j.received_ms for j in jobs), np.float64, len(jobs))
+        latency = self.metrics.request_latency
+        latency.labels(model.name, model.version, "gateway").observe_many(
+            np.maximum(admitted - produced, 0.0) / 1000.0
+        )
+        latency.labels(model.name, model.version, "infer").observe_many(
+            np.maximum(now_ms() - produced, 0.0) / 1000.0
+        )
         ms, n = elapsed_s * 1000, len(jobs)
         return [
             Outcome(job, [o[i] for o in outputs], None, ms, n, outputs, i)

@@ -84,3 +84,12 @@ def test_fp32_overflow_on_the_fast_path_is_bad_dtype_and_fails_alone(pipeline: P
     by_id = {o.job.request.id: o for o in outcomes}
     assert by_id["big"].error is not None and by_id["big"].error.code == "bad_dtype"
     assert by_id["r0"].error is None and by_id["r1"].error is None
+
+
+def test_stage_latencies_are_recorded_per_batch(pipeline: Pipeline) -> None:
+    outcomes = pipeline.infer([_job(pipeline, i) for i in range(3)])
+    pipeline.response_records(outcomes, "infer")
+    registry = pipeline.metrics.registry
+    for stage in ("gateway", "infer", "respond"):
+        labels = {"model": "demo", "version": "2", "stage": stage}
+        assert registry.get_sample_value("sluice_request_latency_seconds_count", labels) == 3
