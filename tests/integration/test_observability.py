@@ -141,7 +141,7 @@ def _check_prometheus(settings: Settings, group: str, expected: int, tmp_path: P
         poll_until(lambda: prometheus.value('up{job="sluice"}') == 1, 60, "a successful scrape")
         ok = 'sum(sluice_requests_total{outcome="ok"})'
         poll_until(lambda: prometheus.value(ok) == expected, 30, f"{ok} == {expected}")
-        count = "sum(sluice_request_latency_seconds_count)"
+        count = 'sum(sluice_request_latency_seconds_count{stage="respond"})'  # end to end
         assert prometheus.value(count) == expected
         assert prometheus.value("sum(sluice_request_latency_seconds_sum)") > 0
         assert prometheus.value('sum(sluice_batch_size_count{model="demo"})') > 0
