@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -157,3 +159,37 @@ def demo_request(request_id: str, features: list[float] | None = None, **extra: 
         "inputs": [{"name": "features", "datatype": "FP32", "shape": [16], "data": features}],
         **extra,
     }
+
+
+class PacedSender(threading.Thread):
+    """Submits demo requests ``r-0`` .. ``r-<n-1>`` at ``rate`` per second from a thread.
+
+    ``futures`` fills as the requests go out, so a test can act (stop a worker, the broker)
+    in the middle of the run and count how far it got.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        n: int,
+        rate: float,
+        on_future: Callable[[Future], None] | None = None,  # type: ignore[type-arg]
+        flush: bool = True,
+    ) -> None:
+        super().__init__(daemon=True)
+        self.client, self.n, self.rate = client, n, rate
+        self.on_future, self.flush = on_future, flush
+        self.futures: list[Future] = []  # type: ignore[type-arg]
+
+    def run(self) -> None:
+        start = time.monotonic()
+        for i in range(self.n):
+            delay = start + i / self.rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            future = self.client.submit(demo_request(f"r-{i}"))
+            if self.on_future is not None:
+                self.on_future(future)
+            self.futures.append(future)
+        if self.flush:
+            self.client.flush()

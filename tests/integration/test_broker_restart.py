@@ -4,7 +4,6 @@ worker and the client reconnect by themselves, and every request is answered."""
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ from pipeline.broker import LocalBroker, free_port
 from pipeline.client import Client
 from pipeline.config import default_cache_dir
 from pipeline.kafka import ensure_topics, pipeline_topics
-from tests.integration.conftest import demo_request, make_settings
+from tests.integration.conftest import PacedSender, make_settings
 
 N = 3000
 RATE = 300.0
@@ -48,18 +47,9 @@ def test_broker_restart_mid_run_loses_nothing(
     with Client(settings) as client:
         workers = start_workers(settings, "fused")
         workers.wait_ready(client)
-        futures = []
-
-        def produce() -> None:
-            start = time.monotonic()
-            for i in range(N):
-                delay = start + i / RATE - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                # Produced into librdkafka's queue while the broker is away, sent once it is back.
-                futures.append(client.submit(demo_request(f"r-{i}")))
-
-        sender = threading.Thread(target=produce)
+        # Produced into librdkafka's queue while the broker is away, sent once it is back.
+        sender = PacedSender(client, N, RATE, flush=False)
+        futures = sender.futures
         sender.start()
         try:
             time.sleep(DOWN_AFTER_S)

@@ -10,7 +10,6 @@ The issue's 100k-request run is this test run by hand with
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections import Counter
 
@@ -18,7 +17,7 @@ import pytest
 
 from pipeline.client import Client
 from pipeline.kafka import ensure_topics, pipeline_topics
-from tests.integration.conftest import demo_request, make_settings
+from tests.integration.conftest import PacedSender, make_settings
 from tests.integration.topic_reader import TopicReader
 
 N = int(os.environ.get("SLUICE_CRASH_REQUESTS", "30000"))
@@ -39,21 +38,12 @@ def test_kill_loop_answers_every_request(
     with Client(settings) as client:
         workers = start_workers(settings, "fused")
         workers.wait_ready(client)
-        futures = []
-
-        def produce() -> None:
-            start = time.monotonic()
-            for i in range(N):
-                if i % 16 == 0:
-                    delay = start + i / RATE - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
-                future = client.submit(demo_request(f"r-{i}"))
-                future.add_done_callback(lambda f: resolved.update([f.result().id]))
-                futures.append(future)
-            client.flush()
-
-        sender = threading.Thread(target=produce)
+        sender = PacedSender(
+            client, N, RATE,
+            on_future=lambda future: future.add_done_callback(
+                lambda f: resolved.update([f.result().id])),
+        )  # fmt: skip
+        futures = sender.futures
         start = time.monotonic()
         sender.start()
         try:

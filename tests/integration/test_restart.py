@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 
 from pipeline.client import Client
-from tests.integration.conftest import demo_request
+from tests.integration.conftest import PacedSender
 
 N = 3000
 RATE = 500.0
@@ -30,18 +29,8 @@ def test_restart_mid_run_loses_nothing(
     settings = settings.replace(engine=engine)
     workers = start_workers(settings, mode)
     workers.wait_ready(client)
-    futures = []
-
-    def produce() -> None:
-        start = time.monotonic()
-        for i in range(N):
-            delay = start + i / RATE - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            futures.append(client.submit(demo_request(f"r-{i}")))
-        client.flush()
-
-    sender = threading.Thread(target=produce)
+    sender = PacedSender(client, N, RATE)
+    futures = sender.futures
     sender.start()
     time.sleep(2.0)
     workers.stop() if how == "stop" else workers.kill()
