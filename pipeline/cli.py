@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import json
 import logging
 import sys
 from typing import Any
@@ -244,6 +246,14 @@ def dlq_replay(
     show_default=True,
     help="Worker processes (per stage in split mode), sharing one consumer group.",
 )
+@click.option(
+    "--scenario",
+    type=click.Choice(["pipeline", "gpu", "prefetch"]),
+    default="pipeline",
+    show_default=True,
+    help="pipeline: --mode through a fresh pipeline; gpu: models on the accelerator, bare "
+    "vs through Kafka; prefetch: the feature tiers and the prefetcher on a replayed trace.",
+)
 def bench(
     mode: str,
     n: int,
@@ -252,10 +262,16 @@ def bench(
     no_progress: bool,
     payload: str,
     workers: int,
+    scenario: str,
 ) -> None:
     """Drive N requests through a fresh pipeline; print a JSON summary as the last line."""
     from pipeline import bench as bench_mod
 
+    if scenario != "pipeline":
+        module = importlib.import_module(f"pipeline.bench_{scenario}")
+        result = module.run(_settings(), requests=n, rate=rate, progress=not no_progress)
+        click.echo(json.dumps(result, sort_keys=True))
+        return
     summary = bench_mod.run(
         _settings(), mode, n, rate, progress=not no_progress, payload=payload, workers=workers
     )
@@ -309,6 +325,34 @@ def demo(n: int, rate: float, mode: str) -> None:
             click.echo("kafka: stopped")
     click.echo(bench_mod.to_json(summary))
     if summary["answered"] != summary["sent"] or summary.get("wrong_outputs"):
+        sys.exit(1)
+
+
+# -- chaos ----------------------------------------------------------------------------------
+
+CHAOS_SCENARIOS = ("overload", "crash", "broker-restart", "garbage", "poison", "scale-out", "soak")
+
+
+@main.command()
+@click.option("--scenario", type=click.Choice(CHAOS_SCENARIOS), required=True)
+@click.option("--requests", "n", type=click.IntRange(min=1), default=None, help="Scenario default.")
+@click.option(
+    "--duration-s", type=click.FloatRange(min=1), default=None, help="Scenario default."
+)
+@click.option(
+    "--delivery",
+    type=click.Choice(["at_least_once", "exactly_once"]),
+    default=None,
+    help="Default: SLUICE_DELIVERY.",
+)
+def chaos(scenario: str, n: int | None, duration_s: float | None, delivery: str | None) -> None:
+    """Run one fault scenario against the local broker; the last line is a JSON summary."""
+    from pipeline import chaos as chaos_mod
+
+    overrides = {"delivery": delivery} if delivery else {}
+    result = chaos_mod.run(_settings(**overrides), scenario, requests=n, duration_s=duration_s)
+    click.echo(json.dumps(result, sort_keys=True))
+    if result.get("lost") or result.get("crashes_unexpected"):
         sys.exit(1)
 
 
