@@ -336,9 +336,7 @@ CHAOS_SCENARIOS = ("overload", "crash", "broker-restart", "garbage", "poison", "
 @main.command()
 @click.option("--scenario", type=click.Choice(CHAOS_SCENARIOS), required=True)
 @click.option("--requests", "n", type=click.IntRange(min=1), default=None, help="Scenario default.")
-@click.option(
-    "--duration-s", type=click.FloatRange(min=1), default=None, help="Scenario default."
-)
+@click.option("--duration-s", type=click.FloatRange(min=1), default=None, help="Scenario default.")
 @click.option(
     "--delivery",
     type=click.Choice(["at_least_once", "exactly_once"]),
