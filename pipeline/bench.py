@@ -55,22 +55,28 @@ class Load:
 
     @classmethod
     def build(cls, registry: ModelRegistry, model: str = "demo", fmt: str = codec.JSON) -> Load:
-        """JSON requests carry lists of numbers; MessagePack ones raw float32 bytes."""
+        """JSON requests carry lists of numbers; MessagePack ones raw little-endian bytes."""
         loaded = registry.resolve(model)
-        spec = loaded.config.inputs[0]
         rng = np.random.default_rng(7)
-        inputs = rng.standard_normal((VARIANTS, *spec.shape)).astype(np.float32)
-        expected = loaded.run([inputs])[0]
+        columns = [
+            random_input(rng, spec, loaded.config.arch_config) for spec in loaded.config.inputs
+        ]
+        expected = loaded.run(columns)[0].reshape(VARIANTS, -1)
+        binary = fmt == codec.MSGPACK
         payloads = []
-        for row in inputs:
-            binary = fmt == codec.MSGPACK
-            tensor = codec.Tensor(
-                name=spec.name,
-                datatype=spec.datatype,  # type: ignore[arg-type]
-                shape=list(spec.shape),
-                data=row.astype("<f4").tobytes() if binary else row.reshape(-1).tolist(),
-            )
-            body = {"model": model, "version": loaded.version, "inputs": [tensor]}
+        for i in range(VARIANTS):
+            tensors = [
+                codec.Tensor(
+                    name=spec.name,
+                    datatype=spec.datatype,  # type: ignore[arg-type]
+                    shape=list(spec.shape),
+                    data=column[i].astype(column.dtype.newbyteorder("<")).tobytes()
+                    if binary
+                    else column[i].reshape(-1).tolist(),
+                )
+                for spec, column in zip(loaded.config.inputs, columns, strict=True)
+            ]
+            body = {"model": model, "version": loaded.version, "inputs": tensors}
             # JSON: the encoded body without its opening brace; the id goes first.
             payloads.append(body if binary else codec.encode(body)[1:])
         return cls(model, loaded.version, payloads, expected, fmt)
@@ -81,6 +87,20 @@ class Load:
         if self.fmt == codec.MSGPACK:
             return request_id, codec.encode({"id": request_id.decode(), **payload}, codec.MSGPACK)
         return request_id, b'{"id":"' + request_id + b'",' + payload
+
+
+def random_input(
+    rng: np.random.Generator, spec: Any, arch_config: dict[str, Any], n: int = VARIANTS
+) -> np.ndarray:
+    """``n`` random examples for one input: normal floats, token ids below the model's
+    vocabulary, or full-range bytes."""
+    dtype = np.dtype(codec.DTYPES[spec.datatype])
+    shape = (n, *spec.shape)
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype == np.uint8:
+        return rng.integers(0, 256, shape).astype(dtype)
+    return rng.integers(0, int(arch_config.get("vocab_size", 100)), shape).astype(dtype)
 
 
 @dataclass
@@ -107,13 +127,13 @@ class Tally:
         self.got[seq] = data
         self.has_output[seq] = True
 
-    def check(self, expected: np.ndarray) -> None:
+    def check(self, expected: np.ndarray, rtol: float = 1e-4, atol: float = 1e-5) -> None:
         """Count answered outputs that differ from the model's direct outputs."""
         if self.got is None:
             return
         rows = np.flatnonzero(self.has_output)
         want = expected[rows % VARIANTS]
-        close = np.isclose(self.got[rows], want, rtol=1e-4, atol=1e-5).all(axis=1)
+        close = np.isclose(self.got[rows], want, rtol=rtol, atol=atol).all(axis=1)
         self.wrong = int((~close).sum())
 
     @property
@@ -156,10 +176,13 @@ def run(
     timeout_s: float = 120.0,
     payload: str = "json",
     workers: int = 1,
+    model: str = "demo",
+    tolerance: tuple[float, float] = (1e-4, 1e-5),
 ) -> dict[str, Any]:
     """Start the pipeline in ``mode`` on fresh topics, drive ``requests`` through it, stop it.
 
-    ``payload`` is ``json`` (lists of numbers) or ``msgpack`` (raw little-endian tensors).
+    ``payload`` is ``json`` (lists of numbers) or ``msgpack`` (raw little-endian tensors);
+    answers must match ``model``'s direct outputs within ``tolerance`` (rtol, atol).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -172,7 +195,7 @@ def run(
     registry = ModelRegistry(settings.models_path)
     if payload not in PAYLOADS:
         raise ValueError(f"payload must be one of {list(PAYLOADS)}, got {payload!r}")
-    load = Load.build(registry, fmt=PAYLOADS[payload])
+    load = Load.build(registry, model, fmt=PAYLOADS[payload])
     ensure_topics(settings, pipeline_topics(settings, registry.names))
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="sluice-bench-"))
     processes = procs.spawn_workers(settings, mode, log_dir, count=workers)
@@ -196,7 +219,7 @@ def run(
             reader.close()
     finally:
         procs.stop(processes)
-    reader.tally.check(load.expected)
+    reader.tally.check(load.expected, *tolerance)
     return _summary(mode, requests, rate, sent_s, reader.tally, load.fmt, workers)
 
 
@@ -377,8 +400,9 @@ def _summary(
 ) -> dict[str, Any]:
     answered_mask = ~np.isnan(tally.recv_s)
     latency_ms = (tally.recv_s[answered_mask] - sent_s[answered_mask]) * 1000.0
+    window = (float(sent_s.min()), float(np.nanmax(tally.recv_s)) if answered_mask.any() else 0.0)
     if answered_mask.any():
-        span_s = float(np.nanmax(tally.recv_s) - sent_s.min())
+        span_s = window[1] - window[0]
         throughput = float(answered_mask.sum() / span_s) if span_s > 0 else 0.0
         pct: dict[str, float | None] = {
             f"p{q}": round(float(np.percentile(latency_ms, q)), 3) for q in (50, 95, 99)
@@ -401,6 +425,8 @@ def _summary(
         "mean_batch_size": round(float(np.mean(tally.batch_sizes)), 2)
         if tally.batch_sizes
         else None,
+        # perf_counter seconds of the first send and the last answer, for samplers beside it.
+        "window_perf_s": window,
     }
 
 

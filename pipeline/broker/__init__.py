@@ -17,10 +17,16 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.config import Settings
 
 KAFKA_VERSION = "3.9.1"
 _POM = Path(__file__).with_name("pom.xml")
@@ -294,3 +300,19 @@ log.segment.bytes=104857600
 num.network.threads=2
 num.io.threads=2
 """
+
+
+@contextlib.contextmanager
+def running(settings: Settings) -> Iterator[Settings]:
+    """``settings`` as they are when they name a broker; otherwise a local broker started in a
+    temporary folder for the duration, and the settings pointing at it."""
+    if settings.bootstrap:
+        yield settings
+        return
+    with tempfile.TemporaryDirectory(prefix="sluice-broker-") as state_dir:
+        broker = LocalBroker(Path(state_dir), settings.cache_dir)
+        state = broker.start()
+        try:
+            yield settings.replace(bootstrap=state.bootstrap)
+        finally:
+            broker.stop()
