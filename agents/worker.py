@@ -5,18 +5,18 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from agents import gateway, infer, naive, respond
-from agents.app import SluiceApp, create_app, faust_sink
-from agents.infer import InferStage
 from pipeline.config import Settings
 from pipeline.kafka import ensure_topics, pipeline_topics
 from pipeline.metrics import Metrics, make_metrics
 from pipeline.models import ModelRegistry
 from pipeline.stages import Pipeline
+
+if TYPE_CHECKING:
+    from agents.app import SluiceApp
 
 STAGES = ("gateway", "infer", "respond")
 log = logging.getLogger(__name__)
@@ -24,6 +24,11 @@ log = logging.getLogger(__name__)
 
 def build(settings: Settings, mode: str, stage: str | None = None) -> tuple[SluiceApp, Any]:
     """The faust app for ``mode`` (and ``stage`` in split mode), with its agents wired."""
+    # faust is imported here, not at the top: the batch engine runs without it.
+    from agents import gateway, infer, naive, respond
+    from agents.app import create_app, faust_sink
+    from agents.infer import InferStage
+
     if mode == "split" and stage not in STAGES:
         raise ValueError(f"split mode needs a stage in {STAGES}, got {stage!r}")
     torch.set_num_threads(settings.torch_threads)
