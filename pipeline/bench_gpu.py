@@ -18,6 +18,7 @@ requests each, so CI can smoke-test it. The last stdout line is the JSON object.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -198,10 +199,13 @@ def run(
     requests: int | None = None,
     rate: float | None = None,
     progress: bool = True,
+    workers: int = 1,
 ) -> dict[str, Any]:
-    """Bare vs pipeline for each reference model; ``requests`` per pipeline run."""
+    """Bare vs pipeline for each reference model; ``requests`` per pipeline run, through
+    ``workers`` worker processes sharing the accelerator."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     scale = GPU if device.type == "cuda" else CPU
+    scale = dataclasses.replace(scale, workers=workers)
     n = requests or scale.requests
     result: dict[str, Any] = {
         "scenario": "gpu",
@@ -209,6 +213,7 @@ def run(
         "precision": scale.precision,
         "batch": scale.batch,
         "requests": n,
+        "workers": workers,
         "models": {},
     }
     with tempfile.TemporaryDirectory(prefix="sluice-gpu-models-") as tmp:

@@ -269,7 +269,8 @@ def bench(
 
     if scenario != "pipeline":
         module = importlib.import_module(f"pipeline.bench_{scenario}")
-        result = module.run(_settings(), requests=n, rate=rate, progress=not no_progress)
+        extra = {"workers": workers} if scenario == "gpu" else {}
+        result = module.run(_settings(), requests=n, rate=rate, progress=not no_progress, **extra)
         click.echo(json.dumps(result, sort_keys=True))
         return
     summary = bench_mod.run(
