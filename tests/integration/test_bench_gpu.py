@@ -1,0 +1,52 @@
+"""`sluice bench --scenario gpu` on a machine without a GPU: tiny versions of both reference
+models, bare and through the real broker; correctness and the JSON contract, not timing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pipeline.config import Settings
+
+
+def test_gpu_scenario_prints_per_model_figures(settings: Settings) -> None:
+    env = {**os.environ, **settings.to_env()}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "bench",
+            "--scenario",
+            "gpu",
+            "--requests",
+            "300",
+            "--no-progress",
+        ],  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["scenario"] == "gpu"
+    assert result["device"] == ("cpu" if not torch.cuda.is_available() else result["device"])
+    assert set(result["models"]) == {"bert", "resnet"}
+    for name, figures in result["models"].items():
+        # Two runs per model: at the maximum rate, then at 75 % of it.
+        assert figures["sent"] == figures["answered"] == 600, name
+        assert figures["wrong_outputs"] == 0, name
+        assert figures["bare_rps"] > 0 and figures["pipeline_rps"] > 0
+        assert figures["ratio"] == pytest.approx(
+            figures["pipeline_rps"] / figures["bare_rps"], abs=2e-3
+        )
+        assert figures["p99_ms"] >= figures["p50_ms"] > 0
+        assert figures["mean_batch_size"] >= 1
+        if not torch.cuda.is_available():
+            assert figures["gpu_util"] is None  # no NVML: no made-up utilisation
