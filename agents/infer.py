@@ -27,10 +27,17 @@ class InferStage:
         batcher = self.batchers.get(key)
         if batcher is None:
             s = self.pipeline.settings
-            batcher = Batcher(self._flush, s.max_batch_size, s.max_delay_s, s.max_inflight)
+            policy = job.model.policy(s.max_delay_s, s.default_ttl_ms / 1000.0 or None)
+            batcher = Batcher(
+                self._flush, policy.max_batch_size, policy.max_delay_s,
+                max(s.max_inflight, policy.max_batch_size), clock=time.time, policy=policy,
+            )  # fmt: skip
+            for bucket, seconds in job.model.batch_time_s.items():  # measured at warm-up
+                batcher.observe(bucket, seconds)
             batcher.start()
             self.batchers[key] = batcher
-        await batcher.put(job)
+        deadline_s = job.deadline_ms / 1000.0 if job.deadline_ms is not None else None
+        await batcher.put(job, deadline_s)
 
     async def _flush(self, jobs: list[Job]) -> None:
         await self.publish(self.pipeline.infer(jobs))

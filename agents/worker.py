@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 def build(settings: Settings, mode: str, stage: str | None = None) -> tuple[SluiceApp, Any]:
     """The faust app for ``mode`` (and ``stage`` in split mode), with its agents wired."""
     # faust is imported here, not at the top: the batch engine runs without it.
-    from agents import gateway, infer, naive, respond
+    from agents import gateway, infer, naive, prefetch, respond
     from agents.app import create_app, faust_sink
     from agents.infer import InferStage
 
@@ -37,7 +37,11 @@ def build(settings: Settings, mode: str, stage: str | None = None) -> tuple[Slui
         raise SystemExit(f"no models in {settings.models_path}; run `sluice model init-demo`")
     metrics = make_metrics(settings.metrics_enabled)
     app = create_app(settings, stage if mode == "split" and stage else mode)
-    pipeline = Pipeline(settings, registry, faust_sink(app), metrics)
+    pipeline = Pipeline(
+        _per_stage_tables(settings, mode, stage), registry, faust_sink(app), metrics
+    )
+    if mode == "fused" or stage == "gateway":
+        prefetch.register(app, pipeline)  # the feature tables follow the partitions
     stage_obj: InferStage | None = None
     if mode == "fused":
         registry.load_all()
@@ -139,7 +143,7 @@ def _run_batch_engine(settings: Settings, mode: str, stage: str | None) -> None:
     if mode == "fused" or stage == "infer":
         registry.load_all()
     metrics = make_metrics(settings.metrics_enabled)
-    pipeline = Pipeline(settings, registry, None, metrics)
+    pipeline = Pipeline(_per_stage_tables(settings, mode, stage), registry, None, metrics)
     engine = BatchEngine(settings, "fused" if mode == "fused" else str(stage), pipeline)
     install_signal_handlers(engine)
     observers = observe(settings, metrics, settings.group_id(engine.stage), engine.topics())
@@ -152,3 +156,13 @@ def _run_batch_engine(settings: Settings, mode: str, stage: str | None) -> None:
     finally:
         for observer in observers:
             observer.stop()
+        pipeline.close()
+
+
+def _per_stage_tables(settings: Settings, mode: str, stage: str | None) -> Settings:
+    """Split-mode stages on one host share a worker slot: give each its own RocksDB stores
+    (RocksDB locks a store to one process)."""
+    if mode != "split" or not stage:
+        return settings
+    path = settings.features_l2_path
+    return settings.replace(feature_l2_path=path.with_name(f"{path.name}-{stage}"))

@@ -1,25 +1,358 @@
-"""Micro-batching: collect items into batches of at most ``max_batch_size``, flushing when
-full or ``max_delay_s`` after the oldest waiting item arrived."""
+"""Micro-batching, in one place: when a batch is flushed, what goes in it, and its shape.
+
+The core, `Scheduler`, is pure and clock-injected: per-key (per-model) queues, flushed when
+full, ``max_delay_s`` after the first request of the batch, or early when the earliest
+deadline would otherwise be missed given the model's estimated batch time (an EWMA per
+model and batch-size bucket). Requests whose deadline has passed come out as ``expired``
+and are never computed. The batch engine drives a `Scheduler` from its consume loop; the
+faust engine's async `Batcher` wraps one. Shape buckets (`bucket_for`, `pad_sequences`) live
+here too, so that warm-up covers every shape a batch can have.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import time
+import warnings
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Generic, TypeVar
+
+import numpy as np
 
 T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
 log = logging.getLogger(__name__)
+
+# Weight of the newest observation in the batch-time EWMA.
+EWMA_ALPHA = 0.2
+
+
+def default_buckets(max_size: int) -> tuple[int, ...]:
+    """Powers of two up to ``max_size``, and ``max_size`` itself."""
+    if not isinstance(max_size, int) or isinstance(max_size, bool) or max_size < 1:
+        raise ValueError(f"max_size must be an integer >= 1, got {max_size!r}")
+    out = []
+    b = 1
+    while b < max_size:
+        out.append(b)
+        b *= 2
+    out.append(max_size)
+    return tuple(out)
+
+
+def check_buckets(name: str, buckets: Sequence[int]) -> tuple[int, ...]:
+    """Buckets as a strictly increasing tuple of positive ints; ValueError naming the value."""
+    values = tuple(buckets)
+    if (
+        not values
+        or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in values)
+        or any(a >= b for a, b in zip(values, values[1:], strict=False))
+    ):
+        raise ValueError(
+            f"{name} must be a non-empty, strictly increasing list of integers >= 1, "
+            f"got {list(buckets)!r}"
+        )
+    return values
+
+
+def bucket_for(n: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds ``n``; ValueError if none does."""
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"{n} is larger than the largest bucket {buckets[-1]} of {list(buckets)}")
+
+
+def pad_sequences(
+    rows: Sequence[np.ndarray],
+    buckets: Sequence[int],
+    pad: float = 0,
+    axis: int = 0,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stack variable-length rows (varying along ``axis``) padded to a sequence bucket.
+
+    Returns the padded batch and its attention mask (1 for data, 0 for padding), of shape
+    ``(rows, bucket)``. ``out``, when given, is filled in place: it may have more rows than
+    ``rows`` (a batch-size bucket), which are padded whole.
+    """
+    lengths = [r.shape[axis] for r in rows]
+    length = bucket_for(max(lengths), buckets)
+    if out is None:
+        shape = list(rows[0].shape)
+        shape[axis] = length
+        out = np.empty((len(rows), *shape), dtype=rows[0].dtype)
+    if out.shape[axis + 1] != length:
+        raise ValueError(f"out has length {out.shape[axis + 1]} along axis {axis}, not {length}")
+    out[...] = pad
+    mask = np.zeros((out.shape[0], length), dtype=np.int64)
+    for i, (r, n) in enumerate(zip(rows, lengths, strict=True)):
+        index: list[Any] = [i] + [slice(None)] * r.ndim
+        index[axis + 1] = slice(0, n)
+        out[tuple(index)] = r
+        mask[i, :n] = 1
+    return out, mask
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How one key's queue is flushed.
+
+    Args:
+        max_batch_size: flush as soon as this many requests wait.
+        max_delay_s: flush this long after the first request of the batch arrived.
+        batch_buckets: batch sizes a batch is padded to (default: powers of two up to
+            ``max_batch_size``).
+        time_budget_s: cap a batch at the largest bucket whose estimated time fits.
+    """
+
+    max_batch_size: int
+    max_delay_s: float
+    batch_buckets: tuple[int, ...] = ()
+    time_budget_s: float | None = None
+    default_ttl_s: float | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        n = self.max_batch_size
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"max_batch_size must be an integer >= 1, got {n!r}")
+        d = self.max_delay_s
+        if not isinstance(d, (int, float)) or isinstance(d, bool) or not 0 <= d < math.inf:
+            raise ValueError(f"max_delay_s must be a number >= 0, got {d!r}")
+        b = self.time_budget_s
+        if b is not None and (not isinstance(b, (int, float)) or isinstance(b, bool) or b <= 0):
+            raise ValueError(f"time_budget_s must be a number of seconds > 0, got {b!r}")
+        if not self.batch_buckets:
+            object.__setattr__(self, "batch_buckets", default_buckets(n))
+        buckets = check_buckets("batch_buckets", self.batch_buckets)
+        object.__setattr__(self, "batch_buckets", buckets)
+        if n not in buckets:
+            warnings.warn(
+                f"max_batch_size {n} is not one of the batch_buckets {list(buckets)}: "
+                + (
+                    f"batches are capped at the largest bucket, {buckets[-1]}"
+                    if n > buckets[-1]
+                    else f"full batches are padded to {bucket_for(n, buckets)}"
+                ),
+                stacklevel=3,
+            )
+        ttl = self.default_ttl_s
+        if ttl and d > ttl:
+            warnings.warn(
+                f"max_delay_s {d} is longer than the default TTL {ttl} s: a lone request "
+                "would expire before its batch is flushed",
+                stacklevel=3,
+            )
+
+    @property
+    def cap(self) -> int:
+        """The largest batch, before any time budget."""
+        return min(self.max_batch_size, self.batch_buckets[-1])
+
+
+@dataclass
+class Flush(Generic[K, T]):
+    """A batch to run (``items``, padded to ``bucket``) and expired requests to answer."""
+
+    key: K
+    items: list[T]
+    expired: list[T]
+    bucket: int
+
+
+# A queued request: (sequence number, item, arrived_s, deadline_s); tuples, as the batch
+# engine queues tens of thousands a second.
+_SEQ: Final = 0
+_ITEM: Final = 1
+_ARRIVED: Final = 2
+_DEADLINE: Final = 3
+
+
+class _Queue(Generic[T]):
+    __slots__ = ("policy", "entries", "min_deadline_s")
+
+    def __init__(self, policy: BatchPolicy) -> None:
+        self.policy = policy
+        self.entries: deque[tuple[int, T, float, float]] = deque()
+        self.min_deadline_s = math.inf
+
+    def recompute(self) -> None:
+        self.min_deadline_s = min((e[_DEADLINE] for e in self.entries), default=math.inf)
+
+
+class Scheduler(Generic[K, T]):
+    """Per-key queues and the rules for flushing them; no threads, no I/O, its own clock.
+
+    Args:
+        policy_for: the `BatchPolicy` of a key, asked once, on the key's first request.
+        clock: seconds; arrivals and deadlines are on the same clock.
+        max_pending: bound on the requests held across all queues (`full`).
+    """
+
+    def __init__(
+        self,
+        policy_for: Callable[[K], BatchPolicy],
+        clock: Callable[[], float] = time.monotonic,
+        max_pending: int = 4096,
+    ) -> None:
+        if not isinstance(max_pending, int) or isinstance(max_pending, bool) or max_pending < 1:
+            raise ValueError(f"max_pending must be an integer >= 1, got {max_pending!r}")
+        self.policy_for = policy_for
+        self.clock = clock
+        self.max_pending = max_pending
+        self._queues: dict[K, _Queue[T]] = {}
+        self._ewma: dict[tuple[K, int], float] = {}
+        self._seq = 0
+        self.pending = 0
+
+    @property
+    def full(self) -> bool:
+        return self.pending >= self.max_pending
+
+    def add(
+        self, key: K, item: T, deadline_s: float | None = None, arrived_s: float | None = None
+    ) -> None:
+        """Queue ``item`` under ``key``; the window counts from ``arrived_s`` (default: now)."""
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = _Queue(self.policy_for(key))
+        arrived = self.clock() if arrived_s is None else arrived_s
+        deadline = math.inf if deadline_s is None else deadline_s
+        self._seq += 1
+        queue.entries.append((self._seq, item, arrived, deadline))
+        if deadline < queue.min_deadline_s:
+            queue.min_deadline_s = deadline
+        self.pending += 1
+
+    # -- batch-time estimates ---------------------------------------------------------------
+
+    def observe(self, key: K, bucket: int, seconds: float) -> None:
+        """Fold one measured batch time into the key's EWMA for that batch bucket."""
+        k = (key, bucket)
+        old = self._ewma.get(k)
+        self._ewma[k] = seconds if old is None else old + EWMA_ALPHA * (seconds - old)
+
+    def estimate(self, key: K, bucket: int) -> float | None:
+        """The estimated time of a batch of ``bucket``; scaled from a neighbour; None if unknown."""
+        exact = self._ewma.get((key, bucket))
+        if exact is not None:
+            return exact
+        known = sorted((b, s) for (k, b), s in self._ewma.items() if k == key)
+        if not known:
+            return None
+        for b, s in known:
+            if b >= bucket:
+                return s  # a larger batch's time bounds this one's
+        b, s = known[-1]
+        return s * bucket / b
+
+    def cap(self, key: K, policy: BatchPolicy) -> int:
+        """The key's largest batch: its policy's, lowered to fit its time budget."""
+        cap = policy.cap
+        if policy.time_budget_s is None:
+            return cap
+        fits = [
+            b
+            for b in policy.batch_buckets
+            if b <= cap and (self.estimate(key, b) or 0.0) <= policy.time_budget_s
+        ]
+        return max(fits) if fits else policy.batch_buckets[0]
+
+    # -- flushing ---------------------------------------------------------------------------
+
+    def _urgency_s(self, key: K, queue: _Queue[T]) -> float:
+        """When the queue is due by time: max delay from its first request, or earlier when
+        its earliest deadline minus the estimated batch time comes first."""
+        policy = queue.policy
+        due = queue.entries[0][_ARRIVED] + policy.max_delay_s
+        if queue.min_deadline_s < math.inf:
+            bucket = bucket_for(min(len(queue.entries), policy.cap), policy.batch_buckets)
+            est = self.estimate(key, bucket) or 0.0
+            due = min(due, queue.min_deadline_s - est)
+        return due
+
+    def _due_s(self, key: K, queue: _Queue[T]) -> float:
+        """When the queue must be flushed (-inf: now, it is full)."""
+        if len(queue.entries) >= self.cap(key, queue.policy):
+            return -math.inf
+        return self._urgency_s(key, queue)
+
+    def next_deadline(self) -> float | None:
+        """The clock time at which `poll` will next have something; None when all are empty."""
+        times = [
+            min(self._due_s(k, q), q.min_deadline_s) for k, q in self._queues.items() if q.entries
+        ]
+        return min(times) if times else None
+
+    def poll(self, force: bool = False) -> Flush[K, T] | None:
+        """The most urgent batch that is due (any non-empty one with ``force``), or None.
+
+        Expired requests are split out first: a returned `Flush` may hold only expired
+        requests. Among due queues, the most urgent goes first (EDF on each queue's max-delay
+        or deadline time), so a busy model cannot starve one whose requests waited longer.
+        """
+        now = self.clock()
+        best: tuple[float, K] | None = None
+        for key, queue in self._queues.items():
+            if not queue.entries:
+                continue
+            if queue.min_deadline_s <= now:
+                return self._take_expired(key, queue, now)
+            if force or self._due_s(key, queue) <= now:
+                # Ranked by time-based urgency, not fullness: a model that is always full
+                # takes turns with one whose requests have waited longer.
+                urgency = self._urgency_s(key, queue)
+                if best is None or urgency < best[0]:
+                    best = (urgency, key)
+        if best is None:
+            return None
+        key = best[1]
+        queue = self._queues[key]
+        cap = self.cap(key, queue.policy)
+        entries = queue.entries
+        if len(entries) <= cap:
+            taken = list(entries)
+            entries.clear()
+        elif queue.min_deadline_s < math.inf:
+            # Earliest deadline first; ties (and no deadline) in arrival order.
+            chosen = sorted(entries, key=lambda e: (e[_DEADLINE], e[_SEQ]))[:cap]
+            seqs = {e[_SEQ] for e in chosen}
+            taken = sorted(chosen)  # by sequence number: arrival order
+            queue.entries = deque(e for e in entries if e[_SEQ] not in seqs)
+        else:
+            taken = [entries.popleft() for _ in range(cap)]
+        queue.recompute()
+        self.pending -= len(taken)
+        items = [e[_ITEM] for e in taken]
+        return Flush(key, items, [], bucket_for(len(items), queue.policy.batch_buckets))
+
+    def _take_expired(self, key: K, queue: _Queue[T], now: float) -> Flush[K, T]:
+        expired = [e[_ITEM] for e in queue.entries if e[_DEADLINE] <= now]
+        queue.entries = deque(e for e in queue.entries if e[_DEADLINE] > now)
+        queue.recompute()
+        self.pending -= len(expired)
+        return Flush(key, [], expired, 0)
+
+    def drain(self) -> list[Flush[K, T]]:
+        """Every queued request, as flushes (expired split out), emptying the scheduler."""
+        out = []
+        while (flush := self.poll(force=True)) is not None:
+            out.append(flush)
+        return out
 
 
 class Batcher(Generic[T]):
-    """A bounded async micro-batcher with one flush loop.
+    """A bounded async micro-batcher over one `Scheduler` queue, for the faust engine.
 
     ``put`` waits while ``max_pending`` items are queued or being handled, so that work waits
     upstream (in Kafka) rather than in memory. Batches are handed to ``handler`` one at a time,
-    in arrival order.
+    in arrival order; expired items (``put`` with a ``deadline_s`` on ``clock``) in a batch
+    of their own, for the handler to answer without computing.
     """
 
     def __init__(
@@ -28,20 +361,20 @@ class Batcher(Generic[T]):
         max_batch_size: int,
         max_delay_s: float,
         max_pending: int,
+        clock: Callable[[], float] = time.monotonic,
+        policy: BatchPolicy | None = None,
     ) -> None:
-        if not isinstance(max_batch_size, int) or max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
-        if not isinstance(max_delay_s, (int, float)) or max_delay_s < 0:
-            raise ValueError(f"max_delay_s must be a number >= 0, got {max_delay_s!r}")
-        if not isinstance(max_pending, int) or max_pending < max_batch_size:
+        policy = policy or BatchPolicy(max_batch_size, max_delay_s, (max_batch_size,))
+        if not isinstance(max_pending, int) or max_pending < policy.max_batch_size:
             raise ValueError(
-                f"max_pending must be an integer >= max_batch_size ({max_batch_size}), "
+                f"max_pending must be an integer >= max_batch_size ({policy.max_batch_size}), "
                 f"got {max_pending!r}"
             )
+        self.policy = policy
+        self.max_batch_size = policy.max_batch_size
+        self.max_delay_s = float(policy.max_delay_s)
         self._handler = handler
-        self.max_batch_size = max_batch_size
-        self.max_delay_s = float(max_delay_s)
-        self._queue: deque[tuple[float, T]] = deque()
+        self._core: Scheduler[int, T] = Scheduler(lambda _k: policy, clock, max_pending)
         self._capacity = asyncio.Semaphore(max_pending)
         self._arrived = asyncio.Event()
         self._closing = False
@@ -52,15 +385,20 @@ class Batcher(Generic[T]):
         if self._task is None:
             self._task = asyncio.ensure_future(self._run())
 
-    async def put(self, item: T) -> None:
+    async def put(self, item: T, deadline_s: float | None = None) -> None:
         """Queue one item; waits while the batcher is at capacity."""
         if self._closing:
             raise RuntimeError("batcher is closed")
         await self._capacity.acquire()
         self.pending += 1
-        self._queue.append((time.monotonic(), item))
-        if len(self._queue) == 1 or len(self._queue) >= self.max_batch_size:
+        self._core.add(0, item, deadline_s)
+        n = self._core.pending
+        if n == 1 or n >= self.max_batch_size or deadline_s is not None:
             self._arrived.set()
+
+    def observe(self, bucket: int, seconds: float) -> None:
+        """A measured batch time, for deadline-aware flushing."""
+        self._core.observe(0, bucket, seconds)
 
     async def close(self) -> None:
         """Flush what is queued, wait for the handler, and stop."""
@@ -71,34 +409,29 @@ class Batcher(Generic[T]):
             self._task = None
 
     async def _run(self) -> None:
-        queue = self._queue
+        core = self._core
         while True:
-            if not queue:
-                if self._closing:
+            flush = core.poll(force=self._closing)
+            if flush is None:
+                if self._closing and not core.pending:
                     return
                 self._arrived.clear()
-                await self._arrived.wait()
+                due = core.next_deadline()
+                if due is None:
+                    await self._arrived.wait()
+                    continue
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), max(0.0, due - core.clock()))
                 continue
-            # The window is counted from the oldest queued item's arrival.
-            flush_at = queue[0][0] + self.max_delay_s
-            while len(queue) < self.max_batch_size and not self._closing:
-                remaining = flush_at - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._arrived.clear()
-                try:
-                    await asyncio.wait_for(self._arrived.wait(), remaining)
-                except asyncio.TimeoutError:
-                    break
-            n = min(len(queue), self.max_batch_size)
-            batch = [queue.popleft()[1] for _ in range(n)]
+            batch = flush.expired or flush.items
             try:
                 await self._handler(batch)
             except Exception:
                 # The handler answers its own failures; one that escapes must not stop the
                 # loop (every later batch would wait forever). Its items stay unacked.
-                log.exception("batch handler failed for %d items", n)
+                log.exception("batch handler failed for %d items", len(batch))
             finally:
+                n = len(flush.items) + len(flush.expired)
                 self.pending -= n
                 for _ in range(n):
                     self._capacity.release()

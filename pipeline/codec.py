@@ -25,6 +25,8 @@ BAD_DTYPE = "bad_dtype"
 EXPIRED = "expired"
 MODEL_ERROR = "model_error"
 DELIVERY_FAILED = "delivery_failed"
+# A model takes features by key and the feature store has none for the request's key.
+UNKNOWN_KEY = "unknown_key"
 REASONS = (
     MALFORMED,
     SCHEMA,
@@ -36,6 +38,7 @@ REASONS = (
     EXPIRED,
     MODEL_ERROR,
     DELIVERY_FAILED,
+    UNKNOWN_KEY,
 )
 
 DTYPES: dict[str, Any] = {

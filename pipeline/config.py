@@ -83,8 +83,42 @@ class Settings:
     max_attempts: int = 3
     retry_backoff_ms: int = 20
     log_level: str = "WARNING"
+    # Features (pipeline/cache): the cold source (files:///dir or redis://host:port/db), off
+    # when unset; L1 memory and L2 RocksDB table bounds and TTLs (0: no expiry, no L2).
+    feature_source: str | None = None
+    feature_l1_max_bytes: int = 64 << 20
+    feature_l1_ttl_s: float = 300.0
+    feature_l2_path: Path | None = None
+    feature_l2_max_bytes: int = 1 << 30
+    feature_l2_ttl_s: float = 3600.0
+    # Cache-penetration guards: Bloom filter of existing keys (capacity 0: none), negative TTL.
+    bloom_capacity: int = 1_000_000
+    bloom_fp_rate: float = 0.01
+    # Rebuilt from the source this often, so keys added to it become visible (0: never).
+    bloom_refresh_s: float = 300.0
+    negative_ttl_s: float = 5.0
+    negative_max_entries: int = 100_000
+    # Predictive prefetch (pipeline/prefetch.py).
+    prefetch_enabled: bool = True
+    prefetch_budget_per_s: float = 1000.0
+    prefetch_concurrency: int = 4
+    prefetch_queue_size: int = 1024
+    prefetch_depth: int = 2
+    prefetch_max_keys: int = 100_000
+    prefetch_hot_keys: int = 64
+    # The result cache (pipeline/cache/result.py): model outputs by (model, version, inputs).
+    result_cache_enabled: bool = False
+    result_cache_ttl_s: float = 60.0
+    result_cache_l1_max_bytes: int = 16 << 20
+    result_cache_l2_max_bytes: int = 256 << 20
+    # The infer path (pipeline/batching.py, pipeline/runtime.py): batches submitted to the
+    # device before the oldest is collected, and whether every model loads at start (else
+    # on its first request).
+    max_batches_in_flight: int = 2
+    preload_models: bool = False
 
     def __post_init__(self) -> None:
+        self._check_caches()
         _require_int(self, "partitions", minimum=1)
         _require_int(self, "replication_factor", minimum=1)
         _require_int(self, "max_batch_size", minimum=1)
@@ -145,6 +179,9 @@ class Settings:
                 f"got {self.backpressure_interval_s!r}"
             )
         _require_int(self, "max_attempts", minimum=1, maximum=100)
+        _require_int(self, "max_batches_in_flight", minimum=1, maximum=16)
+        if not isinstance(self.preload_models, bool):
+            raise SettingsError(f"preload_models must be a bool, got {self.preload_models!r}")
         _require_int(self, "transaction_interval_ms", minimum=1)
         _require_int(self, "retry_backoff_ms", minimum=0)
         if self.engine not in ENGINES:
@@ -158,6 +195,51 @@ class Settings:
             raise SettingsError(
                 f"sasl_mechanism is required with security_protocol={self.security_protocol}"
             )
+
+    def _check_caches(self) -> None:
+        if self.feature_source is not None:
+            scheme = self.feature_source.split("://", 1)[0]
+            if "://" not in self.feature_source or scheme not in ("files", "redis"):
+                raise SettingsError(
+                    "feature_source must be a files:///dir or redis://host:port/db URL, "
+                    f"got {self.feature_source!r}"
+                )
+        for name in ("feature_l1_max_bytes", "result_cache_l1_max_bytes"):
+            _require_int(self, name, minimum=1)
+        for name in ("feature_l2_max_bytes", "result_cache_l2_max_bytes", "bloom_capacity"):
+            _require_int(self, name, minimum=0)
+        _require_int(self, "negative_max_entries", minimum=1)
+        _require_int(self, "prefetch_concurrency", minimum=1, maximum=256)
+        _require_int(self, "prefetch_queue_size", minimum=1)
+        _require_int(self, "prefetch_depth", minimum=1, maximum=16)
+        _require_int(self, "prefetch_max_keys", minimum=1)
+        _require_int(self, "prefetch_hot_keys", minimum=0)
+        ttls = (
+            "feature_l1_ttl_s", "feature_l2_ttl_s", "negative_ttl_s", "result_cache_ttl_s",
+            "bloom_refresh_s",
+        )  # fmt: skip
+        for name in ttls:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise SettingsError(f"{name} must be a number of seconds >= 0, got {value!r}")
+        fp = self.bloom_fp_rate
+        if not isinstance(fp, (int, float)) or isinstance(fp, bool) or not 0 < fp < 1:
+            raise SettingsError(f"bloom_fp_rate must be a number in (0, 1), got {fp!r}")
+        budget = self.prefetch_budget_per_s
+        if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not budget > 0:
+            raise SettingsError(f"prefetch_budget_per_s must be a number > 0, got {budget!r}")
+
+    @property
+    def features_changelog_topic(self) -> str:
+        """The compacted changelog of the L2 feature table, partitioned like requests."""
+        return f"{self.topic_prefix}.features-changelog"
+
+    @property
+    def features_l2_path(self) -> Path:
+        """This worker's L2 RocksDB stores (distinct per worker slot: RocksDB locks them)."""
+        if self.feature_l2_path is not None:
+            return self.feature_l2_path
+        return self.cache_dir / "tables" / f"{self.topic_prefix}-{self.worker_id}"
 
     # -- derived names ---------------------------------------------------------
 

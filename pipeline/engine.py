@@ -22,22 +22,28 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from pipeline.backpressure import Backpressure, downstream_of
+from pipeline.batching import BatchPolicy, Flush, Scheduler
 from pipeline.config import Settings
 from pipeline.kafka import consume_batch, consumer_config, producer_config
-from pipeline.stages import Job, Origin, Pipeline, Publication, Record
+from pipeline.models import LoadedModel, ModelLoadError
+from pipeline.stages import Job, Origin, Outcome, Pipeline, Publication, Record, Running
 
 log = logging.getLogger(__name__)
 STAGES = ("fused", "gateway", "infer", "respond")
 
 
 class _Batch:
-    """Deliveries outstanding for one consumed batch, and the offsets it covers."""
+    """Deliveries outstanding for one consumed batch, and the offsets it covers.
 
-    __slots__ = ("offsets", "outstanding", "failed")
+    ``held`` counts its requests still in the batcher or on the device: not answered yet.
+    """
+
+    __slots__ = ("offsets", "outstanding", "failed", "held")
 
     def __init__(self, offsets: dict[tuple[str, int], int]) -> None:
         self.offsets = offsets
         self.outstanding = 0
+        self.held = 0
         self.failed: KafkaError | None = None
 
     def on_delivery(self, err: KafkaError | None, _msg: Any) -> None:
@@ -61,14 +67,18 @@ class OffsetTracker:
         self.pending.append(batch)
         return batch
 
-    def settle(self) -> None:
-        while self.pending and self.pending[0].outstanding == 0:
+    def settle(self, store: Callable[[dict[tuple[str, int], int]], None] | None = None) -> None:
+        """Store the offsets of the delivered prefix (or hand them to ``store``)."""
+        while self.pending and self.pending[0].outstanding == 0 and self.pending[0].held == 0:
             batch = self.pending.popleft()
             if batch.failed is not None:
                 # librdkafka retried until message.timeout.ms: nothing more can be done here
                 # without acking a request that was not answered. Stop; the records are
                 # consumed again from the last stored offset.
                 raise RuntimeError(f"publish failed after retries: {batch.failed}")
+            if store is not None:
+                store(batch.offsets)
+                continue
             self.consumer.store_offsets(
                 offsets=[TopicPartition(t, p, o + 1) for (t, p), o in batch.offsets.items()]
             )
@@ -118,6 +128,9 @@ class BatchEngine:
         self.tracker = OffsetTracker(self.consumer)
         self._txn_started: float | None = None
         self._priority_hold = False
+        # The assignment as the rebalance callbacks last gave it: Consumer.assignment() is a
+        # round trip to librdkafka's group thread (~1 ms under load), too dear per batch.
+        self._assignment: list[TopicPartition] = []
         self._txn_offsets: dict[tuple[str, int], int] = {}
         downstream = downstream_of(settings, stage, pipeline.registry.names)
         self.backpressure = (
@@ -131,6 +144,34 @@ class BatchEngine:
             "infer": self._infer,
             "respond": self._respond,
         }[stage]
+        # Fused and infer stages batch per model (pipeline/batching.py) and keep up to
+        # max_batches_in_flight batches on the device while they consume the next records.
+        # Each job's ``owner`` is the `_Batch` it was consumed in.
+        self.scheduler: Scheduler[LoadedModel, Job] | None = None
+        self.running: deque[tuple[Running, int]] = deque()
+        if stage in ("fused", "infer"):
+            self.scheduler = Scheduler(self._policy, time.time, settings.max_inflight)
+            if settings.preload_models:
+                self._preload()
+
+    def _policy(self, model: LoadedModel) -> BatchPolicy:
+        s = self.settings
+        policy = model.policy(s.max_delay_s, s.default_ttl_ms / 1000.0 or None)
+        assert self.scheduler is not None
+        for bucket, seconds in model.batch_time_s.items():  # measured at warm-up
+            self.scheduler.observe(model, bucket, seconds)
+        return policy
+
+    def _preload(self) -> None:
+        """Load (and warm up) every model now; one that fails is counted, the rest serve."""
+        registry = self.pipeline.registry
+        for name in registry.names:
+            for version in registry.versions(name):
+                try:
+                    registry.resolve(name, version)
+                except ModelLoadError as exc:
+                    self.pipeline.metrics.model_load_failures.labels(name).inc()
+                    log.error("%s", exc)
 
     def topics(self) -> list[str]:
         s = self.settings
@@ -186,6 +227,9 @@ class BatchEngine:
                 if self.backpressure is not None:
                     self.backpressure.update(self.consumer)
                 self._prioritize()
+                if self.scheduler is not None:
+                    self._step()
+                    continue
                 messages = self._next_batch(s.max_batch_size, s.max_delay_s)
                 if messages:
                     self._handle(messages)
@@ -195,6 +239,148 @@ class BatchEngine:
                 self.tracker.settle()
         finally:
             self._finish()
+
+    # -- the batched infer path (fused and infer stages) -------------------------------------
+
+    def _step(self) -> None:
+        """Consume what is there, start the batches that are due, publish finished ones.
+
+        A batch started here stays on the device while the next step consumes and decodes;
+        that step collects it (or earlier, once it is done), so the device is fed while the
+        CPU works.
+        """
+        sched = self.scheduler
+        assert sched is not None
+        room = sched.max_pending - sched.pending
+        messages = []
+        if room > 0:
+            wait_s = 0.0 if self.running else self._wait_s()
+            if sched.pending:
+                # A batch is filling: librdkafka returns once it could be full, or when the
+                # batcher's next flush is due.
+                n = max(1, min(room, self.settings.max_batch_size - sched.pending))
+                messages = self.consumer.consume(n, wait_s)
+            else:  # nothing waits: return on the first record
+                n = min(room, self.settings.max_batch_size)
+                messages = consume_batch(self.consumer, n, wait_s)
+        if messages:
+            self._enqueue(messages)
+        started = self._start_due()
+        self._collect(keep=started)
+        if self.transactional:
+            interval_s = self.settings.transaction_interval_ms / 1000.0
+            idle = not messages and not started and not self.running and not sched.pending
+            started_s = self._txn_started
+            if started_s is not None and (idle or time.monotonic() - started_s >= interval_s):
+                self.tracker.settle(self._txn_store)
+                self._commit_transaction()
+        self.producer.poll(0)
+        if not self.transactional:
+            self.tracker.settle()
+
+    def _wait_s(self) -> float:
+        """How long the consumer may wait: until the batcher's next flush, at most 0.1 s."""
+        assert self.scheduler is not None
+        due = self.scheduler.next_deadline()
+        if due is None:
+            return 0.1
+        return min(0.1, max(0.0, due - time.time()))
+
+    def _enqueue(self, messages: list[Any]) -> None:
+        origins, consumed = self._decode(messages)
+        if not consumed:
+            return
+        assert self.scheduler is not None
+        batch = self.tracker.open(consumed)
+        jobs, publications = self._admit(origins)
+        self._publish(publications, batch)
+        batch.held += len(jobs)
+        add = self.scheduler.add
+        for job in jobs:
+            job.owner = batch
+            deadline_s = job.deadline_ms / 1000.0 if job.deadline_ms is not None else None
+            add(job.model, job, deadline_s, job.origin.timestamp_ms / 1000.0)
+
+    def _start_due(self, force: bool = False) -> int:
+        """Start every batch the batcher says is due; returns how many were started."""
+        sched = self.scheduler
+        assert sched is not None
+        started = 0
+        while True:
+            flush = sched.poll(force=force)
+            if flush is None and sched.full:
+                flush = sched.poll(force=True)  # at capacity: make room
+            if flush is None:
+                return started
+            self._start(flush)
+            started += bool(flush.items)
+            # Bounded: the oldest batch is collected before another would exceed the limit.
+            while len(self.running) > self.settings.max_batches_in_flight:
+                self._collect_one()
+
+    def _start(self, flush: Flush[LoadedModel, Job]) -> None:
+        if flush.expired:
+            self._answer(self.pipeline.expired_outcomes(flush.expired))
+        if flush.items:
+            self.running.append((self.pipeline.start(flush.items), flush.bucket))
+
+    def _collect(self, keep: int = 0) -> None:
+        """Publish finished batches, in order; leave the ``keep`` newest while they compute."""
+        while self.running and (len(self.running) > keep or self.running[0][0].done()):
+            self._collect_one()
+
+    def _collect_one(self) -> None:
+        running, bucket = self.running.popleft()
+        outcomes = self.pipeline.finish(running)
+        if running.pending is not None and self.scheduler is not None:
+            self.scheduler.observe(running.jobs[0].model, bucket, running.pending.elapsed_s)
+        self._answer(outcomes)
+
+    def _answer(self, outcomes: list[Outcome]) -> None:
+        """Publish outcomes, each counted against the consumed batch its job came in."""
+        owner = {id(o.job.origin): o.job.owner for o in outcomes}
+        publications = (
+            self.pipeline.response_records(outcomes, "infer")
+            if self.stage == "fused"
+            else self.pipeline.result_records(outcomes)
+        )
+        self._begin_transaction()
+        for origin, records in publications:
+            batch = owner[id(origin)]
+            for r in records:
+                if self.transactional:
+                    self._produce(r)
+                else:
+                    batch.outstanding += 1
+                    self._produce(r, batch.on_delivery)
+        for o in outcomes:  # answered: its offsets may be stored once delivered
+            o.job.owner.held -= 1
+
+    def _publish(self, publications: list[Publication], batch: _Batch) -> None:
+        self._begin_transaction()  # a batch may finish after the last one was committed
+        for _origin, records in publications:
+            for r in records:
+                if self.transactional:
+                    self._produce(r)
+                else:
+                    batch.outstanding += 1
+                    self._produce(r, batch.on_delivery)
+
+    def _drain(self) -> None:
+        """Run and publish everything held (before partitions move, and at the end)."""
+        if self.scheduler is None:
+            return
+        self._start_due(force=True)
+        self._collect()
+
+    def _txn_store(self, offsets: dict[tuple[str, int], int]) -> None:
+        for tp, offset in offsets.items():
+            self._txn_offsets[tp] = offset + 1
+
+    def _begin_transaction(self) -> None:
+        if self.transactional and self._txn_started is None:
+            self.producer.begin_transaction()
+            self._txn_started = time.monotonic()
 
     def _next_batch(self, max_batch_size: int, max_delay_s: float) -> list[Any]:
         """Up to ``max_batch_size`` records, waiting at most ``max_delay_s`` after the first."""
@@ -210,7 +396,8 @@ class BatchEngine:
                 messages += more
         return messages
 
-    def _handle(self, messages: list[Any]) -> None:
+    def _decode(self, messages: list[Any]) -> tuple[list[Origin], list[Any]]:
+        """The records' origins, and the messages they came from (consumer errors left out)."""
         origins: list[Origin] = []
         consumed: list[Any] = []
         for m in messages:
@@ -226,6 +413,10 @@ class BatchEngine:
                     m.topic(), m.partition(), m.offset(), float(ts), m.value(), m.headers() or []
                 )
             )
+        return origins, consumed
+
+    def _handle(self, messages: list[Any]) -> None:
+        origins, consumed = self._decode(messages)
         if not consumed:
             return
         if self.transactional:
@@ -295,7 +486,7 @@ class BatchEngine:
             self._priority_hold = False  # all paused; resuming resumes all
             return
         priority = self.settings.priority_topic
-        assignment = self.consumer.assignment()
+        assignment = self._assignment
         urgent = [tp for tp in assignment if tp.topic == priority]
         backlog = 0
         if urgent:
@@ -314,13 +505,29 @@ class BatchEngine:
             self._priority_hold = want
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._assignment = list(partitions)
+        self._feature_tables(partitions, assigned=True)
         if self.backpressure is not None and self.backpressure.paused:
             consumer.pause(partitions)
         elif self._priority_hold:
             consumer.pause([tp for tp in partitions if tp.topic != self.settings.priority_topic])
 
+    def _feature_tables(self, partitions: list[TopicPartition], assigned: bool) -> None:
+        """The L2 feature table follows the requests topic's partitions: restored from its
+        changelog before an assigned partition is consumed, closed when it is revoked."""
+        features = self.pipeline.features
+        if features is None or self.stage not in ("fused", "gateway"):
+            return
+        ps = [tp.partition for tp in partitions if tp.topic == self.settings.requests_topic]
+        if ps:
+            (features.assign if assigned else features.revoke)(ps)
+
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._assignment = []
+        self._feature_tables(partitions, assigned=False)
+        self._drain()  # answer what the batcher holds before the partitions move
         if self.transactional:
+            self.tracker.settle(self._txn_store)
             self._commit_transaction()  # before the partitions move to another worker
             return
         # Publish and store what was consumed before the partitions move to another worker.
@@ -337,8 +544,13 @@ class BatchEngine:
     def _finish(self) -> None:
         if self.backpressure is not None:
             self.backpressure.close()
+        try:
+            self._drain()
+        except Exception as exc:  # noqa: BLE001 - unanswered: consumed again on restart
+            log.warning("draining the batcher: %s", exc)
         if self.transactional:
             try:
+                self.tracker.settle(self._txn_store)
                 self._commit_transaction()
             except Exception as exc:  # noqa: BLE001 - aborted: consumed again on restart
                 log.warning("final transaction: %s", exc)

@@ -73,6 +73,16 @@ class GpuSampler:
             self.nvml = load_nvml()
         if self.nvml is None:
             return self
+        try:
+            count = int(self.nvml.nvmlDeviceGetCount())
+        except Exception as exc:  # noqa: BLE001 - NVMLError of any kind: no GPU metrics
+            log.debug("no GPU metrics: %s", exc)
+            count = 0
+        if count == 0:  # a driver but no device: nothing to sample, no thread
+            with contextlib.suppress(Exception):
+                self.nvml.nvmlShutdown()
+            self.nvml = None
+            return self
         self._thread = threading.Thread(target=self._run, name="sluice-gpu", daemon=True)
         self._thread.start()
         return self

@@ -93,7 +93,22 @@ class Metrics:
             registry=r,
         )
         self.prefetch = Counter(
-            "sluice_prefetch_total", "Prefetch outcomes.", ["result"], registry=r
+            "sluice_prefetch_total",
+            "Prefetched keys by fate: used by a request (precision), or wasted.",
+            ["result"],
+            registry=r,
+        )
+        self.prefetch_coverage = Counter(
+            "sluice_prefetch_coverage_total",
+            "Keyed requests whose data a prefetch had brought (covered) or not (uncovered).",
+            ["result"],
+            registry=r,
+        )
+        self.prefetch_skipped = Counter(
+            "sluice_prefetch_skipped_total",
+            "Predicted keys not prefetched: queue_full, cached, absent, error.",
+            ["reason"],
+            registry=r,
         )
         self.gpu_utilization = Gauge(
             "sluice_gpu_utilization_ratio", "GPU utilisation (0..1).", ["gpu"], registry=r

@@ -15,7 +15,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -25,11 +25,18 @@ from pipeline.codec import RequestError, Response, Tensor
 from pipeline.config import Settings
 from pipeline.metrics import Metrics
 from pipeline.models import LoadedModel, ModelLoadError, ModelRegistry
+from pipeline.runtime import Pending
+
+if TYPE_CHECKING:
+    from pipeline.cache.result import ResultCache
+    from pipeline.cache.tiered import FeatureStore
 
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, bytes]]
 ORIGIN_HEADER = "sluice-origin"
+# The prefetcher learns key sequences per session: this header names it (else: partition).
+SESSION_HEADER = "session-id"
 
 
 class Sink(Protocol):
@@ -73,6 +80,10 @@ class Job:
     origin: Origin
     received_ms: float
     started_ms: float = 0.0
+    # The result cache's key for this request's inputs, when the cache is on.
+    result_key: str | None = None
+    # The engine's bookkeeping for the consumed batch this job came in (offsets to store).
+    owner: Any = None
 
 
 @dataclass(slots=True)
@@ -102,6 +113,18 @@ class Record:
     headers: Headers | None
 
 
+@dataclass(slots=True)
+class Running:
+    """One model's batch submitted to the device (``pending`` None: it failed to start)."""
+
+    jobs: list[Job]
+    pending: Pending | None
+
+    def done(self) -> bool:
+        """True once `Pipeline.finish` will not wait for the device."""
+        return self.pending is None or self.pending.ready()
+
+
 # Records to publish for one source record; the source is acked once all are delivered.
 Publication = tuple[Origin, list[Record]]
 
@@ -126,8 +149,28 @@ class Pipeline:
         self.registry = registry
         self.sink = sink
         self.metrics = metrics
+        # Models loaded from here on batch up to the settings' size unless their config says.
+        registry.max_batch_size = settings.max_batch_size
         self._acks: set[asyncio.Task[None]] = set()
         self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        # Feature enrichment and the result cache (pipeline/cache), when configured.
+        self.features: FeatureStore | None = None
+        self.results: ResultCache | None = None
+        if settings.feature_source:
+            from pipeline.cache.tiered import FeatureStore
+
+            self.features = FeatureStore.from_settings(settings, metrics).start()
+        if settings.result_cache_enabled:
+            from pipeline.cache.result import ResultCache
+
+            self.results = ResultCache.from_settings(settings, metrics)
+
+    def close(self) -> None:
+        """Stop the prefetcher and close the caches' stores."""
+        if self.features is not None:
+            self.features.close()
+        if self.results is not None:
+            self.results.close()
 
     # -- gateway --------------------------------------------------------------------------
 
@@ -149,6 +192,17 @@ class Pipeline:
             self.metrics.model_load_failures.labels(request.model).inc()
             raise RequestError(codec.MODEL_ERROR, str(exc), **context) from None
         context["version"] = model.version
+        if self.features is not None:
+            session = origin.header(SESSION_HEADER)
+            # The L2 table is partitioned like the requests topic (-1: no table, L1 only).
+            table = origin.partition if origin.topic == self.settings.requests_topic else -1
+            try:
+                request = self.features.enrich(
+                    request, model, table,
+                    session.decode(errors="replace") if session else f"p{origin.partition}",
+                )  # fmt: skip
+            except RequestError as exc:
+                raise RequestError(exc.code, exc.message, **context) from None
         try:
             arrays = model.inputs_from_request(
                 request.inputs, self.settings.max_elements_per_tensor, flat=True
@@ -167,7 +221,10 @@ class Pipeline:
     def admit_or_reject(self, origin: Origin) -> Job | Publication:
         """A `Job`, or the DLQ record (and answer) for a record that cannot be served."""
         try:
-            return self.admit(origin)
+            job = self.admit(origin)
+            if self.results is not None:
+                return self.cached_response(job) or job
+            return job
         except RequestError as exc:
             return origin, self.reject_records(origin, exc, "gateway")
         except Exception as exc:  # noqa: BLE001 - a record must never stop the worker
@@ -200,21 +257,63 @@ class Pipeline:
         for job in jobs:
             job.started_ms = t
             if job.deadline_ms is not None and t >= job.deadline_ms:
-                error = RequestError(
-                    codec.EXPIRED, "deadline passed while queued for a batch",
-                    job.request.id, job.model.name, job.model.version, job.request.reply_to,
-                )  # fmt: skip
-                outcomes.append(Outcome(job, error=error))
+                outcomes.extend(self.expired_outcomes([job]))
             else:
                 live.setdefault(job.model, []).append(job)
-        for model_jobs in live.values():
-            outcomes.extend(self._run_bisect(model_jobs))
+        for model, model_jobs in live.items():
+            step = min(model.max_batch_size, model.batch_buckets[-1])
+            for i in range(0, len(model_jobs), step):
+                outcomes.extend(self._run_bisect(model_jobs[i : i + step]))
         return outcomes
+
+    def expired_outcomes(self, jobs: Sequence[Job]) -> list[Outcome]:
+        """Jobs whose deadline passed while queued: answered ``expired``, never computed."""
+        t = now_ms()
+        outcomes = []
+        for job in jobs:
+            job.started_ms = t
+            error = RequestError(
+                codec.EXPIRED, "deadline passed while queued for a batch",
+                job.request.id, job.model.name, job.model.version, job.request.reply_to,
+            )  # fmt: skip
+            outcomes.append(Outcome(job, error=error))
+        return outcomes
+
+    def start(self, jobs: list[Job]) -> Running:
+        """Stack one model's jobs into pooled buffers and submit them to the device.
+
+        Returns at once on CUDA (the engine decodes the next records meanwhile); `finish`
+        collects the outcomes. A failure here is kept for `finish`, which bisects.
+        """
+        t = now_ms()
+        for job in jobs:
+            job.started_ms = t
+        model = jobs[0].model
+        batch = None
+        try:
+            batch = model.stack_inputs([j.arrays for j in jobs])
+            return Running(jobs, model.submit(batch))
+        except Exception:  # noqa: BLE001 - finish() runs it again, bisected
+            if batch is not None:
+                batch.release()
+            return Running(jobs, None)
+
+    def finish(self, running: Running) -> list[Outcome]:
+        """Outcomes of a started batch; one that failed runs again bisected, with retries."""
+        if running.pending is not None:
+            try:
+                outputs = running.pending.result()
+            except Exception:  # noqa: BLE001 - bisected below
+                log.debug("batch of %d failed; bisecting", len(running.jobs), exc_info=True)
+            else:
+                return self._outcomes(running.jobs, outputs, running.pending.elapsed_s)
+        return self._run_bisect(running.jobs)
 
     def _run_bisect(self, jobs: list[Job]) -> list[Outcome]:
         model = jobs[0].model
         t0 = time.perf_counter()
         attempts = 1
+        batch = None
         try:
             batch = model.stack_inputs([j.arrays for j in jobs])
             while True:
@@ -243,7 +342,15 @@ class Pipeline:
                 job.request.reply_to, attempts,
             )  # fmt: skip
             return [Outcome(job, error=error)]
-        elapsed_s = time.perf_counter() - t0
+        finally:
+            if batch is not None:
+                batch.release()
+        return self._outcomes(jobs, outputs, time.perf_counter() - t0)
+
+    def _outcomes(
+        self, jobs: list[Job], outputs: list[np.ndarray], elapsed_s: float
+    ) -> list[Outcome]:
+        model = jobs[0].model
         self.metrics.batch_size.labels(model.name).observe(len(jobs))
         self.metrics.inference.labels(model.name).observe(elapsed_s)
         # Per-stage latency from the produce timestamp: admitted (gateway), computed (infer);
@@ -282,6 +389,9 @@ class Pipeline:
             metas = [self._result(o) for o in group]
             outputs = _rows(group)
             values = self._responses(model.name, model.version, outputs, metas)
+            if self.results is not None:
+                for i, o in enumerate(group):
+                    self._fill_result(o.job, [out[i] for out in outputs])
             for o, meta, value in zip(group, metas, values, strict=True):
                 origin = o.job.origin
                 topic = meta.reply_to or self.settings.responses_topic
@@ -300,6 +410,8 @@ class Pipeline:
                 continue
             assert o.outputs is not None
             result = self._result(o)
+            if self.results is not None:
+                self._fill_result(job, o.outputs)
             result.outputs = [
                 codec.array_to_tensor(spec.name, out)
                 for spec, out in zip(job.model.config.outputs, o.outputs, strict=False)
@@ -398,6 +510,46 @@ class Pipeline:
             values.append(codec.encode(response, meta.fmt))
         self._count_many(model, version, "ok", [m.produced_ms for m in metas])
         return values
+
+    # -- the result cache -----------------------------------------------------------------
+
+    def cached_response(self, job: Job) -> Publication | None:
+        """Answer an admitted job from the result cache, without the model; None on a miss."""
+        assert self.results is not None
+        model, request = job.model, job.request
+        job.result_key = self.results.key(model.name, model.version, request.inputs)
+        rows = self.results.get(job.result_key, model.name, model.version)
+        if rows is None:
+            return None
+        self.metrics.inflight.dec()
+        origin = job.origin
+        fmt = codec.content_type(origin.headers)
+        tensors = [codec.array_to_tensor(n, a, fmt == codec.MSGPACK) for n, a in rows]
+        params = request.parameters
+        tensors += postprocess(
+            model.config.labels, [a for _, a in rows], params.top_k if params else None
+        )
+        done = now_ms()
+        response = Response(
+            id=request.id, status="ok", model=model.name, model_version=model.version,
+            outputs=tensors,
+            timings=codec.Timings(queue_ms=0.0, inference_ms=0.0,
+                                  total_ms=round(done - origin.timestamp_ms, 3), batch_size=0),
+        )  # fmt: skip
+        topic = request.reply_to or self.settings.responses_topic
+        record = Record(topic, request.id.encode(), codec.encode(response, fmt),
+                        origin.correlation_headers())  # fmt: skip
+        self._count(model.name, model.version, "ok", origin.timestamp_ms)
+        return origin, [record]
+
+    def _fill_result(self, job: Job, rows: list[np.ndarray]) -> None:
+        if self.results is None or job.result_key is None:
+            return
+        names = [spec.name for spec in job.model.config.outputs]
+        self.results.put(
+            job.result_key, job.model.name, job.model.version,
+            list(zip(names, rows, strict=False)),
+        )  # fmt: skip
 
     # -- errors ---------------------------------------------------------------------------
 

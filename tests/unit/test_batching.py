@@ -1,4 +1,4 @@
-"""The micro-batcher: size and time flushes, order, backpressure, close, validation.
+"""The batcher: size, delay and deadline flushes, expiry, buckets, order, bounds, validation.
 
 pytest-asyncio is not a dependency: each test drives its own loop with ``asyncio.run``.
 """
@@ -7,11 +7,21 @@ from __future__ import annotations
 
 import asyncio
 import time
+import warnings
 from typing import Any
 
+import numpy as np
 import pytest
 
-from pipeline.batching import Batcher
+from pipeline.batching import (
+    EWMA_ALPHA,
+    Batcher,
+    BatchPolicy,
+    Scheduler,
+    bucket_for,
+    default_buckets,
+    pad_sequences,
+)
 
 
 class Recorder:
@@ -280,5 +290,224 @@ def test_a_failing_handler_does_not_stop_later_batches() -> None:
             if task is not None and task.done() and not task.cancelled():
                 task.exception()  # retrieved: no "Task exception was never retrieved" noise
         await asyncio.wait_for(b.close(), 1)
+
+    asyncio.run(main())
+
+
+# -- the pure core: Scheduler, BatchPolicy, buckets -------------------------------------------
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, t: float = 100.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def scheduler(
+    clock: Clock, max_batch_size: int = 4, max_delay_s: float = 1.0, **kw: Any
+) -> Scheduler[str, int]:
+    policy = BatchPolicy(max_batch_size, max_delay_s, **kw)
+    return Scheduler(lambda _key: policy, clock, max_pending=64)
+
+
+def test_scheduler_flushes_on_size_at_once() -> None:
+    clock = Clock()
+    s = scheduler(clock)
+    for i in range(3):
+        s.add("m", i)
+    assert s.poll() is None
+    s.add("m", 3)
+    s.add("m", 4)
+    flush = s.poll()
+    assert flush is not None
+    assert (flush.key, flush.items, flush.expired, flush.bucket) == ("m", [0, 1, 2, 3], [], 4)
+    assert s.poll() is None  # one left, window not over
+    assert s.pending == 1
+
+
+def test_scheduler_flushes_max_delay_after_the_first_request() -> None:
+    clock = Clock(100.0)
+    s = scheduler(clock, max_delay_s=1.0)
+    s.add("m", 0)  # arrives now: window ends at 101
+    clock.t = 100.6
+    s.add("m", 1)
+    assert s.next_deadline() == pytest.approx(101.0)
+    clock.t = 100.99
+    assert s.poll() is None
+    clock.t = 101.0
+    flush = s.poll()
+    assert flush is not None and flush.items == [0, 1] and flush.bucket == 2
+    # The next window starts with the next batch's own first request.
+    s.add("m", 2, arrived_s=100.5)  # produced earlier, waited elsewhere: counted from then
+    assert s.next_deadline() == pytest.approx(101.5)
+    assert s.poll() is None
+    clock.t = 101.5
+    flush = s.poll()
+    assert flush is not None and flush.items == [2] and flush.bucket == 1
+
+
+def test_scheduler_flushes_early_for_the_earliest_deadline() -> None:
+    clock = Clock(0.0)
+    s = scheduler(clock, max_delay_s=10.0)
+    s.observe("m", 1, 1.0)  # a batch of 1 takes about a second
+    s.add("m", "late", deadline_s=8.0)
+    s.add("m", "soon", deadline_s=5.0)  # bucket 2: estimated from bucket 1, scaled
+    assert s.estimate("m", 2) == pytest.approx(2.0)
+    assert s.next_deadline() == pytest.approx(3.0)  # 5 - 2 s, long before 10
+    clock.t = 2.9
+    assert s.poll() is None
+    clock.t = 3.0
+    flush = s.poll()
+    assert flush is not None and flush.items == ["late", "soon"] and flush.expired == []
+
+
+def test_scheduler_splits_out_expired_requests_never_to_run() -> None:
+    clock = Clock(0.0)
+    s = scheduler(clock, max_batch_size=8, max_delay_s=10.0)
+    s.add("m", "a", deadline_s=1.0)
+    s.add("m", "b")
+    s.add("m", "c", deadline_s=50.0)
+    assert s.next_deadline() == pytest.approx(1.0)
+    clock.t = 1.0
+    flush = s.poll()
+    assert flush is not None and flush.expired == ["a"] and flush.items == []
+    assert s.pending == 2
+    rest = s.drain()
+    assert [f.items for f in rest] == [["b", "c"]]
+    assert all(not f.expired for f in rest)
+    assert s.pending == 0 and s.next_deadline() is None
+
+
+def test_scheduler_ewma_of_batch_times() -> None:
+    s = scheduler(Clock())
+    assert s.estimate("m", 4) is None
+    s.observe("m", 4, 1.0)
+    s.observe("m", 4, 2.0)
+    assert s.estimate("m", 4) == pytest.approx(1.0 + EWMA_ALPHA * 1.0)
+    assert s.estimate("m", 2) == pytest.approx(1.2)  # bounded by the larger bucket's time
+    assert s.estimate("other", 4) is None
+
+
+def test_scheduler_caps_a_batch_to_its_time_budget() -> None:
+    clock = Clock()
+    s = scheduler(clock, max_batch_size=8, time_budget_s=0.01)
+    s.observe("m", 8, 0.02)
+    s.observe("m", 4, 0.008)
+    for i in range(8):
+        s.add("m", i)
+    first = s.poll()
+    assert first is not None and first.items == [0, 1, 2, 3] and first.bucket == 4
+    second = s.poll()
+    assert second is not None and second.items == [4, 5, 6, 7]
+
+
+def test_scheduler_serves_the_longest_waiting_model_first() -> None:
+    clock = Clock(0.0)
+    policy = BatchPolicy(2, 0.5)
+    s: Scheduler[str, str] = Scheduler(lambda _k: policy, clock, max_pending=64)
+    s.add("quiet", "q0", arrived_s=0.0)
+    clock.t = 1.0
+    for i in range(6):  # a busy model, always full
+        s.add("busy", f"b{i}", arrived_s=1.0)
+    order = [f.key for f in iter(s.poll, None)]
+    assert order[0] == "quiet"  # due since 0.5: before the busy model's full batches
+    assert order.count("busy") == 3
+
+
+def test_scheduler_edf_within_a_queue_when_over_the_cap() -> None:
+    clock = Clock(0.0)
+    s = scheduler(clock, max_batch_size=2, max_delay_s=10.0)
+    s.add("m", "x", deadline_s=90.0)
+    s.add("m", "y")
+    s.add("m", "z", deadline_s=20.0)
+    flush = s.poll()
+    assert flush is not None and flush.items == ["x", "z"]  # arrival order kept in the batch
+
+
+def test_scheduler_bounds_what_it_holds() -> None:
+    policy = BatchPolicy(4, 1.0)
+    s: Scheduler[str, int] = Scheduler(lambda _k: policy, Clock(), max_pending=3)
+    for i in range(3):
+        s.add("m", i)
+    assert s.full
+    with pytest.raises(ValueError, match="max_pending must be an integer >= 1, got 0"):
+        Scheduler(lambda _k: policy, Clock(), max_pending=0)
+
+
+def test_buckets_and_bucket_for() -> None:
+    assert default_buckets(64) == (1, 2, 4, 8, 16, 32, 64)
+    assert default_buckets(48) == (1, 2, 4, 8, 16, 32, 48)
+    assert default_buckets(1) == (1,)
+    assert bucket_for(5, (1, 8, 32)) == 8
+    assert bucket_for(8, (1, 8, 32)) == 8
+    with pytest.raises(ValueError, match="33 is larger than the largest bucket 32"):
+        bucket_for(33, (1, 8, 32))
+
+
+def test_pad_sequences_pads_to_the_bucket_with_a_mask() -> None:
+    rows = [np.array([1, 2, 3]), np.array([4]), np.array([5, 6, 7, 8, 9])]
+    batch, mask = pad_sequences(rows, (4, 8, 16), pad=-1)
+    assert batch.shape == (3, 8) and mask.shape == (3, 8)
+    np.testing.assert_array_equal(batch[0], [1, 2, 3, -1, -1, -1, -1, -1])
+    np.testing.assert_array_equal(batch[1], [4, -1, -1, -1, -1, -1, -1, -1])
+    np.testing.assert_array_equal(mask.sum(axis=1), [3, 1, 5])
+    # Into a larger buffer (a batch-size bucket) along a later axis: extra rows all padding.
+    out = np.full((4, 2, 4), 7.0, dtype=np.float32)
+    feats = [np.ones((2, 3), np.float32), np.ones((2, 1), np.float32)]
+    _, m = pad_sequences(feats, (4,), pad=0, axis=1, out=out)
+    assert out[0, :, :3].sum() == 6 and out[0, :, 3:].sum() == 0 and out[3].sum() == 0
+    np.testing.assert_array_equal(m[:2], [[1, 1, 1, 0], [1, 0, 0, 0]])
+    assert m[2:].sum() == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_batch_size": 0}, "max_batch_size must be an integer >= 1, got 0"),
+        ({"max_delay_s": -1}, "max_delay_s must be a number >= 0, got -1"),
+        ({"max_delay_s": float("inf")}, "max_delay_s must be a number >= 0, got inf"),
+        ({"time_budget_s": 0}, "time_budget_s must be a number of seconds > 0, got 0"),
+        ({"batch_buckets": (4, 2)}, "batch_buckets must be a non-empty, strictly increasing"),
+        ({"batch_buckets": (0, 4)}, "got [0, 4]"),
+    ],
+)
+def test_batch_policy_validation_names_the_bad_value(kwargs: dict[str, Any], message: str) -> None:
+    args: dict[str, Any] = {"max_batch_size": 4, "max_delay_s": 0.01}
+    args.update(kwargs)
+    with pytest.raises(ValueError) as info:
+        BatchPolicy(**args)
+    assert message in str(info.value)
+
+
+def test_batch_policy_warns_where_limits_contradict() -> None:
+    with pytest.warns(UserWarning, match="max_batch_size 48 is not one of the batch_buckets"):
+        policy = BatchPolicy(48, 0.01, (1, 8, 32))
+    assert policy.cap == 32
+    with pytest.warns(UserWarning, match="padded to 64"):
+        BatchPolicy(48, 0.01, (1, 8, 64))
+    with pytest.warns(UserWarning, match="longer than the default TTL"):
+        BatchPolicy(8, 2.0, default_ttl_s=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        BatchPolicy(8, 0.5, default_ttl_s=1.0)
+        BatchPolicy(64, 0.5)
+
+
+def test_async_batcher_hands_expired_items_over_on_their_own() -> None:
+    async def main() -> None:
+        rec = Recorder()
+        b: Batcher[str] = Batcher(rec, max_batch_size=4, max_delay_s=0.2, max_pending=8)
+        b.start()
+        await b.put("stale", deadline_s=time.monotonic() + 0.01)
+        await b.put("fresh")
+        await asyncio.sleep(0.05)
+        assert rec.batches == [["stale"]]  # before the window ends, never with "fresh"
+        await b.close()
+        assert rec.batches == [["stale"], ["fresh"]]
+        assert b.pending == 0
 
     asyncio.run(main())

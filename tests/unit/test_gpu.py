@@ -117,6 +117,17 @@ def test_degrades_to_nothing_without_nvml(monkeypatch: pytest.MonkeyPatch, absen
     assert gpu_lines(registry) == []
 
 
+def test_a_driver_without_devices_starts_no_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    nvml = fake_nvml([])
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    registry = CollectorRegistry()
+    sampler = GpuSampler(Metrics(registry), interval_s=0.01).start()
+    assert not sampler.running
+    assert nvml.calls == ["init", "shutdown"]  # type: ignore[attr-defined]
+    sampler.stop()
+    assert gpu_lines(registry) == []
+
+
 def test_real_pynvml_on_this_machine_never_raises() -> None:
     """Whatever this machine has (here: no NVIDIA driver), starting the sampler is safe."""
     sampler = GpuSampler(Metrics(CollectorRegistry()), interval_s=60).start()

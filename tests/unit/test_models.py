@@ -279,7 +279,7 @@ def test_missing_weights_raise_model_load_error(demo_dir: Path, tmp_path: Path) 
     [
         "{not json",
         json.dumps({"format": "onnx", "inputs": [], "outputs": []}),
-        json.dumps({"format": "safetensors", "arch": "resnet", "inputs": [], "outputs": []}),
+        json.dumps({"format": "safetensors", "arch": "vgg", "inputs": [], "outputs": []}),
         json.dumps({"format": "safetensors", "arch": "mlp", "outputs": []}),
         json.dumps(
             {

@@ -1,0 +1,310 @@
+"""The feature store: read-through L1 (memory) -> L2 (RocksDB table) -> L3 (cold source).
+
+A hit fills the tiers above it. Before L3, the Bloom filter of keys known to exist and the
+negative cache of keys recently found absent answer "absent" without a source lookup.
+The gateway enriches a request from here (`enrich`); the prefetcher fills the tiers
+ahead of requests through `prefetch`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from pipeline import codec
+from pipeline.cache.base import FeatureSource
+from pipeline.cache.bloom import BloomFilter, NegativeCache
+from pipeline.cache.memory import MemoryTier
+from pipeline.cache.rocksdb import PartitionedTables
+
+if TYPE_CHECKING:
+    from pipeline.config import Settings
+    from pipeline.metrics import Metrics
+    from pipeline.models import LoadedModel
+    from pipeline.prefetch import Prefetcher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """A model input filled from the store by the request's key (``config.json``:
+    ``"features": {"input": "<input name>"}``)."""
+
+    input: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, model: LoadedModel) -> FeatureSpec | None:
+        try:
+            raw = json.loads((model.path / "config.json").read_text()).get("features")
+        except (OSError, ValueError):
+            return None
+        if not raw:
+            return None
+        name = raw.get("input") if isinstance(raw, dict) else None
+        specs = {s.name: s for s in model.config.inputs}
+        if name not in specs:
+            raise ValueError(
+                f"model {model.name}:{model.version}: features.input must name one of its "
+                f"inputs {sorted(specs)}, got {name!r}"
+            )
+        spec = specs[name]
+        return cls(spec.name, spec.datatype, spec.shape)
+
+
+class FeatureStore:
+    """The tiers, the penetration guards and (optionally) the prefetcher, as one lookup."""
+
+    def __init__(
+        self,
+        source: FeatureSource,
+        l1: MemoryTier,
+        l2: PartitionedTables | None,
+        metrics: Metrics,
+        bloom: BloomFilter | None = None,
+        negative: NegativeCache | None = None,
+    ) -> None:
+        self.source = source
+        self.l1 = l1
+        self.l2 = l2
+        self.metrics = metrics
+        self.bloom = bloom
+        self.negative = negative
+        self.prefetcher: Prefetcher | None = None
+        self._specs: dict[tuple[str, str], FeatureSpec | None] = {}
+        self._count = _Counter(metrics)
+        self.bloom_capacity = bloom.capacity if bloom is not None else 0
+        self.bloom_fp_rate = bloom.fp_rate if bloom is not None else 0.01
+        self.bloom_refresh_s = 0.0
+        self._stop = threading.Event()
+        self._refresher: threading.Thread | None = None
+
+    def refresh_bloom(self) -> None:
+        """Rebuild the Bloom filter from the source's keys and swap it in (keys added to
+        the source since the last build become visible)."""
+        bloom = BloomFilter(self.bloom_capacity, self.bloom_fp_rate)
+        bloom.update(self.source.keys())
+        if bloom.count > self.bloom_capacity:
+            log.warning(
+                "the feature source holds %d keys, more than bloom_capacity=%d: the Bloom "
+                "filter's false-positive rate is above %.3g",
+                bloom.count, self.bloom_capacity, self.bloom_fp_rate,
+            )  # fmt: skip
+        self.bloom = bloom
+
+    def _refresh_loop(self) -> None:
+        while not self._stop.wait(self.bloom_refresh_s):
+            try:
+                self.refresh_bloom()
+            except Exception:  # noqa: BLE001 - keep the old filter; try again next time
+                log.warning("rebuilding the Bloom filter failed", exc_info=True)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, metrics: Metrics) -> FeatureStore:
+        """The store ``settings`` describe; L2 is changelogged when there is a broker."""
+        from pipeline.cache.rocksdb import Changelog, ensure_changelog
+        from pipeline.cache.sources import open_source
+
+        assert settings.feature_source is not None
+        source = open_source(settings.feature_source)
+        l1 = MemoryTier(settings.feature_l1_max_bytes, settings.feature_l1_ttl_s)
+        l2 = None
+        if settings.feature_l2_max_bytes:
+            changelog = None
+            if settings.bootstrap or (settings.cache_dir / "broker" / "state.json").exists():
+                ensure_changelog(settings, settings.features_changelog_topic)
+                changelog = Changelog(settings, settings.features_changelog_topic)
+            l2 = PartitionedTables(
+                settings.features_l2_path,
+                max(1, settings.feature_l2_max_bytes // settings.partitions),
+                settings.feature_l2_ttl_s,
+                changelog,
+            )
+        negative = NegativeCache(settings.negative_ttl_s, settings.negative_max_entries)
+        store = cls(source, l1, l2, metrics, None, negative)
+        if settings.bloom_capacity:
+            store.bloom_capacity = settings.bloom_capacity
+            store.bloom_fp_rate = settings.bloom_fp_rate
+            store.bloom_refresh_s = settings.bloom_refresh_s
+            store.refresh_bloom()
+        if settings.prefetch_enabled:
+            from pipeline.prefetch import Prefetcher
+
+            store.prefetcher = Prefetcher.from_settings(settings, store, metrics)
+        return store
+
+    # -- lookups ----------------------------------------------------------------------------
+
+    def lookup(self, key: str, partition: int) -> bytes | None:
+        """The key's data from the nearest tier that has it; None if it does not exist."""
+        if self.prefetcher is not None:
+            self.prefetcher.on_request(key)
+        value = self.cached(key, partition, count=True)
+        if value is not None:
+            return value
+        return self._from_source(key, partition, count=True)
+
+    def cached(self, key: str, partition: int, count: bool = False) -> bytes | None:
+        """The key's data from L1 or L2 only (L2 hits fill L1)."""
+        value = self.l1.get(key)
+        if count:
+            self._count("l1", value is not None)
+        if value is not None:
+            return value
+        if self.l2 is not None and self.l2.owns(partition):
+            value = self.l2.get(key, partition)
+            if count:
+                self._count("l2", value is not None)
+            if value is not None:
+                self.l1.put(key, value)
+        return value
+
+    def known_absent(self, key: str) -> bool:
+        """The Bloom filter or the negative cache says the key does not exist."""
+        bloom = self.bloom
+        if bloom is not None and key not in bloom:
+            return True
+        return self.negative is not None and key in self.negative
+
+    def prefetch(self, key: str, partition: int) -> bool | None:
+        """Bring a key into L2/L1 ahead of its request: True fetched, False absent, None
+        already cached (nothing done)."""
+        return self.prefetch_many([(key, partition)])[key]
+
+    def prefetch_many(self, items: list[tuple[str, int]]) -> dict[str, bool | None]:
+        """`prefetch` for several keys, with one source round trip for those it needs."""
+        out: dict[str, bool | None] = {}
+        wanted: dict[str, int] = {}
+        for key, partition in items:
+            if self.l1.contains(key) or (
+                self.l2 is not None and self.l2.owns(partition) and self.cached(key, partition)
+            ):
+                out[key] = None
+            elif self.known_absent(key):
+                out[key] = False
+            else:
+                wanted[key] = partition
+        found = self.source.get_many(list(wanted)) if wanted else {}
+        for key, partition in wanted.items():
+            value = found.get(key)
+            if value is None:
+                if self.negative is not None:
+                    self.negative.add(key)
+                out[key] = False
+            else:
+                self.fill(key, value, partition)
+                out[key] = True
+        return out
+
+    def _from_source(self, key: str, partition: int, count: bool) -> bytes | None:
+        if self.known_absent(key):
+            if count:
+                self.metrics.cache_requests.labels("l3", "negative").inc()
+            return None
+        value = self.source.get(key)
+        if count:
+            self._count("l3", value is not None)
+        if value is None:
+            if self.negative is not None:
+                self.negative.add(key)
+            return None
+        self.fill(key, value, partition)
+        return value
+
+    def fill(self, key: str, value: bytes, partition: int) -> None:
+        if self.l2 is not None and self.l2.owns(partition):
+            self.l2.put(key, value, partition)
+        self.l1.put(key, value)
+        if self.bloom is not None:
+            self.bloom.add(key)
+
+    # -- the gateway ------------------------------------------------------------------------
+
+    def spec(self, model: LoadedModel) -> FeatureSpec | None:
+        k = (model.name, model.version)
+        if k not in self._specs:
+            self._specs[k] = FeatureSpec.of(model)
+        return self._specs[k]
+
+    def enrich(
+        self, request: codec.Request, model: LoadedModel, partition: int, session: str
+    ) -> codec.Request:
+        """The request with its model's feature input filled from the store by its key.
+
+        Raises `codec.RequestError` (``unknown_key``) when the key is missing or unknown.
+        """
+        if request.key is not None and self.prefetcher is not None:
+            self.prefetcher.observe(session, request.key, partition)
+        spec = self.spec(model)
+        if spec is None:
+            return request
+        if not request.key:
+            raise codec.RequestError(
+                codec.UNKNOWN_KEY,
+                f"model {model.name}:{model.version} takes input {spec.input!r} from the "
+                "feature store by the request's key, and the request has no key",
+            )
+        if any(t.name == spec.input for t in request.inputs):
+            raise codec.RequestError(
+                codec.BAD_SHAPE,
+                f"input {spec.input!r} is filled from the feature store; do not send it",
+            )
+        value = self.lookup(request.key, partition)
+        if value is None:
+            raise codec.RequestError(codec.UNKNOWN_KEY, f"no features for key {request.key!r}")
+        tensor = codec.Tensor(spec.input, spec.datatype, list(spec.shape), value)  # type: ignore[arg-type]
+        return msgspec.structs.replace(request, inputs=[*request.inputs, tensor])
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def assign(self, partitions: list[int]) -> None:
+        if self.l2 is not None:
+            self.l2.assign(partitions)
+
+    def revoke(self, partitions: list[int]) -> None:
+        if self.l2 is not None:
+            self.l2.revoke(partitions)
+
+    def start(self) -> FeatureStore:
+        if self.prefetcher is not None:
+            self.prefetcher.start()
+        if self.bloom is not None and self.bloom_refresh_s > 0:
+            self._refresher = threading.Thread(
+                target=self._refresh_loop, name="sluice-bloom-refresh", daemon=True
+            )
+            self._refresher.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._refresher is not None:
+            self._refresher.join(timeout=30)
+        if self.prefetcher is not None:
+            self.prefetcher.stop()
+        if self.l2 is not None:
+            self.l2.close()
+        self.source.close()
+
+
+class _Counter:
+    """``sluice_cache_requests_total{tier,result}`` children, looked up once each."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._children: dict[tuple[str, bool], Any] = {}
+        self._metrics = metrics
+        self._lock = threading.Lock()
+
+    def __call__(self, tier: str, hit: bool) -> None:
+        child = self._children.get((tier, hit))
+        if child is None:
+            with self._lock:
+                child = self._metrics.cache_requests.labels(tier, "hit" if hit else "miss")
+                self._children[(tier, hit)] = child
+        child.inc()

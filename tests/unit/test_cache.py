@@ -1,0 +1,332 @@
+"""Cache tiers (parametrised over every backend), the cold sources, Bloom filter, negative
+cache, the tiered read-through and the result cache."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from pipeline import codec
+from pipeline.cache.base import FeatureSource, Tier, entry_bytes
+from pipeline.cache.bloom import BloomFilter, NegativeCache
+from pipeline.cache.memory import MemoryTier
+from pipeline.cache.result import ResultCache
+from pipeline.cache.rocksdb import PartitionedTables, RocksDBTier
+from pipeline.cache.sources import open_source
+from pipeline.cache.sources.files import FileSource
+from pipeline.cache.tiered import FeatureStore
+from pipeline.metrics import Metrics
+
+TIERS = ("memory", "rocksdb")
+
+
+def make_tier(kind: str, tmp_path: Path, max_bytes: int, ttl_s: float = 0.0) -> Tier:
+    if kind == "memory":
+        return MemoryTier(max_bytes, ttl_s)
+    return RocksDBTier(tmp_path / "l2", max_bytes, ttl_s)
+
+
+@pytest.fixture(params=TIERS)
+def tier_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def tier(tier_kind: str, tmp_path: Path) -> Iterator[Tier]:
+    t = make_tier(tier_kind, tmp_path, 1 << 20)
+    yield t
+    t.close()
+
+
+def test_get_put_delete(tier: Tier) -> None:
+    assert tier.get("a") is None
+    assert tier.put("a", b"alpha")
+    assert tier.put("b", b"beta")
+    assert tier.get("a") == b"alpha"
+    assert tier.get_many(["a", "b", "c"]) == {"a": b"alpha", "b": b"beta"}
+    tier.put("a", b"again")
+    assert tier.get("a") == b"again"
+    tier.delete("a")
+    tier.delete("never")
+    assert tier.get("a") is None
+    stats = tier.stats()
+    assert stats.entries == 1
+    assert stats.bytes == entry_bytes("b", b"beta")
+
+
+def test_ttl_expiry(tier_kind: str, tmp_path: Path) -> None:
+    tier = make_tier(tier_kind, tmp_path, 1 << 20, ttl_s=0.2)
+    try:
+        tier.put("short", b"x", ttl_s=0.05)
+        tier.put("default", b"y")
+        tier.put("forever", b"z", ttl_s=0)
+        assert tier.get("short") == b"x"
+        time.sleep(0.1)
+        assert tier.get("short") is None
+        assert tier.get("default") == b"y"
+        time.sleep(0.15)
+        assert tier.get("default") is None
+        assert tier.get("forever") == b"z"
+        assert tier.stats().entries == 1
+    finally:
+        tier.close()
+
+
+def test_byte_bound_holds_and_evicts_oldest(tier_kind: str, tmp_path: Path) -> None:
+    value = b"v" * 100
+    per_entry = entry_bytes("key-000", value)
+    tier = make_tier(tier_kind, tmp_path, per_entry * 10)
+    try:
+        for i in range(50):
+            assert tier.put(f"key-{i:03d}", value)
+            assert tier.stats().bytes <= per_entry * 10
+        assert tier.stats().entries == 10
+        assert tier.get("key-000") is None
+        assert tier.get("key-049") == value
+        # An entry bigger than the whole bound is refused, not stored.
+        assert not tier.put("huge", b"h" * per_entry * 11)
+        assert tier.get("huge") is None
+    finally:
+        tier.close()
+
+
+def test_memory_tier_is_lru() -> None:
+    per_entry = entry_bytes("a", b"1")
+    tier = MemoryTier(per_entry * 2)
+    tier.put("a", b"1")
+    tier.put("b", b"2")
+    assert tier.get("a") == b"1"  # a is now the most recently used
+    tier.put("c", b"3")
+    assert tier.get("b") is None
+    assert tier.get("a") == b"1"
+
+
+def test_rocksdb_tier_reopens_with_its_contents(tmp_path: Path) -> None:
+    tier = RocksDBTier(tmp_path / "db", 1 << 20)
+    tier.put("a", b"alpha")
+    tier.put("b", b"beta")
+    tier.delete("b")
+    tier.close()
+    again = RocksDBTier(tmp_path / "db", 1 << 20)
+    try:
+        assert again.get("a") == b"alpha"
+        assert again.get("b") is None
+        assert again.stats().bytes == entry_bytes("a", b"alpha")
+        again.put("c", b"gamma")  # the write order continues after the reopened one
+        assert again.get("c") == b"gamma"
+    finally:
+        again.close()
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5])
+def test_tiers_reject_bad_bounds(bad: object, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=f"max_bytes must be an integer >= 1, got {bad!r}"):
+        MemoryTier(bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_bytes"):
+        RocksDBTier(tmp_path / "bad", bad)  # type: ignore[arg-type]
+
+
+# -- sources ---------------------------------------------------------------------------------
+
+
+def test_file_source_round_trip(tmp_path: Path) -> None:
+    source = FileSource(tmp_path / "src", shards=4)
+    source.put_many({f"k{i}": f"value-{i}".encode() for i in range(100)})
+    source.put_many({"k1": b"new"})
+    source.delete_many(["k2"])
+    assert source.get("k1") == b"new"
+    assert source.get("k2") is None
+    assert source.get_many(["k3", "missing"]) == {"k3": b"value-3"}
+    source.close()
+    reopened = open_source(f"files://{tmp_path / 'src'}")
+    try:
+        assert reopened.get("k1") == b"new"
+        assert reopened.get("k2") is None
+        assert sorted(reopened.keys()) == sorted(f"k{i}" for i in range(100) if i != 2)
+        assert len(list((tmp_path / "src").glob("shard-*.dat"))) == 4
+    finally:
+        reopened.close()
+
+
+def test_open_source_names_a_bad_url() -> None:
+    with pytest.raises(ValueError, match="'ftp://x'"):
+        open_source("ftp://x")
+
+
+# -- Bloom filter and negative cache -------------------------------------------------------------
+
+
+def test_bloom_never_gives_a_false_negative_and_keeps_its_fp_rate() -> None:
+    fp_rate = 0.02
+    bloom = BloomFilter(20_000, fp_rate)
+    present = [f"present-{i}" for i in range(20_000)]
+    bloom.update(present)
+    assert all(k in bloom for k in present)
+    absent = [f"absent-{i}" for i in range(20_000)]
+    measured = sum(k in bloom for k in absent) / len(absent)
+    assert fp_rate / 2 < measured < fp_rate * 1.5, measured
+
+
+def test_bloom_rejects_bad_parameters() -> None:
+    with pytest.raises(ValueError, match="fp_rate must be in"):
+        BloomFilter(10, 1.5)
+    with pytest.raises(ValueError, match="capacity must be an integer >= 1, got 0"):
+        BloomFilter(0, 0.01)
+
+
+def test_negative_cache_expires_and_is_bounded() -> None:
+    neg = NegativeCache(ttl_s=0.05, max_entries=3)
+    for k in "abcd":
+        neg.add(k)
+    assert "a" not in neg  # pushed out by the bound
+    assert all(k in neg for k in "bcd")
+    assert len(neg) == 3
+    time.sleep(0.08)
+    assert "b" not in neg
+
+
+# -- the tiered read-through ---------------------------------------------------------------------
+
+
+class CountingSource(FeatureSource):
+    """A real FileSource, counting the keys looked up in it."""
+
+    def __init__(self, inner: FeatureSource) -> None:
+        self.inner = inner
+        self.looked_up: list[str] = []
+        self.round_trips = 0
+
+    def get_many(self, keys):  # type: ignore[no-untyped-def]
+        keys = list(keys)
+        self.looked_up += keys
+        self.round_trips += 1
+        return self.inner.get_many(keys)
+
+    def put_many(self, items):  # type: ignore[no-untyped-def]
+        self.inner.put_many(items)
+
+    def keys(self):  # type: ignore[no-untyped-def]
+        return self.inner.keys()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[tuple[FeatureStore, CountingSource, Metrics]]:
+    files = FileSource(tmp_path / "src")
+    files.put_many({f"k{i}": f"v{i}".encode() for i in range(200)})
+    source = CountingSource(files)
+    metrics = Metrics(CollectorRegistry())
+    bloom = BloomFilter(1000, 0.01)
+    bloom.update(source.keys())
+    tables = PartitionedTables(tmp_path / "l2", 1 << 20, 0.0, changelog=None)
+    tables.assign([0])
+    fs = FeatureStore(source, MemoryTier(1 << 20), tables, metrics, bloom, NegativeCache(5, 100))
+    yield fs, source, metrics
+    fs.close()
+
+
+def _count(metrics: Metrics, tier: str, result: str) -> float:
+    return (
+        metrics.registry.get_sample_value(
+            "sluice_cache_requests_total", {"tier": tier, "result": result}
+        )
+        or 0.0
+    )
+
+
+def test_read_through_fills_the_tiers(store: tuple[FeatureStore, CountingSource, Metrics]) -> None:
+    fs, source, metrics = store
+    assert fs.lookup("k1", 0) == b"v1"
+    assert source.looked_up == ["k1"]
+    assert _count(metrics, "l3", "hit") == 1
+    assert fs.l2 is not None and fs.l2.get("k1", 0) == b"v1"
+    assert fs.lookup("k1", 0) == b"v1"
+    assert _count(metrics, "l1", "hit") == 1
+    fs.l1.clear()
+    assert fs.lookup("k1", 0) == b"v1"  # from L2, which refills L1
+    assert _count(metrics, "l2", "hit") == 1
+    assert fs.l1.get("k1") == b"v1"
+    assert source.looked_up == ["k1"]
+    # A partition this worker does not own has no L2 here: L1 and L3 only.
+    assert fs.lookup("k2", 1) == b"v2"
+    assert fs.l2.get("k2", 1) is None
+
+
+def test_absent_keys_do_not_reach_the_source(
+    store: tuple[FeatureStore, CountingSource, Metrics],
+) -> None:
+    fs, source, metrics = store
+    for _ in range(3):
+        for i in range(500):
+            assert fs.lookup(f"absent-{i}", 0) is None
+    # Only the Bloom filter's false positives reach the source, once each: then the
+    # negative cache answers.
+    assert len(source.looked_up) == len(set(source.looked_up))
+    assert len(source.looked_up) / 1500 < 0.05
+    assert _count(metrics, "l3", "negative") == 1500 - len(source.looked_up)
+
+
+# -- the result cache ----------------------------------------------------------------------------
+
+
+def _inputs(x: float) -> list[codec.Tensor]:
+    return [codec.Tensor("features", "FP32", [2], [x, x])]
+
+
+def test_result_cache_never_serves_another_version(tmp_path: Path) -> None:
+    metrics = Metrics(CollectorRegistry())
+    cache = ResultCache(MemoryTier(1 << 20), RocksDBTier(tmp_path / "rc", 1 << 20), 60, metrics)
+    out = [("logits", np.arange(4, dtype=np.float32))]
+    k1 = ResultCache.key("demo", "1", _inputs(0.5))
+    cache.put(k1, "demo", "1", out)
+    got = cache.get(k1, "demo", "1")
+    assert got is not None and got[0][0] == "logits"
+    np.testing.assert_array_equal(got[0][1], out[0][1])
+    k2 = ResultCache.key("demo", "2", _inputs(0.5))
+    assert k2 != k1
+    assert cache.get(k2, "demo", "2") is None
+    # Even under the same key, an entry made by version 1 is never served for version 2.
+    assert cache.get(k1, "demo", "2") is None
+    assert ResultCache.key("demo", "1", _inputs(0.25)) != k1
+    cache.l1.clear()
+    assert cache.get(k1, "demo", "1") is not None  # from L2
+    assert (
+        metrics.registry.get_sample_value(
+            "sluice_cache_requests_total", {"tier": "result", "result": "hit"}
+        )
+        == 2
+    )
+    cache.close()
+
+
+def test_bloom_refresh_makes_new_source_keys_visible(
+    store: tuple[FeatureStore, CountingSource, Metrics],
+) -> None:
+    fs, source, _metrics = store
+    assert fs.lookup("late", 0) is None
+    source.put_many({"late": b"arrived"})
+    fs.negative.discard("late")  # type: ignore[union-attr]
+    assert fs.lookup("late", 0) is None  # the filter was built before the key existed
+    fs.bloom_capacity, fs.bloom_fp_rate = 1000, 0.01
+    fs.refresh_bloom()
+    assert fs.lookup("late", 0) == b"arrived"
+
+
+def test_prefetch_many_takes_one_round_trip(
+    store: tuple[FeatureStore, CountingSource, Metrics],
+) -> None:
+    fs, source, _metrics = store
+    fs.l1.put("k9", b"v9")
+    result = fs.prefetch_many([("k1", 0), ("k2", 1), ("k9", 0), ("k404", 0)])
+    assert result == {"k1": True, "k2": True, "k9": None, "k404": False}
+    assert source.round_trips == 1
+    assert set(source.looked_up) <= {"k1", "k2", "k404"}  # k404 only as a Bloom false positive
+    assert fs.l1.get("k1") == b"v1" and fs.l1.get("k2") == b"v2"
+    assert fs.l2 is not None and fs.l2.get("k1", 0) == b"v1"
