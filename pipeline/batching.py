@@ -109,6 +109,8 @@ class BatchPolicy:
         batch_buckets: batch sizes a batch is padded to (default: powers of two up to
             ``max_batch_size``).
         time_budget_s: cap a batch at the largest bucket whose estimated time fits.
+        default_ttl_s: the deadline of requests that carry none, only to warn when
+            ``max_delay_s`` is longer.
     """
 
     max_batch_size: int
@@ -217,7 +219,13 @@ class Scheduler(Generic[K, T]):
     def add(
         self, key: K, item: T, deadline_s: float | None = None, arrived_s: float | None = None
     ) -> None:
-        """Queue ``item`` under ``key``; the window counts from ``arrived_s`` (default: now)."""
+        """Queue ``item`` under ``key``; the window counts from ``arrived_s`` (default: now).
+
+        Raises:
+            OverflowError: ``max_pending`` requests are held already (callers check `full`).
+        """
+        if self.pending >= self.max_pending:
+            raise OverflowError(f"the batcher holds max_pending={self.max_pending} requests")
         queue = self._queues.get(key)
         if queue is None:
             queue = self._queues[key] = _Queue(self.policy_for(key))

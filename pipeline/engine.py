@@ -2,10 +2,12 @@
 
 faust delivers one event at a time through several asyncio hops and sends each response
 with its own future; that caps a worker at a few thousand requests/s. Here one loop takes
-whatever the consumer has (up to ``max_batch_size``, waiting at most ``max_delay_s`` after
-the first record), runs the same `Pipeline` calls on the whole batch, and hands the
-records to librdkafka's producer. Offsets are stored only once everything published for
-a batch (and every batch before it) is delivered, so at-least-once holds across crashes.
+whatever the consumer has, runs the same `Pipeline` calls on the whole batch, and hands the
+records to librdkafka's producer. Where a model runs (fused and infer stages), admitted
+requests go to the batcher's per-model queues (`pipeline.batching.Scheduler`), and a batch
+it flushes computes on the device while the loop consumes and decodes the next records.
+Offsets are stored only once everything published for a consumed batch (and every one
+before it) is delivered, so at-least-once holds across crashes.
 """
 
 from __future__ import annotations
@@ -138,12 +140,11 @@ class BatchEngine:
             if downstream
             else None
         )
-        self.process: Callable[[list[Origin]], list[Publication]] = {
-            "fused": self._fused,
-            "gateway": self._gateway,
-            "infer": self._infer,
-            "respond": self._respond,
-        }[stage]
+        # Gateway and respond handle a consumed batch at once; fused and infer go through
+        # the batcher (`_step`).
+        self.process: Callable[[list[Origin]], list[Publication]] = (
+            self._respond if stage == "respond" else self._gateway
+        )
         # Fused and infer stages batch per model (pipeline/batching.py) and keep up to
         # max_batches_in_flight batches on the device while they consume the next records.
         # Each job's ``owner`` is the `_Batch` it was consumed in.
@@ -194,21 +195,9 @@ class BatchEngine:
                 rejected.append(admitted)
         return jobs, rejected
 
-    def _fused(self, origins: list[Origin]) -> list[Publication]:
-        jobs, publications = self._admit(origins)
-        if jobs:
-            publications += self.pipeline.response_records(self.pipeline.infer(jobs), "infer")
-        return publications
-
     def _gateway(self, origins: list[Origin]) -> list[Publication]:
         jobs, publications = self._admit(origins)
         return publications + [self.pipeline.forward_record(j) for j in jobs]
-
-    def _infer(self, origins: list[Origin]) -> list[Publication]:
-        jobs, publications = self._admit(origins)
-        if jobs:
-            publications += self.pipeline.result_records(self.pipeline.infer(jobs))
-        return publications
 
     def _respond(self, origins: list[Origin]) -> list[Publication]:
         return [self.pipeline.respond_result_records(o) for o in origins]

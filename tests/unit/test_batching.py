@@ -434,6 +434,9 @@ def test_scheduler_bounds_what_it_holds() -> None:
     for i in range(3):
         s.add("m", i)
     assert s.full
+    with pytest.raises(OverflowError, match="max_pending=3"):
+        s.add("m", 3)
+    assert s.pending == 3
     with pytest.raises(ValueError, match="max_pending must be an integer >= 1, got 0"):
         Scheduler(lambda _k: policy, Clock(), max_pending=0)
 
