@@ -32,7 +32,7 @@ def build(settings: Settings, mode: str, stage: str | None = None) -> tuple[Slui
     if mode == "split" and stage not in STAGES:
         raise ValueError(f"split mode needs a stage in {STAGES}, got {stage!r}")
     torch.set_num_threads(settings.torch_threads)
-    registry = ModelRegistry(settings.models_path)
+    registry = ModelRegistry(settings.models_path, max_batch_size=settings.max_batch_size)
     if not registry.names:
         raise SystemExit(f"no models in {settings.models_path}; run `sluice model init-demo`")
     metrics = make_metrics(settings.metrics_enabled)
@@ -76,7 +76,7 @@ def run(settings: Settings, mode: str, stage: str | None = None) -> None:
     ``naive`` and ``engine=faust`` run faust agents; otherwise the batch engine runs the same
     stages on confluent-kafka.
     """
-    registry = ModelRegistry(settings.models_path)
+    registry = ModelRegistry(settings.models_path, max_batch_size=settings.max_batch_size)
     ensure_topics(settings, pipeline_topics(settings, registry.names))
     if mode != "naive" and settings.engine == "batch":
         _run_batch_engine(settings, mode, stage)
@@ -139,9 +139,8 @@ def _run_batch_engine(settings: Settings, mode: str, stage: str | None) -> None:
     if mode == "split" and stage not in STAGES:
         raise ValueError(f"split mode needs a stage in {STAGES}, got {stage!r}")
     torch.set_num_threads(settings.torch_threads)
-    registry = ModelRegistry(settings.models_path)
-    if mode == "fused" or stage == "infer":
-        registry.load_all()
+    # Models load on their first request, or all at start with SLUICE_PRELOAD_MODELS.
+    registry = ModelRegistry(settings.models_path, max_batch_size=settings.max_batch_size)
     metrics = make_metrics(settings.metrics_enabled)
     pipeline = Pipeline(_per_stage_tables(settings, mode, stage), registry, None, metrics)
     engine = BatchEngine(settings, "fused" if mode == "fused" else str(stage), pipeline)

@@ -229,6 +229,7 @@ def run(
             max_batch_size=scale.batch,
             max_delay_s=scale.max_delay_s,
             max_inflight=max(settings.max_inflight, 8 * scale.batch),
+            preload_models=True,  # loaded and warmed over every bucket before the probe
         )
         with running(run_settings) as run_settings:
             for name in names:
