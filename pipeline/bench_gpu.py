@@ -52,6 +52,7 @@ class Scale:
     batch: int
     precision: str
     requests: int
+    cuda_graphs: bool = False
     workers: int = 1
     bare_s: float = 3.0
     max_delay_s: float = 0.004
@@ -66,7 +67,8 @@ GPU = Scale(
     image=32,
     batch=256,
     precision="fp16",
-    requests=60_000,
+    requests=100_000,
+    cuda_graphs=True,
     # Half precision: the pipeline's batches are not the reference batch's, and FP16
     # kernels differ a little with the batch shape.
     tolerance=(3e-2, 3e-2),
@@ -132,7 +134,8 @@ def _save(
     # fills (smaller batches pad up to the next bucket).
     raw = json.loads((path / "config.json").read_text())
     buckets = sorted({8, 32, 64, 128, scale.batch} & set(range(1, scale.batch + 1)))
-    raw.update(precision=scale.precision, max_batch_size=scale.batch, batch_buckets=buckets)
+    raw.update(precision=scale.precision, max_batch_size=scale.batch, batch_buckets=buckets,
+               cuda_graphs=scale.cuda_graphs)  # fmt: skip
     (path / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
 
 

@@ -229,7 +229,10 @@ def dlq_replay(
 
 @main.command()
 @click.option("--mode", type=click.Choice(["fused", "split", "naive", "relay"]), default="fused")
-@click.option("--requests", "n", type=int, default=10_000, show_default=True)
+@click.option(
+    "--requests", "n", type=click.IntRange(min=1), default=None,
+    help="Requests per run (default: 10,000 for --scenario pipeline, the scenario's own else).",
+)  # fmt: skip
 @click.option("--rate", type=float, default=None, help="Offered requests/s (open loop).")
 @click.option("--json", "as_json", is_flag=True, help="Print only the JSON summary.")
 @click.option("--no-progress", is_flag=True)
@@ -269,12 +272,20 @@ def bench(
 
     if scenario != "pipeline":
         module = importlib.import_module(f"pipeline.bench_{scenario}")
-        extra = {"workers": workers} if scenario == "gpu" else {}
-        result = module.run(_settings(), requests=n, rate=rate, progress=not no_progress, **extra)
+        extra: dict[str, Any] = {"workers": workers} if scenario == "gpu" else {}
+        if n is not None:
+            extra["requests"] = n
+        result = module.run(_settings(), rate=rate, progress=not no_progress, **extra)
         click.echo(json.dumps(result, sort_keys=True))
         return
     summary = bench_mod.run(
-        _settings(), mode, n, rate, progress=not no_progress, payload=payload, workers=workers
+        _settings(),
+        mode,
+        n or 10_000,
+        rate,
+        progress=not no_progress,
+        payload=payload,
+        workers=workers,
     )
     if not as_json:
         _print_human(summary)

@@ -187,8 +187,7 @@ class BatchEngine:
     def _admit(self, origins: list[Origin]) -> tuple[list[Job], list[Publication]]:
         jobs: list[Job] = []
         rejected: list[Publication] = []
-        for origin in origins:
-            admitted = self.pipeline.admit_or_reject(origin)
+        for admitted in self.pipeline.admit_many(origins):
             if isinstance(admitted, Job):
                 jobs.append(admitted)
             else:

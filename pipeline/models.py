@@ -44,6 +44,7 @@ from pipeline.runtime import (
     PRECISIONS,
     CudaMemoryMeter,
     DeviceStreams,
+    GraphRunner,
     Pending,
     TensorPool,
     apply_precision,
@@ -122,6 +123,7 @@ class ModelConfig:
     # Runtime options (README "Model config"): all optional.
     precision: str = "fp32"
     compile: bool = False
+    cuda_graphs: bool = False
     batch_buckets: tuple[int, ...] = ()
     seq_buckets: tuple[int, ...] = ()
     mask_input: str | None = None
@@ -135,6 +137,8 @@ class ModelConfig:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile must be true or false, got {self.compile!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be true or false, got {self.cuda_graphs!r}")
         if self.batch_buckets:
             object.__setattr__(
                 self, "batch_buckets", check_buckets("batch_buckets", self.batch_buckets)
@@ -212,13 +216,13 @@ class ModelConfig:
 
 
 _OPTIONS = (
-    "precision", "compile", "batch_buckets", "seq_buckets", "mask_input", "memory_budget_mb",
-    "max_batch_size", "max_delay_ms", "time_budget_ms",
+    "precision", "compile", "cuda_graphs", "batch_buckets", "seq_buckets", "mask_input",
+    "memory_budget_mb", "max_batch_size", "max_delay_ms", "time_budget_ms",
 )  # fmt: skip
 _OPTION_DEFAULTS = {
-    "precision": "fp32", "compile": False, "batch_buckets": (), "seq_buckets": (),
-    "mask_input": None, "memory_budget_mb": None, "max_batch_size": None, "max_delay_ms": None,
-    "time_budget_ms": None,
+    "precision": "fp32", "compile": False, "cuda_graphs": False, "batch_buckets": (),
+    "seq_buckets": (), "mask_input": None, "memory_budget_mb": None, "max_batch_size": None,
+    "max_delay_ms": None, "time_budget_ms": None,
 }  # fmt: skip
 
 
@@ -322,6 +326,13 @@ class LoadedModel:
         self.module, self.input_dtype = apply_precision(module, cfg.precision, device, label)
         if cfg.compile:
             self.module = _compile(self.module, self.shapes())
+        # One CUDA graph per bucket shape, captured at warm-up: a batch is one launch.
+        self.graphs: GraphRunner | None = None
+        if cfg.cuda_graphs:
+            if device.type == "cuda":
+                self.graphs = GraphRunner(self.module, label)
+            else:
+                log.warning("%s: cuda_graphs needs CUDA; running eagerly on %s", label, device)
         self.pool = pool or TensorPool(pin=device.type == "cuda")
         self.streams = streams or DeviceStreams(device)
         # Measured at warm-up, seconds per batch bucket (at the longest sequence bucket).
@@ -507,11 +518,15 @@ class LoadedModel:
                 d.record_stream(compute)  # allocated on the copy stream, used here
             if self.input_dtype is not None:
                 dev = [d.to(self.input_dtype) if d.is_floating_point() else d for d in dev]
-            outs = self._outputs(self.module(*dev), batch.n)
+            out = self.graphs(dev) if self.graphs is not None else self.module(*dev)
+            outs = self._outputs(out, batch.n)
+            # Host buffers of the bucket's shape, not the batch's: a pinned allocation for
+            # every new row count would synchronise the device each time.
+            bucket = batch.tensors[0].shape[0] if batch.tensors else batch.n
             host = []
             for o in outs:
-                h = self.pool.take(tuple(o.shape), o.dtype)
-                h.copy_(o, non_blocking=True)
+                h = self.pool.take((bucket, *o.shape[1:]), o.dtype)
+                h[: batch.n].copy_(o, non_blocking=True)
                 host.append(h)
             done = torch.cuda.Event(enable_timing=True)
             done.record(compute)

@@ -176,6 +176,14 @@ class Pipeline:
 
     def admit(self, origin: Origin) -> Job:
         """Decode, validate, resolve the model and check the deadline; raise `RequestError`."""
+        request, model, context = self._resolve(origin)
+        if self.features is not None:
+            entry = self._feature_entry(origin, request, model)
+            request = self._enriched(self.features.enrich_many([entry])[0], context)
+        return self._job(origin, request, model, context)
+
+    def _resolve(self, origin: Origin) -> tuple[codec.Request, LoadedModel, dict[str, Any]]:
+        """Decode and validate the request and resolve its model (`RequestError` if not)."""
         fmt = codec.content_type(origin.headers)
         request = codec.decode_request(origin.value, self.settings.max_payload_bytes, fmt)
         context: dict[str, Any] = {
@@ -192,17 +200,26 @@ class Pipeline:
             self.metrics.model_load_failures.labels(request.model).inc()
             raise RequestError(codec.MODEL_ERROR, str(exc), **context) from None
         context["version"] = model.version
-        if self.features is not None:
-            session = origin.header(SESSION_HEADER)
-            # The L2 table is partitioned like the requests topic (-1: no table, L1 only).
-            table = origin.partition if origin.topic == self.settings.requests_topic else -1
-            try:
-                request = self.features.enrich(
-                    request, model, table,
-                    session.decode(errors="replace") if session else f"p{origin.partition}",
-                )  # fmt: skip
-            except RequestError as exc:
-                raise RequestError(exc.code, exc.message, **context) from None
+        return request, model, context
+
+    def _feature_entry(
+        self, origin: Origin, request: codec.Request, model: LoadedModel
+    ) -> tuple[codec.Request, LoadedModel, int, str]:
+        session = origin.header(SESSION_HEADER)
+        # The L2 table is partitioned like the requests topic (-1: no table, L1 only).
+        table = origin.partition if origin.topic == self.settings.requests_topic else -1
+        name = session.decode(errors="replace") if session else f"p{origin.partition}"
+        return request, model, table, name
+
+    @staticmethod
+    def _enriched(result: codec.Request | RequestError, context: dict[str, Any]) -> codec.Request:
+        if isinstance(result, RequestError):
+            raise RequestError(result.code, result.message, **context) from None
+        return result
+
+    def _job(
+        self, origin: Origin, request: codec.Request, model: LoadedModel, context: dict[str, Any]
+    ) -> Job:
         try:
             arrays = model.inputs_from_request(
                 request.inputs, self.settings.max_elements_per_tensor, flat=True
@@ -225,14 +242,47 @@ class Pipeline:
             if self.results is not None:
                 return self.cached_response(job) or job
             return job
-        except RequestError as exc:
-            return origin, self.reject_records(origin, exc, "gateway")
         except Exception as exc:  # noqa: BLE001 - a record must never stop the worker
-            log.exception(
-                "unexpected error admitting %s:%s:%s", origin.topic, origin.partition, origin.offset
-            )
-            error = RequestError(codec.MALFORMED, f"{type(exc).__name__}: {exc}")
-            return origin, self.reject_records(origin, error, "gateway")
+            return self._rejected(origin, exc)
+
+    def admit_many(self, origins: Sequence[Origin]) -> list[Job | Publication]:
+        """`admit_or_reject` for a consumed batch, in order. The batch's feature-store misses
+        share one source round trip, so a batch waits for the cold source once, not once
+        per miss (and the requests whose features were cached wait for none of it)."""
+        if self.features is None or len(origins) < 2:
+            return [self.admit_or_reject(o) for o in origins]
+        out: list[Job | Publication | None] = [None] * len(origins)
+        resolved: list[tuple[int, codec.Request, LoadedModel, dict[str, Any]]] = []
+        for i, origin in enumerate(origins):
+            try:
+                resolved.append((i, *self._resolve(origin)))
+            except Exception as exc:  # noqa: BLE001 - a record must never stop the worker
+                out[i] = self._rejected(origin, exc)
+        entries = [self._feature_entry(origins[i], r, m) for i, r, m, _ in resolved]
+        enriched: list[codec.Request | Exception]
+        try:
+            enriched = list(self.features.enrich_many(entries))
+        except Exception as exc:  # noqa: BLE001 - e.g. the source is down: each one fails
+            enriched = [exc] * len(resolved)
+        for (i, _, model, context), result in zip(resolved, enriched, strict=True):
+            try:
+                if isinstance(result, Exception) and not isinstance(result, RequestError):
+                    raise result
+                job = self._job(origins[i], self._enriched(result, context), model, context)
+                out[i] = (self.cached_response(job) or job) if self.results is not None else job
+            except Exception as exc:  # noqa: BLE001 - a record must never stop the worker
+                out[i] = self._rejected(origins[i], exc)
+        return [o for o in out if o is not None]
+
+    def _rejected(self, origin: Origin, exc: Exception) -> Publication:
+        if isinstance(exc, RequestError):
+            return origin, self.reject_records(origin, exc, "gateway")
+        log.error(
+            "unexpected error admitting %s:%s:%s", origin.topic, origin.partition, origin.offset,
+            exc_info=exc,
+        )  # fmt: skip
+        error = RequestError(codec.MALFORMED, f"{type(exc).__name__}: {exc}")
+        return origin, self.reject_records(origin, error, "gateway")
 
     def forward_record(self, job: Job) -> Publication:
         """Split mode: the admitted request, unchanged, on its model's infer topic."""

@@ -2,8 +2,8 @@
 
 A hit fills the tiers above it. Before L3, the Bloom filter of keys known to exist and the
 negative cache of keys recently found absent answer "absent" without a source lookup.
-The gateway enriches a request from here (`enrich`); the prefetcher fills the tiers
-ahead of requests through `prefetch`.
+The gateway enriches a consumed batch from here (`enrich_many`: one source round trip for
+the batch's misses); the prefetcher fills the tiers ahead of requests through `prefetch`.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -144,12 +145,43 @@ class FeatureStore:
 
     def lookup(self, key: str, partition: int) -> bytes | None:
         """The key's data from the nearest tier that has it; None if it does not exist."""
-        if self.prefetcher is not None:
-            self.prefetcher.on_request(key)
-        value = self.cached(key, partition, count=True)
-        if value is not None:
-            return value
-        return self._from_source(key, partition, count=True)
+        return self.lookup_many([(key, partition)])[key]
+
+    def lookup_many(self, items: Sequence[tuple[str, int]]) -> dict[str, bytes | None]:
+        """`lookup` for the keys of a consumed batch: those in no tier come from the source
+        in one round trip, so a batch waits for the source once, not once per miss.
+
+        Nothing here waits for the prefetcher: a key it is still fetching is fetched here
+        too (the duplicate costs one key in a round trip the batch makes anyway). A key the
+        batch asks for twice is looked up, and counted, once.
+        """
+        out: dict[str, bytes | None] = {}
+        misses: dict[str, int] = {}
+        for key, partition in items:
+            if key in out or key in misses:
+                continue
+            if self.prefetcher is not None:
+                self.prefetcher.on_request(key)
+            value = self.cached(key, partition, count=True)
+            if value is not None:
+                out[key] = value
+            elif self.known_absent(key):
+                self.metrics.cache_requests.labels("l3", "negative").inc()
+                out[key] = None
+            else:
+                misses[key] = partition
+        if misses:
+            found = self.source.get_many(list(misses))
+            for key, partition in misses.items():
+                value = found.get(key)
+                self._count("l3", value is not None)
+                if value is None:
+                    if self.negative is not None:
+                        self.negative.add(key)
+                else:
+                    self.fill(key, value, partition)
+                out[key] = value
+        return out
 
     def cached(self, key: str, partition: int, count: bool = False) -> bytes | None:
         """The key's data from L1 or L2 only (L2 hits fill L1)."""
@@ -203,21 +235,6 @@ class FeatureStore:
                 out[key] = True
         return out
 
-    def _from_source(self, key: str, partition: int, count: bool) -> bytes | None:
-        if self.known_absent(key):
-            if count:
-                self.metrics.cache_requests.labels("l3", "negative").inc()
-            return None
-        value = self.source.get(key)
-        if count:
-            self._count("l3", value is not None)
-        if value is None:
-            if self.negative is not None:
-                self.negative.add(key)
-            return None
-        self.fill(key, value, partition)
-        return value
-
     def fill(self, key: str, value: bytes, partition: int) -> None:
         if self.l2 is not None and self.l2.owns(partition):
             self.l2.put(key, value, partition)
@@ -240,27 +257,50 @@ class FeatureStore:
 
         Raises `codec.RequestError` (``unknown_key``) when the key is missing or unknown.
         """
-        if request.key is not None and self.prefetcher is not None:
-            self.prefetcher.observe(session, request.key, partition)
-        spec = self.spec(model)
-        if spec is None:
-            return request
-        if not request.key:
-            raise codec.RequestError(
-                codec.UNKNOWN_KEY,
-                f"model {model.name}:{model.version} takes input {spec.input!r} from the "
-                "feature store by the request's key, and the request has no key",
-            )
-        if any(t.name == spec.input for t in request.inputs):
-            raise codec.RequestError(
-                codec.BAD_SHAPE,
-                f"input {spec.input!r} is filled from the feature store; do not send it",
-            )
-        value = self.lookup(request.key, partition)
-        if value is None:
-            raise codec.RequestError(codec.UNKNOWN_KEY, f"no features for key {request.key!r}")
-        tensor = codec.Tensor(spec.input, spec.datatype, list(spec.shape), value)  # type: ignore[arg-type]
-        return msgspec.structs.replace(request, inputs=[*request.inputs, tensor])
+        result = self.enrich_many([(request, model, partition, session)])[0]
+        if isinstance(result, codec.RequestError):
+            raise result
+        return result
+
+    def enrich_many(
+        self, entries: Sequence[tuple[codec.Request, LoadedModel, int, str]]
+    ) -> list[codec.Request | codec.RequestError]:
+        """`enrich` for a consumed batch, in order: each entry ``(request, model, partition,
+        session)`` becomes its enriched request or the `codec.RequestError` it fails with.
+        The batch's cache misses share one source round trip (`lookup_many`)."""
+        out: list[codec.Request | codec.RequestError] = []
+        wanted: list[tuple[int, str, int, FeatureSpec]] = []
+        for i, (request, model, partition, session) in enumerate(entries):
+            out.append(request)
+            if request.key is not None and self.prefetcher is not None:
+                self.prefetcher.observe(session, request.key, partition)
+            spec = self.spec(model)
+            if spec is None:
+                continue
+            if not request.key:
+                out[i] = codec.RequestError(
+                    codec.UNKNOWN_KEY,
+                    f"model {model.name}:{model.version} takes input {spec.input!r} from the "
+                    "feature store by the request's key, and the request has no key",
+                )
+            elif any(t.name == spec.input for t in request.inputs):
+                out[i] = codec.RequestError(
+                    codec.BAD_SHAPE,
+                    f"input {spec.input!r} is filled from the feature store; do not send it",
+                )
+            else:
+                wanted.append((i, request.key, partition, spec))
+        if not wanted:
+            return out
+        values = self.lookup_many([(key, partition) for _, key, partition, _ in wanted])
+        for i, key, _, spec in wanted:
+            value = values[key]
+            if value is None:
+                out[i] = codec.RequestError(codec.UNKNOWN_KEY, f"no features for key {key!r}")
+                continue
+            tensor = codec.Tensor(spec.input, spec.datatype, list(spec.shape), value)  # type: ignore[arg-type]
+            out[i] = msgspec.structs.replace(entries[i][0], inputs=[*entries[i][0].inputs, tensor])
+        return out
 
     # -- lifecycle --------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import msgspec
@@ -19,6 +19,7 @@ from pipeline.bench_prefetch import (
     feature_value,
     init_feature_model,
 )
+from pipeline.cache.base import FeatureSource
 from pipeline.cache.sources.files import FileSource
 from pipeline.config import Settings
 from pipeline.metrics import Metrics
@@ -136,3 +137,83 @@ def test_result_cache_never_answers_for_another_version(pipeline: Pipeline) -> N
     assert _answer(published).model_version == "1"
     hit = _answer(pipeline.admit_or_reject(_origin({**body_v1, "id": "v1-again"})))
     assert hit.model_version == "1"
+
+
+class _CountingSource(FeatureSource):
+    """Records each source round trip (the keys asked for) of the source it wraps."""
+
+    def __init__(self, inner: FeatureSource) -> None:
+        self.inner = inner
+        self.calls: list[list[str]] = []
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
+        keys = list(keys)
+        self.calls.append(keys)
+        return self.inner.get_many(keys)
+
+    def put_many(self, items: Mapping[str, bytes]) -> None:
+        self.inner.put_many(items)
+
+    def keys(self) -> Iterator[str]:
+        return self.inner.keys()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_a_batchs_misses_share_one_source_round_trip(pipeline: Pipeline) -> None:
+    assert pipeline.features is not None
+    source = _CountingSource(pipeline.features.source)
+    pipeline.features.source = source
+    no_key = feature_request("r4", "x")
+    del no_key["key"]
+    batch = [
+        _origin(feature_request("r0", "user-1"), 0),
+        _origin(feature_request("r1", "user-2"), 1),
+        _origin(feature_request("r2", "user-1"), 2),  # the same key twice: fetched once
+        _origin(feature_request("r3", "nobody"), 3),
+        _origin(no_key, 4),
+        Origin("requests", 0, 5, now_ms(), b"{not json"),
+        _origin(feature_request("r6", "user-3"), 6),
+    ]
+    admitted = pipeline.admit_many(batch)
+    assert len(source.calls) == 1
+    # "nobody" is not in the Bloom filter: kept off the source.
+    assert sorted(source.calls[0]) == ["user-1", "user-2", "user-3"]
+    kinds = [type(a).__name__ for a in admitted]
+    assert kinds == ["Job", "Job", "Job", "tuple", "tuple", "tuple", "Job"]
+    for i, key in ((0, "user-1"), (1, "user-2"), (2, "user-1"), (6, "user-3")):
+        job = admitted[i]
+        assert isinstance(job, Job) and job.origin.offset == i
+        assert job.request.inputs[-1].data == feature_value(key)
+    assert _answer(admitted[3]).error.code == codec.UNKNOWN_KEY  # type: ignore[union-attr]
+    assert _answer(admitted[4]).error.code == codec.UNKNOWN_KEY  # type: ignore[union-attr]
+    _o, records = admitted[5]  # type: ignore[misc]
+    assert [json.loads(r.value)["reason"] for r in records] == ["malformed"]  # no id to answer
+    assert _sample(pipeline, "sluice_cache_requests_total", tier="l3", result="hit") == 3
+    # The same batch again: every key is cached now, no round trip at all.
+    again = pipeline.admit_many(batch)
+    assert len(source.calls) == 1
+    assert [type(a).__name__ for a in again] == kinds
+
+
+def test_a_failing_source_fails_the_batchs_feature_requests_only(pipeline: Pipeline) -> None:
+    assert pipeline.features is not None
+
+    class Down(_CountingSource):
+        def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
+            raise ConnectionError("source unreachable")
+
+    pipeline.features.source = Down(pipeline.features.source)
+    batch = [
+        _origin(feature_request("d0", "user-5"), 0),
+        Origin("requests", 0, 1, now_ms(), b"{not json"),
+        _origin(feature_request("d2", "user-6"), 2),
+    ]
+    admitted = pipeline.admit_many(batch)
+    assert len(admitted) == 3 and not any(isinstance(a, Job) for a in admitted)
+    # As when admitted one at a time: an unexpected error dead-letters the record with its text.
+    for i in (0, 2):
+        _o, records = admitted[i]  # type: ignore[misc]
+        [dlq] = [json.loads(r.value) for r in records if r.topic.endswith("dlq")]
+        assert dlq["offset"] == i and "source unreachable" in dlq["error"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,52 @@ def test_traces_are_reproducible_and_structured() -> None:
 
     assert predictable(a) > 0.7
     assert predictable(s) < 0.3
+
+
+class _GatedSource(FileSource):
+    """A source whose lookups of ``gated`` keys wait until ``gate`` opens."""
+
+    def __init__(self, directory: Path, gated: set[str]) -> None:
+        super().__init__(directory)
+        self.gated = gated
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.calls: list[list[str]] = []
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
+        keys = list(keys)
+        self.calls.append(keys)
+        if self.gated & set(keys):
+            self.entered.set()
+            self.gate.wait(30)
+        return super().get_many(keys)
+
+
+def test_a_request_never_waits_behind_a_prefetch_in_progress(tmp_path: Path) -> None:
+    metrics = Metrics(CollectorRegistry())
+    source = _GatedSource(tmp_path / "src", gated={"k9"})
+    source.put_many({f"k{i}": f"v{i}".encode() for i in range(10)})
+    store = FeatureStore(source, MemoryTier(1 << 20), None, metrics, None, NegativeCache(5, 100))
+    prefetcher = Prefetcher(store, metrics, Predictor(100), concurrency=1, batch_max=1)
+    store.prefetcher = prefetcher
+    store.start()
+    answered: dict[str, bytes | None] = {}
+    try:
+        assert prefetcher.submit("k1", 0)
+        assert prefetcher.wait_idle()
+        assert prefetcher.submit("k9", 0)  # the only prefetch thread now waits on the source
+        assert source.entered.wait(10)
+        # A prefetched key, and a batch with a miss: answered while that fetch is still held.
+        reader = threading.Thread(
+            target=lambda: answered.update(store.lookup_many([("k1", 0), ("k2", 0), ("k3", 0)]))
+        )
+        reader.start()
+        reader.join(10)
+        assert not reader.is_alive(), "the request path waited for the prefetcher"
+        assert not source.gate.is_set()
+        assert answered == {"k1": b"v1", "k2": b"v2", "k3": b"v3"}
+        assert source.calls[-1] == ["k2", "k3"]  # the batch's misses: one round trip
+        assert _value(metrics, "sluice_prefetch_coverage_total", result="covered") == 1
+    finally:
+        source.gate.set()
+        store.close()

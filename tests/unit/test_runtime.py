@@ -320,6 +320,19 @@ def test_fp16_on_cpu_falls_back_to_fp32_with_a_warning(
         np.testing.assert_allclose(model.run([x])[0], module(torch.from_numpy(x)).numpy())
 
 
+def test_cuda_graphs_on_cpu_run_eagerly_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    module = save_mlp(tmp_path, "g", cuda_graphs=True)
+    with caplog.at_level(logging.WARNING, logger="pipeline.models"):
+        model = ModelRegistry(tmp_path, device=CPU).resolve("g")
+    assert "model g:1: cuda_graphs needs CUDA; running eagerly on cpu" in caplog.text
+    assert model.graphs is None
+    x = features(3)
+    with torch.inference_mode():
+        np.testing.assert_allclose(model.run([x])[0], module(torch.from_numpy(x)).numpy())
+
+
 # -- config checks --------------------------------------------------------------------------
 
 
@@ -328,6 +341,7 @@ def test_fp16_on_cpu_falls_back_to_fp32_with_a_warning(
     [
         ({"precision": "fp8"}, "precision must be one of"),
         ({"compile": "yes"}, "compile must be true or false, got 'yes'"),
+        ({"cuda_graphs": 1}, "cuda_graphs must be true or false, got 1"),
         ({"batch_buckets": [8, 4]}, "batch_buckets must be a non-empty, strictly increasing"),
         ({"memory_budget_mb": -5}, "memory_budget_mb must be a number > 0, got -5"),
         ({"time_budget_ms": 0}, "time_budget_ms must be a number > 0, got 0"),
