@@ -35,7 +35,9 @@ fmt: $(VENV)/.ok
 setup: $(VENV)/.ok sysdeps kafka-runtime
 	@$(BIN)/pip install -q --no-deps --no-build-isolation -e . >/dev/null
 
-$(VENV)/.ok: pyproject.toml
+# No file prerequisite: the folder's name is keyed on pyproject.toml's content, so a fresh
+# clone (new mtimes) reuses the venv and a changed dependency list builds a new one.
+$(VENV)/.ok:
 	rm -rf $(SLUICE_CACHE_DIR)/venv-*
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel

@@ -420,6 +420,8 @@ def _summary(
         "wrong_outputs": tally.wrong,
         "duplicates": tally.duplicates,
         "offered_rps": rate,
+        # How fast the load generator got the requests out (all of them, open loop or not).
+        "sent_rps": round(n / float(sent_s.max() - sent_s.min()), 1) if n > 1 else None,
         "throughput_rps": round(throughput, 1),
         "latency_ms": pct,
         "mean_batch_size": round(float(np.mean(tally.batch_sizes)), 2)
