@@ -219,6 +219,7 @@ def run(
             reader.close()
     finally:
         procs.stop(processes)
+    reader.tally_outputs()
     reader.tally.check(load.expected, *tolerance)
     return _summary(mode, requests, rate, sent_s, reader.tally, load.fmt, workers)
 
@@ -232,6 +233,7 @@ class _Reader:
         self.check = check
         self.prefix = b"r"
         self.probe_seen = threading.Event()
+        self._values: list[tuple[int, bytes]] = []
         self._stop = threading.Event()
         self._consumer = Consumer(
             consumer_config(
@@ -264,7 +266,15 @@ class _Reader:
                     tally.duplicates += 1
                     continue
                 tally.recv_s[seq] = now
-                self._record(seq, m.value())
+                # Decoded after the run: decoding here would hold the GIL that the load
+                # generator's producer thread, in the same process, needs to keep time.
+                self._values.append((seq, m.value()))
+
+    def tally_outputs(self) -> None:
+        """Decode and tally every response received (once, after the run)."""
+        values, self._values = self._values, []
+        for seq, value in values:
+            self._record(seq, value)
 
     def _record(self, seq: int, value: bytes) -> None:
         tally = self.tally
