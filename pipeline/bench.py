@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer
 
 from pipeline import codec, procs
 from pipeline.config import Settings
@@ -31,6 +31,7 @@ from pipeline.kafka import (
     ensure_topics,
     pipeline_topics,
     producer_config,
+    topic_reader,
 )
 from pipeline.models import ModelRegistry
 
@@ -235,16 +236,12 @@ class _Reader:
         self.probe_seen = threading.Event()
         self._values: list[tuple[int, bytes]] = []
         self._stop = threading.Event()
-        self._consumer = Consumer(
-            consumer_config(
-                settings,
-                f"sluice-bench-reader-{uuid.uuid4().hex[:8]}",
-                **{"enable.auto.commit": False, "isolation.level": "read_committed"},
-            )
+        self._consumer = topic_reader(
+            settings,
+            settings.responses_topic,
+            f"sluice-bench-reader-{uuid.uuid4().hex[:8]}",
+            "read_committed",
         )
-        topic = settings.responses_topic
-        md = self._consumer.list_topics(topic, timeout=15).topics[topic]
-        self._consumer.assign([TopicPartition(topic, p, 0) for p in md.partitions])
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 

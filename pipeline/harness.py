@@ -15,12 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
 from pipeline import procs
 from pipeline.client import Client
 from pipeline.config import Settings
-from pipeline.kafka import consume_batch, consumer_config
+from pipeline.kafka import consume_batch, topic_reader
 
 
 def demo_request(request_id: str, features: Any = None, **extra: object) -> dict[str, Any]:
@@ -154,20 +152,8 @@ class TopicReader:
         self.keep = keep
         self.records: list[Read] = []
         self.count = 0
-        self._consumer = Consumer(
-            consumer_config(
-                settings,
-                f"{settings.topic_prefix}-reader-{uuid.uuid4().hex[:8]}",
-                **{"enable.auto.commit": False, "isolation.level": isolation_level},
-            )
-        )
-        metadata = self._consumer.list_topics(topic, timeout=15).topics[topic]
-        if metadata.error is not None or not metadata.partitions:
-            self._consumer.close()
-            raise RuntimeError(f"no topic {topic!r}: {metadata.error}")
-        self._consumer.assign(
-            [TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata.partitions]
-        )
+        group = f"{settings.topic_prefix}-reader-{uuid.uuid4().hex[:8]}"
+        self._consumer = topic_reader(settings, topic, group, isolation_level)
 
     def _poll(self, timeout_s: float, on_record: Callable[[Read], None] | None) -> int:
         got = 0

@@ -6,7 +6,7 @@ import ssl
 import time
 from typing import Any
 
-from confluent_kafka import KafkaException
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from pipeline.config import Settings
@@ -67,6 +67,24 @@ def consumer_config(settings: Settings, group_id: str, **extra: Any) -> dict[str
             **extra,
         },
     )
+
+
+def topic_reader(settings: Settings, topic: str, group_id: str, isolation_level: str) -> Any:
+    """A consumer that reads every partition of ``topic`` from its beginning, assigned (not
+    subscribed: it joins no group and commits nothing), as readers of a whole topic need."""
+    consumer = Consumer(
+        consumer_config(
+            settings,
+            group_id,
+            **{"enable.auto.commit": False, "isolation.level": isolation_level},
+        )
+    )
+    metadata = consumer.list_topics(topic, timeout=15).topics[topic]
+    if metadata.error is not None or not metadata.partitions:
+        consumer.close()
+        raise RuntimeError(f"no topic {topic!r}: {metadata.error}")
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata.partitions])
+    return consumer
 
 
 def faust_credentials(settings: Settings) -> Any:

@@ -26,7 +26,7 @@ from pipeline.chaos.common import (
 from pipeline.client import Client
 from pipeline.config import Settings
 from pipeline.harness import TopicReader, Workers, demo_request
-from pipeline.kafka import consume_batch, consumer_config, producer_config
+from pipeline.kafka import consume_batch, consumer_config, producer_config, topic_reader
 from pipeline.models import DEMO_LABELS, ModelConfig, ModelRegistry, TensorSpec, save_model
 
 # -- overload -------------------------------------------------------------------------------
@@ -255,16 +255,12 @@ class _SeqReader:
         self.outcomes: Counter[str] = Counter()
         self.wrong = self.checked = 0
         self._stop = threading.Event()
-        self._consumer = Consumer(
-            consumer_config(
-                settings,
-                f"{settings.topic_prefix}-soak-reader",
-                **{"enable.auto.commit": False, "isolation.level": "read_committed"},
-            )
+        self._consumer = topic_reader(
+            settings,
+            settings.responses_topic,
+            f"{settings.topic_prefix}-soak-reader",
+            "read_committed",
         )
-        topic = settings.responses_topic
-        metadata = self._consumer.list_topics(topic, timeout=15).topics[topic]
-        self._consumer.assign([TopicPartition(topic, p, 0) for p in metadata.partitions])
         self._thread = threading.Thread(target=self._loop, name="soak-reader", daemon=True)
         self._thread.start()
 
