@@ -28,6 +28,7 @@ from pipeline.kafka import (
     confluent_config,
     consume_batch,
     consumer_config,
+    delete_topics,
     ensure_topics,
     pipeline_topics,
     producer_config,
@@ -179,11 +180,15 @@ def run(
     workers: int = 1,
     model: str = "demo",
     tolerance: tuple[float, float] = (1e-4, 1e-5),
+    partitions: int | None = None,
 ) -> dict[str, Any]:
     """Start the pipeline in ``mode`` on fresh topics, drive ``requests`` through it, stop it.
 
     ``payload`` is ``json`` (lists of numbers) or ``msgpack`` (raw little-endian tensors);
-    answers must match ``model``'s direct outputs within ``tolerance`` (rtol, atol).
+    answers must match ``model``'s direct outputs within ``tolerance`` (rtol, atol). The
+    topics get ``partitions`` each, by default one per worker process: on a machine that
+    also runs the broker, every partition more costs the broker CPU on each fetch and
+    produce (measured in benchmarks/README.md). The topics are deleted afterwards.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -191,14 +196,41 @@ def run(
         raise ValueError(f"requests must be an integer >= 1, got {requests}")
     if rate is not None and rate <= 0:
         raise ValueError(f"rate must be > 0 requests/s, got {rate}")
+    if partitions is not None and partitions < 1:
+        raise ValueError(f"partitions must be an integer >= 1, got {partitions}")
     run_id = uuid.uuid4().hex[:8]
-    settings = settings.replace(topic_prefix=f"{settings.topic_prefix}-bench-{mode}-{run_id}")
+    settings = settings.replace(
+        topic_prefix=f"{settings.topic_prefix}-bench-{mode}-{run_id}",
+        partitions=partitions or workers,
+    )
     registry = ModelRegistry(settings.models_path)
     if payload not in PAYLOADS:
         raise ValueError(f"payload must be one of {list(PAYLOADS)}, got {payload!r}")
     load = Load.build(registry, model, fmt=PAYLOADS[payload])
-    ensure_topics(settings, pipeline_topics(settings, registry.names))
+    topics = pipeline_topics(settings, registry.names)
+    ensure_topics(settings, topics)
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="sluice-bench-"))
+    try:
+        summary = _drive(settings, mode, requests, rate, progress, log_dir, timeout_s, workers,
+                         load, tolerance)  # fmt: skip
+    finally:
+        # A broker that keeps every run's topics spends more on each of them over time.
+        delete_topics(settings, topics)
+    return summary
+
+
+def _drive(
+    settings: Settings,
+    mode: str,
+    requests: int,
+    rate: float | None,
+    progress: bool,
+    log_dir: Path,
+    timeout_s: float,
+    workers: int,
+    load: Load,
+    tolerance: tuple[float, float],
+) -> dict[str, Any]:
     processes = procs.spawn_workers(settings, mode, log_dir, count=workers)
     try:
         reader = _Reader(settings, requests, load, check=mode != "relay")

@@ -267,7 +267,8 @@ def _pipeline(
     progress: bool,
 ) -> dict[str, Any]:
     common = dict(payload="msgpack", workers=scale.workers, model=name,
-                  tolerance=scale.tolerance, progress=progress)  # fmt: skip
+                  tolerance=scale.tolerance, progress=progress,
+                  partitions=settings.partitions)  # fmt: skip
     with UtilSampler() as sampler:
         top = bench.run(settings, "fused", n, rate, **common)  # type: ignore[arg-type]
     window = top.pop("window_perf_s")

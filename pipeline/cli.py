@@ -250,6 +250,13 @@ def dlq_replay(
     help="Worker processes (per stage in split mode), sharing one consumer group.",
 )
 @click.option(
+    "--partitions",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Partitions of each topic the run creates (default: one per worker process, the "
+    "layout that measured best with the broker on the same machine).",
+)
+@click.option(
     "--scenario",
     type=click.Choice(["pipeline", "gpu", "prefetch"]),
     default="pipeline",
@@ -265,6 +272,7 @@ def bench(
     no_progress: bool,
     payload: str,
     workers: int,
+    partitions: int | None,
     scenario: str,
 ) -> None:
     """Drive N requests through a fresh pipeline; print a JSON summary as the last line."""
@@ -286,6 +294,7 @@ def bench(
         progress=not no_progress,
         payload=payload,
         workers=workers,
+        partitions=partitions,
     )
     if not as_json:
         _print_human(summary)

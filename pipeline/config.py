@@ -57,6 +57,7 @@ class Settings:
     producer_linger_ms: int = 1
     compression_type: str = "lz4"
     consumer_fetch_max_wait_ms: int = 10
+    consumer_fetch_min_bytes: int = 1
     session_timeout_ms: int = 10_000
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
@@ -129,6 +130,7 @@ class Settings:
         _require_int(self, "metrics_port", minimum=0, maximum=65535)
         _require_int(self, "producer_linger_ms", minimum=0)
         _require_int(self, "consumer_fetch_max_wait_ms", minimum=0)
+        _require_int(self, "consumer_fetch_min_bytes", minimum=1)
         _require_int(self, "session_timeout_ms", minimum=1000)
         _require_int(self, "torch_threads", minimum=1)
         if not isinstance(self.max_delay_s, (int, float)) or not 0 <= self.max_delay_s <= 60:

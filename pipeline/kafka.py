@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import ssl
 import time
 from typing import Any
@@ -10,6 +11,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPar
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from pipeline.config import Settings
+
+log = logging.getLogger(__name__)
 
 
 def confluent_config(settings: Settings, **extra: Any) -> dict[str, Any]:
@@ -58,6 +61,7 @@ def consumer_config(settings: Settings, group_id: str, **extra: Any) -> dict[str
             "auto.offset.reset": "earliest",
             "enable.auto.commit": True,
             "fetch.wait.max.ms": settings.consumer_fetch_max_wait_ms,
+            "fetch.min.bytes": settings.consumer_fetch_min_bytes,
             "fetch.message.max.bytes": max(settings.max_payload_bytes * 2, 1_048_576),
             # When the prefetch queue is full (queued.max.messages.kbytes, 64 MB: ~20k records
             # of 3 KB), librdkafka waits fetch.queue.backoff.ms, 1 s by default, before it
@@ -130,6 +134,20 @@ def ensure_topics(settings: Settings, topics: list[str], partitions: int | None 
             if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
                 raise RuntimeError(f"could not create topic {topic}: {exc}") from exc
     _wait_for_leaders(admin, [t.topic for t in wanted])
+
+
+def delete_topics(settings: Settings, topics: list[str], timeout_s: float = 15.0) -> None:
+    """Delete ``topics`` where they exist (best effort: a failure is logged, not raised)."""
+    admin = AdminClient(confluent_config(settings))
+    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    doomed = [t for t in topics if t in existing]
+    if not doomed:
+        return
+    for topic, future in admin.delete_topics(doomed, operation_timeout=timeout_s).items():
+        try:
+            future.result()
+        except KafkaException as exc:
+            log.warning("could not delete topic %s: %s", topic, exc)
 
 
 def _wait_for_leaders(admin: AdminClient, topics: list[str], timeout_s: float = 30.0) -> None:

@@ -248,7 +248,14 @@ def scale_out(
     for count in (1, 2, 3):
         log_dir = work / "logs" / f"bench-{count}"
         burst_summary = bench.run(
-            settings, "fused", burst, None, progress=False, log_dir=log_dir, workers=count
+            settings,
+            "fused",
+            burst,
+            None,
+            progress=False,
+            log_dir=log_dir,
+            workers=count,
+            partitions=partitions,
         )
         throughput[str(count)] = burst_summary["throughput_rps"]
         burst_lost += burst_summary["sent"] - burst_summary["answered"]
