@@ -206,11 +206,7 @@ def _phase(
     prefetch: bool,
     progress: bool,
 ) -> dict[str, Any]:
-    from confluent_kafka import Consumer, Producer
-
-    from pipeline.engine import BatchEngine
-    from pipeline.kafka import consumer_config, ensure_topics, pipeline_topics, producer_config
-    from pipeline.stages import SESSION_HEADER, Pipeline
+    from pipeline.kafka import delete_topics, ensure_topics, pipeline_topics
 
     settings = base.replace(
         topic_prefix=f"bp{uuid.uuid4().hex[:8]}",
@@ -219,7 +215,28 @@ def _phase(
         worker_id=name,
     )
     registry = ModelRegistry(settings.models_path, device=torch.device("cpu"))
-    ensure_topics(settings, pipeline_topics(settings, registry.names))
+    topics = pipeline_topics(settings, registry.names)
+    ensure_topics(settings, topics)
+    try:
+        return _drive_phase(settings, registry, name, trace, rate, progress)
+    finally:
+        delete_topics(settings, [*topics, settings.features_changelog_topic])
+
+
+def _drive_phase(
+    settings: Settings,
+    registry: ModelRegistry,
+    name: str,
+    trace: list[tuple[str, str]],
+    rate: float,
+    progress: bool,
+) -> dict[str, Any]:
+    from confluent_kafka import Consumer, Producer
+
+    from pipeline.engine import BatchEngine
+    from pipeline.kafka import consume_batch, consumer_config, producer_config
+    from pipeline.stages import SESSION_HEADER, Pipeline
+
     registry.load_all()
     metrics = Metrics()
     pipeline = Pipeline(settings, registry, None, metrics)
@@ -248,12 +265,22 @@ def _phase(
                 out[f"{tier}_{result}"] = v or 0.0
         return out
 
-    def drain(timeout_s: float) -> None:
-        for m in consumer.consume(500, timeout_s):
-            value = m.value()
-            if m.error() is None and value:
-                body = json.loads(value)
-                answers.setdefault(body["id"], (time.time(), body["status"]))
+    reading = threading.Event()
+    reading.set()
+
+    def read() -> None:
+        """Answers, timed as they arrive (on a thread: the sending loop must not delay it)."""
+        while reading.is_set():
+            messages = consume_batch(consumer, 500, 0.05)
+            now = time.time()
+            for m in messages:
+                value = m.value()
+                if m.error() is None and value:
+                    body = json.loads(value)
+                    answers.setdefault(body["id"], (now, body["status"]))
+
+    reader = threading.Thread(target=read, name=f"bench-reader-{name}", daemon=True)
+    reader.start()
 
     # The engine must own its partitions (and their restored tables) before timing starts.
     probe = f"{name}-probe"
@@ -264,7 +291,7 @@ def _phase(
     while probe not in answers:
         if time.monotonic() > deadline or not worker.is_alive():
             raise RuntimeError(f"bench phase {name}: the worker never answered")
-        drain(0.2)
+        time.sleep(0.05)
     # What exists now lives through the phase: keep it out of the collector's full passes,
     # as the worker does (they show up as tail latency).
     gc.collect()
@@ -272,8 +299,8 @@ def _phase(
     start = time.monotonic()
     for i, (session, key) in enumerate(trace):
         due = start + i / rate
-        while (now := time.monotonic()) < due:
-            drain(min(due - now, 0.05))
+        if (now := time.monotonic()) < due:
+            time.sleep(due - now)
         if i == warm:
             snapshot = counters()
         rid = f"{name}-{i}"
@@ -288,8 +315,10 @@ def _phase(
     producer.flush(30)
     deadline = time.monotonic() + 120
     while len([r for r in sent_at if r in answers]) < len(trace) and time.monotonic() < deadline:
-        drain(0.2)
+        time.sleep(0.1)
     after = counters()
+    reading.clear()
+    reader.join(10)
     gc.unfreeze()
     engine.stop()
     worker.join(30)
@@ -405,7 +434,7 @@ def run(
                 feature_l2_max_bytes=l1_entries * entry,
                 bloom_capacity=keys,
                 bloom_fp_rate=0.01,
-                partitions=2,
+                partitions=1,
                 prefetch_concurrency=4,
                 prefetch_budget_per_s=2000.0,
                 prefetch_hot_keys=32,

@@ -105,6 +105,10 @@ class Settings:
     prefetch_concurrency: int = 4
     prefetch_queue_size: int = 1024
     prefetch_depth: int = 2
+    # Successors remembered per key, and the least share of a key's transitions that one
+    # must hold to be prefetched (many rarely-taken successors: the end of a route).
+    prefetch_fanout: int = 16
+    prefetch_min_share: float = 0.02
     prefetch_max_keys: int = 100_000
     prefetch_hot_keys: int = 64
     # The result cache (pipeline/cache/result.py): model outputs by (model, version, inputs).
@@ -214,6 +218,7 @@ class Settings:
         _require_int(self, "prefetch_concurrency", minimum=1, maximum=256)
         _require_int(self, "prefetch_queue_size", minimum=1)
         _require_int(self, "prefetch_depth", minimum=1, maximum=16)
+        _require_int(self, "prefetch_fanout", minimum=1, maximum=256)
         _require_int(self, "prefetch_max_keys", minimum=1)
         _require_int(self, "prefetch_hot_keys", minimum=0)
         ttls = (
@@ -230,6 +235,9 @@ class Settings:
         budget = self.prefetch_budget_per_s
         if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not budget > 0:
             raise SettingsError(f"prefetch_budget_per_s must be a number > 0, got {budget!r}")
+        share = self.prefetch_min_share
+        if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 < share <= 1:
+            raise SettingsError(f"prefetch_min_share must be a number in (0, 1], got {share!r}")
 
     @property
     def features_changelog_topic(self) -> str:

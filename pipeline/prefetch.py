@@ -45,7 +45,7 @@ class Predictor:
         half_life_events: requests after which a count weighs half as much.
     """
 
-    def __init__(self, max_keys: int, fanout: int = 4, half_life_events: float = 50_000) -> None:
+    def __init__(self, max_keys: int, fanout: int = 16, half_life_events: float = 50_000) -> None:
         if not isinstance(max_keys, int) or max_keys < 1:
             raise ValueError(f"max_keys must be an integer >= 1, got {max_keys!r}")
         if not isinstance(fanout, int) or fanout < 1:
@@ -96,7 +96,7 @@ class Predictor:
                     del successors[min(successors, key=successors.__getitem__)]
                 successors[key] = w
 
-    def predict(self, key: str, depth: int = 1, min_share: float = 0.2) -> list[tuple[str, int]]:
+    def predict(self, key: str, depth: int = 1, min_share: float = 0.02) -> list[tuple[str, int]]:
         """Keys likely to follow ``key`` (with their partitions), most likely first.
 
         The successors holding at least ``min_share`` of ``key``'s transitions, then the
@@ -181,6 +181,7 @@ class Prefetcher:
         budget_per_s: float = 500.0,
         queue_size: int = 1024,
         depth: int = 2,
+        min_share: float = 0.02,
         hot_keys: int = 0,
         hot_interval_s: float = 1.0,
         track_max: int = 100_000,
@@ -197,6 +198,7 @@ class Prefetcher:
         self.concurrency = concurrency
         self.bucket = TokenBucket(budget_per_s)
         self.depth = depth
+        self.min_share = min_share
         self.hot_keys = hot_keys
         self.hot_interval_s = hot_interval_s
         self.track_max = track_max
@@ -223,11 +225,12 @@ class Prefetcher:
         return cls(
             store,
             metrics,
-            Predictor(settings.prefetch_max_keys),
+            Predictor(settings.prefetch_max_keys, fanout=settings.prefetch_fanout),
             concurrency=settings.prefetch_concurrency,
             budget_per_s=settings.prefetch_budget_per_s,
             queue_size=settings.prefetch_queue_size,
             depth=settings.prefetch_depth,
+            min_share=settings.prefetch_min_share,
             hot_keys=settings.prefetch_hot_keys,
         )
 
@@ -236,7 +239,7 @@ class Prefetcher:
     def observe(self, session: str, key: str, partition: int) -> None:
         """Learn from a request and queue the keys predicted to follow it."""
         self.predictor.observe(session, key, partition)
-        for k, p in self.predictor.predict(key, self.depth):
+        for k, p in self.predictor.predict(key, self.depth, self.min_share):
             self.submit(k, p)
 
     def submit(self, key: str, partition: int) -> bool:
