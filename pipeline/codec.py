@@ -27,6 +27,8 @@ MODEL_ERROR = "model_error"
 DELIVERY_FAILED = "delivery_failed"
 # A model takes features by key and the feature store has none for the request's key.
 UNKNOWN_KEY = "unknown_key"
+# The feature store's cold source failed (unreachable, timed out): the request can be replayed.
+FEATURE_UNAVAILABLE = "feature_unavailable"
 REASONS = (
     MALFORMED,
     SCHEMA,
@@ -39,6 +41,7 @@ REASONS = (
     MODEL_ERROR,
     DELIVERY_FAILED,
     UNKNOWN_KEY,
+    FEATURE_UNAVAILABLE,
 )
 
 DTYPES: dict[str, Any] = {

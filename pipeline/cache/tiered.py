@@ -292,7 +292,17 @@ class FeatureStore:
                 wanted.append((i, request.key, partition, spec))
         if not wanted:
             return out
-        values = self.lookup_many([(key, partition) for _, key, partition, _ in wanted])
+        try:
+            values = self.lookup_many([(key, partition) for _, key, partition, _ in wanted])
+        except Exception as exc:  # noqa: BLE001 - the source is down: its requests fail, not all
+            log.warning("feature source %s failed: %s", self.source.name, exc)
+            error = codec.RequestError(
+                codec.FEATURE_UNAVAILABLE,
+                f"the feature source ({self.source.name}) failed: {type(exc).__name__}: {exc}",
+            )
+            for i, *_ in wanted:
+                out[i] = error
+            return out
         for i, key, _, spec in wanted:
             value = values[key]
             if value is None:

@@ -212,8 +212,16 @@ def test_a_failing_source_fails_the_batchs_feature_requests_only(pipeline: Pipel
     ]
     admitted = pipeline.admit_many(batch)
     assert len(admitted) == 3 and not any(isinstance(a, Job) for a in admitted)
-    # As when admitted one at a time: an unexpected error dead-letters the record with its text.
+    # Dead-lettered with a reason of their own (replayable once the source is back), and
+    # answered with it; the malformed record keeps its own reason.
     for i in (0, 2):
         _o, records = admitted[i]  # type: ignore[misc]
         [dlq] = [json.loads(r.value) for r in records if r.topic.endswith("dlq")]
         assert dlq["offset"] == i and "source unreachable" in dlq["error"]
+        assert dlq["reason"] == codec.FEATURE_UNAVAILABLE
+        assert _answer(admitted[i]).error.code == codec.FEATURE_UNAVAILABLE  # type: ignore[union-attr]
+    _o, records = admitted[1]  # type: ignore[misc]
+    assert [json.loads(r.value)["reason"] for r in records] == ["malformed"]
+    # One at a time, the same.
+    [single] = [pipeline.admit_or_reject(batch[0])]
+    assert _answer(single).error.code == codec.FEATURE_UNAVAILABLE  # type: ignore[union-attr, arg-type]
