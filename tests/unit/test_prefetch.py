@@ -222,3 +222,20 @@ def test_a_request_never_waits_behind_a_prefetch_in_progress(tmp_path: Path) -> 
     finally:
         source.gate.set()
         store.close()
+
+
+def test_ideal_miss_rate_is_the_floor_that_noise_sets() -> None:
+    from pipeline.bench_prefetch import ideal_miss_rate
+    from pipeline.config import Settings
+
+    settings = Settings()
+    walks = patterned_trace(4000, keys=1000, seed=3, noise=0.0)
+    noisy = patterned_trace(4000, keys=1000, seed=3, noise=0.1)
+    assert 0.0 <= ideal_miss_rate(walks, 100, settings) < ideal_miss_rate(noisy, 100, settings)
+    # A cache that holds every key misses only keys never requested (nor predicted) before.
+    half = len(noisy) // 2
+    first_seen = {}
+    for i, (_, key) in enumerate(noisy):
+        first_seen.setdefault(key, i)
+    compulsory = sum(1 for i in first_seen.values() if i >= half) / half
+    assert 0.0 < ideal_miss_rate(noisy, 1000, settings) <= compulsory
