@@ -215,9 +215,9 @@ class FeatureStore:
         out: dict[str, bool | None] = {}
         wanted: dict[str, int] = {}
         for key, partition in items:
-            if self.l1.contains(key) or (
-                self.l2 is not None and self.l2.owns(partition) and self.cached(key, partition)
-            ):
+            # A predicted key already cached is refreshed (L1's recency; an L2 hit is copied
+            # into L1), so it is still there when its request comes.
+            if self.cached(key, partition) is not None:
                 out[key] = None
             elif self.known_absent(key):
                 out[key] = False
