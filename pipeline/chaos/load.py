@@ -10,9 +10,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
 from pipeline import bench, codec
+from pipeline import lag as lag_mod
 from pipeline.chaos.common import (
     RssSampler,
     answers,
@@ -26,7 +27,7 @@ from pipeline.chaos.common import (
 from pipeline.client import Client
 from pipeline.config import Settings
 from pipeline.harness import TopicReader, Workers, demo_request
-from pipeline.kafka import consume_batch, consumer_config, producer_config, topic_reader
+from pipeline.kafka import consume_batch, producer_config, topic_reader
 from pipeline.models import DEMO_LABELS, ModelConfig, ModelRegistry, TensorSpec, save_model
 
 # -- overload -------------------------------------------------------------------------------
@@ -64,26 +65,21 @@ class Heavy(torch.nn.Module):
 
 
 class _LagMonitor:
-    """The fused group's lag on the requests topic (high watermark minus committed offset)."""
+    """The fused group's offset lag on the requests topic, sampled every 0.5 s."""
 
     def __init__(self, settings: Settings) -> None:
-        topic = settings.requests_topic
-        # The worker's group id, only to read its committed offsets: this consumer never
-        # subscribes, so it never joins the group.
-        self._consumer = Consumer(
-            consumer_config(settings, settings.group_id("fused"), **{"enable.auto.commit": False})
-        )
-        partitions = self._consumer.list_topics(topic, timeout=15).topics[topic].partitions
-        self._partitions = [TopicPartition(topic, p) for p in partitions]
+        self._settings = settings
+        self._admin = lag_mod.admin_client(settings)
         self.samples: deque[int] = deque(maxlen=100_000)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lag-monitor", daemon=True)
 
     def lag(self) -> int:
-        total = 0
-        for tp in self._consumer.committed(self._partitions, timeout=10):
-            _, high = self._consumer.get_watermark_offsets(tp, timeout=10)
-            total += high - max(tp.offset, 0)
+        s = self._settings
+        rows = lag_mod.describe(
+            s, [s.group_id("fused")], [s.requests_topic], admin=self._admin, time_lag=False
+        )
+        total = sum(r.lag for r in rows)
         self.samples.append(total)
         return total
 
@@ -98,7 +94,6 @@ class _LagMonitor:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
-        self._consumer.close()
 
 
 def overload(
