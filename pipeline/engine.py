@@ -19,6 +19,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_any
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
@@ -28,10 +30,21 @@ from pipeline.batching import BatchPolicy, Flush, Scheduler
 from pipeline.config import Settings
 from pipeline.kafka import consume_batch, consumer_config, producer_config
 from pipeline.models import LoadedModel, ModelLoadError
-from pipeline.stages import Job, Origin, Outcome, Pipeline, Publication, Record, Running
+from pipeline.stages import (
+    Deferred,
+    Job,
+    Origin,
+    Outcome,
+    Pipeline,
+    Publication,
+    Record,
+    Running,
+)
 
 log = logging.getLogger(__name__)
 STAGES = ("fused", "gateway", "infer", "respond")
+# Feature-source round trips in flight at once for requests the caches could not enrich.
+ENRICH_THREADS = 4
 
 
 class _Batch:
@@ -154,6 +167,13 @@ class BatchEngine:
             self.scheduler = Scheduler(self._policy, time.time, settings.max_inflight)
             if settings.preload_models:
                 self._preload()
+        # Fused: a request whose features only the cold source has waits for them on a
+        # thread, not in the loop, so the requests behind it (and the device) do not wait.
+        self._enricher: ThreadPoolExecutor | None = None
+        self._enriching: list[tuple[Future[Any], Deferred, _Batch]] = []
+        self._deferred = 0
+        if stage == "fused" and pipeline.features is not None:
+            self._enricher = ThreadPoolExecutor(ENRICH_THREADS, thread_name_prefix="sluice-enrich")
 
     def _policy(self, model: LoadedModel) -> BatchPolicy:
         s = self.settings
@@ -239,10 +259,12 @@ class BatchEngine:
         """
         sched = self.scheduler
         assert sched is not None
-        room = sched.max_pending - sched.pending
+        room = sched.max_pending - sched.pending - self._deferred
         messages = []
         if room > 0:
             wait_s = 0.0 if self.running else self._wait_s()
+            if self._enriching:
+                wait_s = min(wait_s, 0.001)  # a fetch may finish any moment
             if sched.pending:
                 # A batch is filling: librdkafka returns once it could be full, or when the
                 # batcher's next flush is due.
@@ -253,11 +275,21 @@ class BatchEngine:
                 messages = consume_batch(self.consumer, n, wait_s)
         if messages:
             self._enqueue(messages)
+        if self._enriching:
+            if room <= 0 and not self.running:  # full, nothing to compute: wait for a fetch
+                wait_any([f for f, _, _ in self._enriching], 0.005, FIRST_COMPLETED)
+            self._admit_enriched()
         started = self._start_due()
         self._collect(keep=started)
         if self.transactional:
             interval_s = self.settings.transaction_interval_ms / 1000.0
-            idle = not messages and not started and not self.running and not sched.pending
+            idle = (
+                not messages
+                and not started
+                and not self.running
+                and not sched.pending
+                and not self._enriching
+            )
             started_s = self._txn_started
             if started_s is not None and (idle or time.monotonic() - started_s >= interval_s):
                 self.tracker.settle(self._txn_store)
@@ -278,16 +310,43 @@ class BatchEngine:
         origins, consumed = self._decode(messages)
         if not consumed:
             return
-        assert self.scheduler is not None
         batch = self.tracker.open(consumed)
-        jobs, publications = self._admit(origins)
-        self._publish(publications, batch)
+        if self._enricher is None:
+            self._schedule(self.pipeline.admit_many(origins), batch)
+            return
+        admitted, deferred = self.pipeline.admit_cached(origins)
+        self._schedule(admitted, batch)
+        if deferred is not None:
+            # Held (offsets not stored) until admitted and answered.
+            batch.held += deferred.count
+            self._deferred += deferred.count
+            future = self._enricher.submit(self.pipeline.fetch_features, deferred)
+            self._enriching.append((future, deferred, batch))
+
+    def _schedule(self, admitted: list[Job | Publication], batch: _Batch) -> None:
+        """Publish the rejected records; hand the jobs to the batcher."""
+        assert self.scheduler is not None
+        jobs = [a for a in admitted if isinstance(a, Job)]
+        self._publish([a for a in admitted if not isinstance(a, Job)], batch)
         batch.held += len(jobs)
         add = self.scheduler.add
         for job in jobs:
             job.owner = batch
             deadline_s = job.deadline_ms / 1000.0 if job.deadline_ms is not None else None
             add(job.model, job, deadline_s, job.origin.timestamp_ms / 1000.0)
+
+    def _admit_enriched(self, wait: bool = False) -> None:
+        """Admit the deferred requests whose features have come (all, waiting, with ``wait``)."""
+        still: list[tuple[Future[Any], Deferred, _Batch]] = []
+        for future, deferred, batch in self._enriching:
+            if not (wait or future.done()):
+                still.append((future, deferred, batch))
+                continue
+            admitted = self.pipeline.admit_fetched(deferred, future.result())
+            self._deferred -= deferred.count
+            batch.held -= deferred.count
+            self._schedule(admitted, batch)
+        self._enriching = still
 
     def _start_due(self, force: bool = False) -> int:
         """Start every batch the batcher says is due; returns how many were started."""
@@ -358,6 +417,7 @@ class BatchEngine:
         """Run and publish everything held (before partitions move, and at the end)."""
         if self.scheduler is None:
             return
+        self._admit_enriched(wait=True)
         self._start_due(force=True)
         self._collect()
 
@@ -512,6 +572,7 @@ class BatchEngine:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assignment = []
+        self._admit_enriched(wait=True)  # their fetches fill the tables about to close
         self._feature_tables(partitions, assigned=False)
         self._drain()  # answer what the batcher holds before the partitions move
         if self.transactional:
@@ -549,6 +610,8 @@ class BatchEngine:
                 self.consumer.commit(asynchronous=False)
             except Exception as exc:  # noqa: BLE001
                 log.debug("final commit: %s", exc)
+        if self._enricher is not None:
+            self._enricher.shutdown(wait=False)
         self.consumer.close()
 
 

@@ -13,7 +13,7 @@ import inspect
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -133,6 +133,21 @@ def now_ms() -> float:
     return time.time() * 1000.0
 
 
+@dataclass(slots=True)
+class Deferred:
+    """The requests of a consumed batch whose features only the cold source has, waiting for
+    one round trip for ``misses`` (key -> partition); ``waiting`` holds, per request, its
+    index in ``origins``, model and error context, and its feature-store entry."""
+
+    origins: Sequence[Origin]
+    waiting: list[tuple[tuple[int, LoadedModel, dict[str, Any]], Any]]
+    misses: dict[str, int]
+
+    @property
+    def count(self) -> int:
+        return len(self.waiting)
+
+
 class Pipeline:
     """Gateway, infer and respond logic shared by every engine and mode.
 
@@ -248,10 +263,44 @@ class Pipeline:
     def admit_many(self, origins: Sequence[Origin]) -> list[Job | Publication]:
         """`admit_or_reject` for a consumed batch, in order. The batch's feature-store misses
         share one source round trip, so a batch waits for the cold source once, not once
-        per miss (and the requests whose features were cached wait for none of it)."""
+        per miss. (The batch engine does not wait at all: `admit_cached`.)"""
         if self.features is None or len(origins) < 2:
             return [self.admit_or_reject(o) for o in origins]
-        out: list[Job | Publication | None] = [None] * len(origins)
+        admitted, deferred = self._admit_cached(origins)
+        if deferred is not None:
+            admitted.update(self._admit_fetched(deferred, self.fetch_features(deferred)))
+        return [admitted[i] for i in sorted(admitted)]
+
+    def admit_cached(
+        self, origins: Sequence[Origin]
+    ) -> tuple[list[Job | Publication], Deferred | None]:
+        """`admit_many` without waiting for the feature source: the requests whose features
+        only the source has come back in a `Deferred`, to admit with `admit_fetched` once
+        `fetch_features` (on another thread, say) has them."""
+        if self.features is None:
+            return [self.admit_or_reject(o) for o in origins], None
+        admitted, deferred = self._admit_cached(origins)
+        return [admitted[i] for i in sorted(admitted)], deferred
+
+    def fetch_features(self, deferred: Deferred) -> dict[str, bytes | None] | Exception:
+        """One source round trip for a `Deferred`'s keys (or the exception it failed with)."""
+        assert self.features is not None
+        try:
+            return self.features.fetch(deferred.misses)
+        except Exception as exc:  # noqa: BLE001 - e.g. the source is down: each one fails
+            return exc
+
+    def admit_fetched(
+        self, deferred: Deferred, fetched: Mapping[str, bytes | None] | Exception
+    ) -> list[Job | Publication]:
+        admitted = self._admit_fetched(deferred, fetched)
+        return [admitted[i] for i in sorted(admitted)]
+
+    def _admit_cached(
+        self, origins: Sequence[Origin]
+    ) -> tuple[dict[int, Job | Publication], Deferred | None]:
+        assert self.features is not None
+        out: dict[int, Job | Publication] = {}
         resolved: list[tuple[int, codec.Request, LoadedModel, dict[str, Any]]] = []
         for i, origin in enumerate(origins):
             try:
@@ -259,20 +308,53 @@ class Pipeline:
             except Exception as exc:  # noqa: BLE001 - a record must never stop the worker
                 out[i] = self._rejected(origin, exc)
         entries = [self._feature_entry(origins[i], r, m) for i, r, m, _ in resolved]
-        enriched: list[codec.Request | Exception]
+        enriched: list[codec.Request | RequestError | Exception | None]
+        misses: dict[str, int] = {}
         try:
-            enriched = list(self.features.enrich_many(entries))
-        except Exception as exc:  # noqa: BLE001 - e.g. the source is down: each one fails
+            found, misses = self.features.enrich_cached(entries)
+            enriched = list(found)
+        except Exception as exc:  # noqa: BLE001 - e.g. a store failed: each one fails
             enriched = [exc] * len(resolved)
-        for (i, _, model, context), result in zip(resolved, enriched, strict=True):
-            try:
-                if isinstance(result, Exception) and not isinstance(result, RequestError):
-                    raise result
-                job = self._job(origins[i], self._enriched(result, context), model, context)
-                out[i] = (self.cached_response(job) or job) if self.results is not None else job
-            except Exception as exc:  # noqa: BLE001 - a record must never stop the worker
-                out[i] = self._rejected(origins[i], exc)
-        return [o for o in out if o is not None]
+        waiting = []
+        for (i, _, model, context), entry, result in zip(resolved, entries, enriched, strict=True):
+            if result is None:
+                waiting.append(((i, model, context), entry))
+            else:
+                out[i] = self._admitted(origins[i], result, model, context)
+        return out, (Deferred(origins, waiting, misses) if waiting else None)
+
+    def _admit_fetched(
+        self, deferred: Deferred, fetched: Mapping[str, bytes | None] | Exception
+    ) -> dict[int, Job | Publication]:
+        assert self.features is not None
+        entries = [entry for _, entry in deferred.waiting]
+        pending: list[codec.Request | RequestError | None] = [None] * len(entries)
+        enriched = (
+            self.features.enrich_failed(pending, fetched)
+            if isinstance(fetched, Exception)
+            else self.features.enrich_fetched(entries, pending, fetched)
+        )
+        out: dict[int, Job | Publication] = {}
+        for ((i, model, context), _), result in zip(deferred.waiting, enriched, strict=True):
+            out[i] = self._admitted(deferred.origins[i], result, model, context)
+        return out
+
+    def _admitted(
+        self,
+        origin: Origin,
+        result: codec.Request | Exception,
+        model: LoadedModel,
+        context: dict[str, Any],
+    ) -> Job | Publication:
+        """A job for an enriched request (or its answer from the result cache), or the
+        records that reject it."""
+        try:
+            if isinstance(result, Exception) and not isinstance(result, RequestError):
+                raise result
+            job = self._job(origin, self._enriched(result, context), model, context)
+            return (self.cached_response(job) or job) if self.results is not None else job
+        except Exception as exc:  # noqa: BLE001 - a record must never stop the worker
+            return self._rejected(origin, exc)
 
     def _rejected(self, origin: Origin, exc: Exception) -> Publication:
         if isinstance(exc, RequestError):

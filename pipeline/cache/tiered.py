@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -155,6 +155,16 @@ class FeatureStore:
         too (the duplicate costs one key in a round trip the batch makes anyway). A key the
         batch asks for twice is looked up, and counted, once.
         """
+        out, misses = self.lookup_cached(items)
+        if misses:
+            out.update(self.fetch(misses))
+        return out
+
+    def lookup_cached(
+        self, items: Sequence[tuple[str, int]]
+    ) -> tuple[dict[str, bytes | None], dict[str, int]]:
+        """The first half of `lookup_many`: what L1, L2 and the absent-key guards answer, and
+        the keys (with their partitions) that only the source can."""
         out: dict[str, bytes | None] = {}
         misses: dict[str, int] = {}
         for key, partition in items:
@@ -170,17 +180,22 @@ class FeatureStore:
                 out[key] = None
             else:
                 misses[key] = partition
-        if misses:
-            found = self.source.get_many(list(misses))
-            for key, partition in misses.items():
-                value = found.get(key)
-                self._count("l3", value is not None)
-                if value is None:
-                    if self.negative is not None:
-                        self.negative.add(key)
-                else:
-                    self.fill(key, value, partition)
-                out[key] = value
+        return out, misses
+
+    def fetch(self, misses: Mapping[str, int]) -> dict[str, bytes | None]:
+        """The second half: ``misses`` from the source in one round trip, kept in the tiers
+        (None: the key does not exist). Safe on another thread, as the prefetcher's are."""
+        found = self.source.get_many(list(misses))
+        out: dict[str, bytes | None] = {}
+        for key, partition in misses.items():
+            value = found.get(key)
+            self._count("l3", value is not None)
+            if value is None:
+                if self.negative is not None:
+                    self.negative.add(key)
+            else:
+                self.fill(key, value, partition)
+            out[key] = value
         return out
 
     def cached(self, key: str, partition: int, count: bool = False) -> bytes | None:
@@ -268,7 +283,20 @@ class FeatureStore:
         """`enrich` for a consumed batch, in order: each entry ``(request, model, partition,
         session)`` becomes its enriched request or the `codec.RequestError` it fails with.
         The batch's cache misses share one source round trip (`lookup_many`)."""
-        out: list[codec.Request | codec.RequestError] = []
+        out, misses = self.enrich_cached(entries)
+        try:
+            values = self.fetch(misses) if misses else {}
+        except Exception as exc:  # noqa: BLE001 - the source is down: its requests fail, not all
+            return self.enrich_failed(out, exc)
+        return self.enrich_fetched(entries, out, values)
+
+    def enrich_cached(
+        self, entries: Sequence[tuple[codec.Request, LoadedModel, int, str]]
+    ) -> tuple[list[codec.Request | codec.RequestError | None], dict[str, int]]:
+        """`enrich_many` without the source: None for each entry whose features only the
+        source has, and those keys (with partitions) to fetch (`fetch`, then
+        `enrich_fetched`)."""
+        out: list[codec.Request | codec.RequestError | None] = []
         wanted: list[tuple[int, str, int, FeatureSpec]] = []
         for i, (request, model, partition, session) in enumerate(entries):
             out.append(request)
@@ -291,26 +319,38 @@ class FeatureStore:
             else:
                 wanted.append((i, request.key, partition, spec))
         if not wanted:
-            return out
-        try:
-            values = self.lookup_many([(key, partition) for _, key, partition, _ in wanted])
-        except Exception as exc:  # noqa: BLE001 - the source is down: its requests fail, not all
-            log.warning("feature source %s failed: %s", self.source.name, exc)
-            error = codec.RequestError(
-                codec.FEATURE_UNAVAILABLE,
-                f"the feature source ({self.source.name}) failed: {type(exc).__name__}: {exc}",
-            )
-            for i, *_ in wanted:
-                out[i] = error
-            return out
+            return out, {}
+        values, misses = self.lookup_cached([(key, partition) for _, key, partition, _ in wanted])
         for i, key, _, spec in wanted:
-            value = values[key]
-            if value is None:
-                out[i] = codec.RequestError(codec.UNKNOWN_KEY, f"no features for key {key!r}")
-                continue
-            tensor = codec.Tensor(spec.input, spec.datatype, list(spec.shape), value)  # type: ignore[arg-type]
-            out[i] = msgspec.structs.replace(entries[i][0], inputs=[*entries[i][0].inputs, tensor])
-        return out
+            out[i] = None if key in misses else _filled(entries[i][0], spec, values[key])
+        return out, misses
+
+    def enrich_fetched(
+        self,
+        entries: Sequence[tuple[codec.Request, LoadedModel, int, str]],
+        out: list[codec.Request | codec.RequestError | None],
+        values: Mapping[str, bytes | None],
+    ) -> list[codec.Request | codec.RequestError]:
+        """Fill the entries `enrich_cached` left waiting from the fetched ``values``."""
+        done: list[codec.Request | codec.RequestError] = []
+        for (request, model, _, _), result in zip(entries, out, strict=True):
+            if result is None:
+                spec = self.spec(model)
+                assert spec is not None and request.key is not None
+                result = _filled(request, spec, values.get(request.key))
+            done.append(result)
+        return done
+
+    def enrich_failed(
+        self, out: list[codec.Request | codec.RequestError | None], exc: Exception
+    ) -> list[codec.Request | codec.RequestError]:
+        """The entries left waiting fail with ``feature_unavailable``: the source failed."""
+        log.warning("feature source %s failed: %s", self.source.name, exc)
+        error = codec.RequestError(
+            codec.FEATURE_UNAVAILABLE,
+            f"the feature source ({self.source.name}) failed: {type(exc).__name__}: {exc}",
+        )
+        return [error if result is None else result for result in out]
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -358,3 +398,13 @@ class _Counter:
                 child = self._metrics.cache_requests.labels(tier, "hit" if hit else "miss")
                 self._children[(tier, hit)] = child
         child.inc()
+
+
+def _filled(
+    request: codec.Request, spec: FeatureSpec, value: bytes | None
+) -> codec.Request | codec.RequestError:
+    """``request`` with its feature input ``value``, or ``unknown_key`` without one."""
+    if value is None:
+        return codec.RequestError(codec.UNKNOWN_KEY, f"no features for key {request.key!r}")
+    tensor = codec.Tensor(spec.input, spec.datatype, list(spec.shape), value)  # type: ignore[arg-type]
+    return msgspec.structs.replace(request, inputs=[*request.inputs, tensor])

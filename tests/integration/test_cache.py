@@ -247,6 +247,41 @@ def test_table_partition_follows_a_rebalance(table_settings: Settings) -> None:
                 b.stop()
 
 
+def test_a_slow_source_does_not_hold_up_cached_requests(table_settings: Settings) -> None:
+    """The batch engine admits a request whose features must come from the source on a
+    thread: while that round trip hangs, requests with cached features are answered."""
+    worker = InProcessWorker(table_settings, "a")
+    assert worker.pipeline.features is not None
+    gate, entered = threading.Event(), threading.Event()
+    inner = worker.pipeline.features.source
+    real_get_many = inner.get_many
+
+    def slow_get_many(keys):  # type: ignore[no-untyped-def]
+        keys = list(keys)
+        if "user-20" in keys:
+            entered.set()
+            gate.wait(30)
+        return real_get_many(keys)
+
+    inner.get_many = slow_get_many  # type: ignore[method-assign]
+    try:
+        with Client(table_settings) as client:
+            warm = [f"user-{i}" for i in range(4)]
+            assert set(_ask(client, warm).values()) == {"ok"}  # now cached
+            slow = client.submit(feature_request("slow-1", "user-20"))
+            client.flush()
+            assert entered.wait(30), "the source was never asked for user-20"
+            assert set(_ask(client, warm).values()) == {"ok"}  # answered while it hangs
+            assert not slow.done()
+            gate.set()
+            answer = slow.result(timeout=60)
+            assert answer.status == "ok"
+            assert answer.outputs
+    finally:
+        gate.set()
+        worker.stop()
+
+
 def test_changelog_replays_evictions_and_expiry(bootstrap: str, tmp_path: Path) -> None:
     """Restoring from the changelog keeps the byte bound and drops what expired."""
     settings = make_settings(bootstrap, tmp_path, partitions=1)

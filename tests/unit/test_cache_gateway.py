@@ -225,3 +225,41 @@ def test_a_failing_source_fails_the_batchs_feature_requests_only(pipeline: Pipel
     # One at a time, the same.
     [single] = [pipeline.admit_or_reject(batch[0])]
     assert _answer(single).error.code == codec.FEATURE_UNAVAILABLE  # type: ignore[union-attr, arg-type]
+
+
+def test_admit_cached_defers_only_the_requests_the_source_must_answer(
+    pipeline: Pipeline,
+) -> None:
+    """The batch engine's path: cached features are admitted at once, the rest wait for one
+    round trip (`fetch_features`, on another thread there) and are admitted after it."""
+    assert pipeline.features is not None
+    source = _CountingSource(pipeline.features.source)
+    pipeline.features.source = source
+    pipeline.admit_many([_origin(feature_request("w0", "user-1"), 0)])  # user-1 now cached
+    calls = len(source.calls)
+    batch = [
+        _origin(feature_request("c0", "user-1"), 0),
+        _origin(feature_request("m1", "user-2"), 1),
+        Origin("requests", 0, 2, now_ms(), b"{not json"),
+        _origin(feature_request("a3", "nobody"), 3),  # absent (Bloom filter): answered now
+        _origin(feature_request("m4", "user-2"), 4),
+    ]
+    admitted, deferred = pipeline.admit_cached(batch)
+    assert len(source.calls) == calls, "admit_cached must not wait for the source"
+    assert [type(a).__name__ for a in admitted] == ["Job", "tuple", "tuple"]
+    assert isinstance(admitted[0], Job) and admitted[0].origin.offset == 0
+    assert _answer(admitted[2]).error.code == codec.UNKNOWN_KEY
+    assert deferred is not None and deferred.count == 2 and deferred.misses == {"user-2": -1}
+
+    later = pipeline.admit_fetched(deferred, pipeline.fetch_features(deferred))
+    assert len(source.calls) == calls + 1 and source.calls[-1] == ["user-2"]
+    assert [a.origin.offset for a in later if isinstance(a, Job)] == [1, 4]
+    assert all(
+        a.request.inputs[-1].data == feature_value("user-2") for a in later if isinstance(a, Job)
+    )
+
+    # A failed round trip fails the deferred requests only, each with its reason.
+    _, deferred = pipeline.admit_cached([_origin(feature_request("m5", "user-3"), 5)])
+    assert deferred is not None
+    failed = pipeline.admit_fetched(deferred, ConnectionError("source unreachable"))
+    assert _answer(failed[0]).error.code == codec.FEATURE_UNAVAILABLE
