@@ -131,13 +131,22 @@ def test_enrichment_end_to_end_from_redis(
         assert missing.error is not None and missing.error.code == "unknown_key"
         assert "nobody" in missing.error.message
         assert workers.alive()
+    # Each of the 20 keys went into the table of its partition. The table's changelog
+    # records are produced beside the answers, not before them: wait for them a little.
     consumer = Consumer(consumer_config(settings, f"{settings.topic_prefix}-check"))
+    changelog = settings.features_changelog_topic
+    deadline = time.monotonic() + 15
     try:
-        changelog = settings.features_changelog_topic
-        written = sum(high_watermark(consumer, changelog, p) for p in range(settings.partitions))
+        while True:
+            written = sum(
+                high_watermark(consumer, changelog, p) for p in range(settings.partitions)
+            )
+            if written >= 20 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
     finally:
         consumer.close()
-    assert written >= 20  # each of the 20 keys went into the table of its partition
+    assert written >= 20
 
 
 # -- L2 tables: changelog recovery and rebalance -------------------------------------------
