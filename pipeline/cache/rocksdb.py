@@ -34,6 +34,8 @@ _ORDER = b"s"  # s<seq: u64 big-endian> -> <key>: write order, for eviction
 _OFFSET = b"m:changelog-offset"  # the next changelog offset to replay
 _HEADER = struct.Struct("<dQ")
 _EXPIRY = struct.Struct("<d")
+# How long a put waits for its partition's restore (the restore's own bound).
+_RESTORE_WAIT_S = 60.0
 
 
 def _options(memtable_bytes: int, block_cache_bytes: int) -> rocksdict.Options:
@@ -229,30 +231,40 @@ class PartitionedTables:
         self.default_ttl_s = default_ttl_s
         self.changelog = changelog
         self._stores: dict[int, RocksDBTier] = {}
+        # Partitions being restored from the changelog: set once their store serves.
+        self._restoring: dict[int, threading.Event] = {}
         self._lock = threading.RLock()
 
     def owns(self, partition: int) -> bool:
-        return partition in self._stores
+        return partition in self._stores or partition in self._restoring
 
     @property
     def partitions(self) -> list[int]:
         return sorted(self._stores)
 
     def assign(self, partitions: Iterable[int]) -> None:
+        """Open (and restore from the changelog) the stores of ``partitions``. A `put` for a
+        partition still restoring waits for it, so data fetched meanwhile (by a worker that
+        serves records while it restores, as faust's may) still reaches the table."""
         for p in partitions:
             with self._lock:
-                if p in self._stores:
+                if p in self._stores or p in self._restoring:
                     continue
-                store = RocksDBTier(
-                    self.root / f"p{p}",
-                    self.max_bytes_per_partition,
-                    self.default_ttl_s,
-                    on_evict=self._tombstone(p),
-                )
-                if self.changelog is not None:
-                    restored = self.changelog.restore(p, store)
-                    log.info("L2 partition %d: replayed %d changelog records", p, restored)
-                self._stores[p] = store
+                restored_event = self._restoring[p] = threading.Event()
+                try:
+                    store = RocksDBTier(
+                        self.root / f"p{p}",
+                        self.max_bytes_per_partition,
+                        self.default_ttl_s,
+                        on_evict=self._tombstone(p),
+                    )
+                    if self.changelog is not None:
+                        restored = self.changelog.restore(p, store)
+                        log.info("L2 partition %d: replayed %d changelog records", p, restored)
+                    self._stores[p] = store
+                finally:
+                    del self._restoring[p]
+                    restored_event.set()
 
     def revoke(self, partitions: Iterable[int]) -> None:
         if self.changelog is not None:
@@ -269,6 +281,9 @@ class PartitionedTables:
 
     def put(self, key: str, value: bytes, partition: int, ttl_s: float | None = None) -> bool:
         store = self._stores.get(partition)
+        restoring = self._restoring.get(partition) if store is None else None
+        if restoring is not None and restoring.wait(_RESTORE_WAIT_S):
+            store = self._stores.get(partition)
         if store is None:
             return False
         ttl = self.default_ttl_s if ttl_s is None else ttl_s

@@ -330,3 +330,44 @@ def test_prefetch_many_takes_one_round_trip(
     assert set(source.looked_up) <= {"k1", "k2", "k404"}  # k404 only as a Bloom false positive
     assert fs.l1.get("k1") == b"v1" and fs.l1.get("k2") == b"v2"
     assert fs.l2 is not None and fs.l2.get("k1", 0) == b"v1"
+
+
+def test_a_put_during_a_partitions_restore_waits_for_it_and_lands(tmp_path: Path) -> None:
+    """A worker may serve (and fetch) while a partition's table restores from its changelog
+    (faust's signals do not hold records back): what it fetches must still reach the table,
+    after the restored records, and the changelog."""
+    import threading
+
+    class SlowChangelog:
+        def __init__(self) -> None:
+            self.gate, self.entered, self.written = threading.Event(), threading.Event(), []
+
+        def restore(self, partition: int, store: RocksDBTier) -> int:
+            self.entered.set()
+            self.gate.wait(10)
+            store.put("k", b"restored")
+            return 1
+
+        def write(self, partition: int, key: str, value: bytes | None) -> None:
+            self.written.append((partition, key))
+
+        def flush(self) -> None: ...
+
+        def close(self) -> None: ...
+
+    changelog = SlowChangelog()
+    tables = PartitionedTables(tmp_path / "t", 1 << 20, 0.0, changelog)  # type: ignore[arg-type]
+    assigning = threading.Thread(target=tables.assign, args=([3],))
+    assigning.start()
+    assert changelog.entered.wait(10)
+    assert tables.owns(3) and tables.partitions == []  # restoring: not serving yet
+    put = threading.Thread(target=tables.put, args=("k", b"fetched", 3))
+    put.start()
+    time.sleep(0.2)
+    assert put.is_alive(), "the put must wait for the restore"
+    changelog.gate.set()
+    assigning.join(10)
+    put.join(10)
+    assert tables.get("k", 3) == b"fetched"  # after the restored value, not under it
+    assert changelog.written == [(3, "k")]
+    tables.close()
