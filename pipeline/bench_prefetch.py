@@ -32,14 +32,14 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.cache.base import FeatureSource, entry_bytes
+from pipeline.cache.base import FeatureSource, WrappedSource, entry_bytes
 from pipeline.cache.bloom import BloomFilter
 from pipeline.config import Settings
 from pipeline.metrics import Metrics
@@ -196,13 +196,12 @@ def ideal_miss_rate(
 # -- the slow source (harness only) ---------------------------------------------------------
 
 
-class DelayedSource(FeatureSource):
+class DelayedSource(WrappedSource):
     """Wraps a source: each lookup takes ``delay_s`` more (the bench's remote store)."""
 
     def __init__(self, inner: FeatureSource, delay_s: float) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.delay_s = delay_s
-        self.name = inner.name
         self.lookups = 0
         self.absent_lookups = 0
         self._lock = threading.Lock()
@@ -215,15 +214,6 @@ class DelayedSource(FeatureSource):
             self.lookups += len(keys)
             self.absent_lookups += sum(1 for k in keys if k not in out)
         return out
-
-    def put_many(self, items: Mapping[str, bytes]) -> None:
-        self.inner.put_many(items)
-
-    def keys(self) -> Iterator[str]:
-        return self.inner.keys()
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 # -- one phase, end to end ------------------------------------------------------------------

@@ -82,6 +82,27 @@ class FeatureSource(abc.ABC):
         """Release connections and files."""
 
 
+class WrappedSource(FeatureSource):
+    """A source that hands every call to ``inner``: subclasses override what they measure
+    or slow down (the benchmark's delayed source, tests' counting ones)."""
+
+    def __init__(self, inner: FeatureSource) -> None:
+        self.inner = inner
+        self.name = inner.name
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
+        return self.inner.get_many(keys)
+
+    def put_many(self, items: Mapping[str, bytes]) -> None:
+        self.inner.put_many(items)
+
+    def keys(self) -> Iterator[str]:
+        return self.inner.keys()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 def entry_bytes(key: str, value: bytes) -> int:
     """What an entry counts against a byte bound: its key and value plus a fixed overhead
     for the bookkeeping around it (dict slot, tuple, expiry)."""

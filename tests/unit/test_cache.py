@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from pipeline import codec
-from pipeline.cache.base import FeatureSource, Tier, entry_bytes
+from pipeline.cache.base import FeatureSource, Tier, WrappedSource, entry_bytes
 from pipeline.cache.bloom import BloomFilter, NegativeCache
 from pipeline.cache.memory import MemoryTier
 from pipeline.cache.result import ResultCache
@@ -193,11 +193,11 @@ def test_negative_cache_expires_and_is_bounded() -> None:
 # -- the tiered read-through ---------------------------------------------------------------------
 
 
-class CountingSource(FeatureSource):
+class CountingSource(WrappedSource):
     """A real FileSource, counting the keys looked up in it."""
 
     def __init__(self, inner: FeatureSource) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.looked_up: list[str] = []
         self.round_trips = 0
 
@@ -206,15 +206,6 @@ class CountingSource(FeatureSource):
         self.looked_up += keys
         self.round_trips += 1
         return self.inner.get_many(keys)
-
-    def put_many(self, items):  # type: ignore[no-untyped-def]
-        self.inner.put_many(items)
-
-    def keys(self):  # type: ignore[no-untyped-def]
-        return self.inner.keys()
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import msgspec
@@ -19,7 +19,7 @@ from pipeline.bench_prefetch import (
     feature_value,
     init_feature_model,
 )
-from pipeline.cache.base import FeatureSource
+from pipeline.cache.base import FeatureSource, WrappedSource
 from pipeline.cache.sources.files import FileSource
 from pipeline.config import Settings
 from pipeline.metrics import Metrics
@@ -139,26 +139,17 @@ def test_result_cache_never_answers_for_another_version(pipeline: Pipeline) -> N
     assert hit.model_version == "1"
 
 
-class _CountingSource(FeatureSource):
+class _CountingSource(WrappedSource):
     """Records each source round trip (the keys asked for) of the source it wraps."""
 
     def __init__(self, inner: FeatureSource) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.calls: list[list[str]] = []
 
     def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
         keys = list(keys)
         self.calls.append(keys)
         return self.inner.get_many(keys)
-
-    def put_many(self, items: Mapping[str, bytes]) -> None:
-        self.inner.put_many(items)
-
-    def keys(self) -> Iterator[str]:
-        return self.inner.keys()
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def test_a_batchs_misses_share_one_source_round_trip(pipeline: Pipeline) -> None:
