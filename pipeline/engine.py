@@ -393,25 +393,23 @@ class BatchEngine:
         )
         self._begin_transaction()
         for origin, records in publications:
-            batch = owner[id(origin)]
-            for r in records:
-                if self.transactional:
-                    self._produce(r)
-                else:
-                    batch.outstanding += 1
-                    self._produce(r, batch.on_delivery)
+            self._send(records, owner[id(origin)])
         for o in outcomes:  # answered: its offsets may be stored once delivered
             o.job.owner.held -= 1
 
     def _publish(self, publications: list[Publication], batch: _Batch) -> None:
         self._begin_transaction()  # a batch may finish after the last one was committed
         for _origin, records in publications:
-            for r in records:
-                if self.transactional:
-                    self._produce(r)
-                else:
-                    batch.outstanding += 1
-                    self._produce(r, batch.on_delivery)
+            self._send(records, batch)
+
+    def _send(self, records: list[Record], batch: _Batch) -> None:
+        """Produce records counted against ``batch`` (in its transaction, exactly-once)."""
+        for r in records:
+            if self.transactional:
+                self._produce(r)
+            else:
+                batch.outstanding += 1
+                self._produce(r, batch.on_delivery)
 
     def _drain(self) -> None:
         """Run and publish everything held (before partitions move, and at the end)."""
@@ -472,9 +470,7 @@ class BatchEngine:
             return
         batch = self.tracker.open(consumed)
         for _origin, records in self.process(origins):
-            for r in records:
-                batch.outstanding += 1
-                self._produce(r, batch.on_delivery)
+            self._send(records, batch)  # not transactional here (handled above)
 
     def _produce(self, r: Record, on_delivery: Any = None) -> None:
         while True:
