@@ -61,7 +61,7 @@ def create_app(settings: Settings, stage: str) -> SluiceApp:
         consumer_auto_offset_reset="earliest",
         producer_linger=settings.producer_linger_ms / 1000.0,
         producer_acks=-1,
-        producer_max_request_size=max(settings.max_payload_bytes * 2, 1_048_576),
+        producer_max_request_size=settings.max_record_bytes,
         consumer_max_fetch_size=max(settings.max_payload_bytes * 2, 1_048_576),
         broker_commit_interval=1.0,
         # A crashed worker's partitions move to the others after this long.

@@ -215,13 +215,15 @@ def dlq_replay(
     """Re-drive dead-lettered records (after a fix); prints a JSON summary."""
     import json
 
-    from pipeline.dlq import replay
+    from pipeline.dlq import TRUNCATED_WHY, replay
 
     try:
         summary = replay(_settings(), set(reasons) or None, max_records, dry_run, to_topic)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     click.echo(json.dumps(summary))
+    if summary["truncated"]:
+        click.echo(f"refused {summary['truncated']} truncated record(s): {TRUNCATED_WHY}", err=True)
 
 
 # -- bench, demo ----------------------------------------------------------------------------

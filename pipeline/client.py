@@ -12,7 +12,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from pipeline import codec
 from pipeline.config import Settings
-from pipeline.kafka import consume_batch, consumer_config, high_watermark, producer_config
+from pipeline.kafka import consume_batch, consumer_config, high_watermark, produce, producer_config
 
 Request = dict[str, Any] | codec.Request
 
@@ -114,12 +114,7 @@ class Client:
         return future
 
     def _produce(self, topic: str, key: bytes, value: bytes | None, headers: list[Any]) -> None:
-        while True:
-            try:
-                self._producer.produce(topic, value, key, headers=headers or None)
-                break
-            except BufferError:
-                self._producer.poll(0.05)
+        produce(self._producer, topic, value, key, headers or None)
         self._producer.poll(0)
 
     def infer(

@@ -7,6 +7,7 @@ Decoding is strict (msgspec structs that mirror the JSON Schemas) and every fail
 from __future__ import annotations
 
 import base64
+import hashlib
 import math
 import time
 from typing import Annotated, Any, Literal
@@ -29,6 +30,10 @@ DELIVERY_FAILED = "delivery_failed"
 UNKNOWN_KEY = "unknown_key"
 # The feature store's cold source failed (unreachable, timed out): the request can be replayed.
 FEATURE_UNAVAILABLE = "feature_unavailable"
+# A record the worker made for the request (its answer, say) is larger than the producer or
+# the topic accepts. `DELIVERY_FAILED` is the other record-tied produce failure: a topic that
+# does not exist, is invalid or is not writable.
+RECORD_TOO_LARGE = "record_too_large"
 REASONS = (
     MALFORMED,
     SCHEMA,
@@ -42,6 +47,7 @@ REASONS = (
     DELIVERY_FAILED,
     UNKNOWN_KEY,
     FEATURE_UNAVAILABLE,
+    RECORD_TOO_LARGE,
 )
 
 DTYPES: dict[str, Any] = {
@@ -163,6 +169,9 @@ class Response(msgspec.Struct, omit_defaults=True):
 
 
 class DlqRecord(msgspec.Struct):
+    """A dead-lettered record. ``original_b64`` is the whole original unless ``truncated``:
+    then it is a prefix, and ``original_size`` and ``original_sha256`` identify the rest."""
+
     original_b64: str
     topic: str
     partition: int
@@ -174,6 +183,9 @@ class DlqRecord(msgspec.Struct):
     time_ms: int
     request_id: str | None = None
     model: str | None = None
+    original_size: int | None = None
+    original_sha256: str | None = None
+    truncated: bool = False
 
 
 class ResultRecord(msgspec.Struct, omit_defaults=True):
@@ -369,6 +381,11 @@ def decode_dlq(raw: bytes) -> DlqRecord:
     return _dlq_decoder.decode(raw)
 
 
+# What a DLQ record keeps of an original too large to carry whole, and of an error text.
+DLQ_PREFIX_BYTES = 16_384
+DLQ_ERROR_CHARS = 4_096
+
+
 def dlq_record(
     raw: bytes | None,
     topic: str,
@@ -377,20 +394,53 @@ def dlq_record(
     stage: str,
     error: RequestError,
     attempts: int = 1,
+    max_bytes: int | None = None,
 ) -> bytes:
-    """The DLQ record for a request that failed with ``error``, keeping the original bytes."""
-    return encode(
-        DlqRecord(
-            original_b64=base64.b64encode(raw or b"").decode(),
-            topic=topic,
-            partition=partition,
-            offset=offset,
-            stage=stage,
-            reason=error.code,
-            error=error.message,
-            attempts=attempts,
-            time_ms=int(time.time() * 1000),
-            request_id=error.request_id,
-            model=error.model,
-        )
+    """The DLQ record for a request that failed with ``error``.
+
+    It keeps the original bytes whole when the record then fits in ``max_bytes`` (what the
+    producer accepts); otherwise a prefix of at most `DLQ_PREFIX_BYTES`, flagged
+    ``truncated``. Either way it carries the original's size and sha256.
+    """
+    raw = raw or b""
+    record = DlqRecord(
+        original_b64="",
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        stage=stage,
+        reason=error.code,
+        error=error.message[:DLQ_ERROR_CHARS],
+        attempts=attempts,
+        time_ms=int(time.time() * 1000),
+        request_id=error.request_id,
+        model=error.model,
+        original_size=len(raw),
+        original_sha256=hashlib.sha256(raw).hexdigest(),
+        truncated=False,  # longer than "true": the skeleton's size bounds either
     )
+    keep = len(raw)
+    if max_bytes is not None:
+        room = max_bytes - len(encode(record))
+        if _b64_len(keep) > room:
+            keep = max(0, min(DLQ_PREFIX_BYTES, room * 3 // 4 - 3))
+    record.original_b64 = base64.b64encode(raw[:keep]).decode()
+    record.truncated = keep < len(raw)
+    return encode(record)
+
+
+def shrink_dlq(value: bytes) -> bytes:
+    """A DLQ record without its original bytes (size and sha256 kept): for a topic whose
+    record limit is smaller than the producer's."""
+    record = decode_dlq(value)
+    if not record.truncated:
+        original = base64.b64decode(record.original_b64)
+        record.original_size = len(original)
+        record.original_sha256 = hashlib.sha256(original).hexdigest()
+    record.original_b64 = ""
+    record.truncated = True
+    return encode(record)
+
+
+def _b64_len(n: int) -> int:
+    return 4 * ((n + 2) // 3)

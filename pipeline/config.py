@@ -258,6 +258,13 @@ class Settings:
         return self.model_dir if self.model_dir is not None else self.cache_dir / "models"
 
     @property
+    def max_record_bytes(self) -> int:
+        """The largest record sluice produces (the producers' ``message.max.bytes``): room
+        for an answer, and for a DLQ record that carries a whole request of the payload
+        limit in base64."""
+        return max(self.max_payload_bytes * 2, 1_048_576)
+
+    @property
     def requests_topic(self) -> str:
         return f"{self.topic_prefix}.requests"
 

@@ -11,9 +11,21 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from pipeline import codec
 from pipeline.config import Settings
-from pipeline.kafka import consumer_config, high_watermark, producer_config
+from pipeline.kafka import (
+    RecordRejected,
+    consumer_config,
+    high_watermark,
+    produce,
+    producer_config,
+)
 
 REPLAYED_HEADER = "sluice-replayed-from"
+TRUNCATED_WHY = (
+    "truncated: the DLQ record holds only a prefix of the original (it was too large to "
+    "dead-letter whole), so replaying it would send a different request; its size and sha256 "
+    "identify the original for whoever still has it"
+)
+MAX_REFUSED_LISTED = 100
 
 
 def replay(
@@ -31,6 +43,9 @@ def replay(
     Offsets are committed only after the replayed records are delivered, so an interrupted
     replay is resumed, never skipped. ``dry_run`` reads and counts without producing or
     committing.
+
+    A truncated record (its original was too large to carry whole) is refused: replaying its
+    prefix would be a different request. ``refused`` lists where each one is, and why.
     """
     unknown = (reasons or set()) - set(codec.REASONS)
     if unknown:
@@ -41,6 +56,7 @@ def replay(
     producer = Producer(producer_config(settings))
     counts: Counter[str] = Counter()
     by_reason: Counter[str] = Counter()
+    refused: list[dict[str, Any]] = []
     try:
         partitions = consumer.list_topics(topic, timeout=15).topics[topic].partitions
         tps = [TopicPartition(topic, p) for p in partitions]
@@ -71,13 +87,32 @@ def replay(
             if reasons and record.reason not in reasons:
                 counts["skipped"] += 1
                 continue
+            if record.truncated:
+                counts["truncated"] += 1
+                refused.append(
+                    {
+                        "dlq_partition": m.partition(),
+                        "dlq_offset": m.offset(),
+                        "request_id": record.request_id,
+                        "original_size": record.original_size,
+                        "original_sha256": record.original_sha256,
+                        "why": TRUNCATED_WHY,
+                    }
+                )
+                continue
             by_reason[record.reason] += 1
             counts["replayed"] += 1
             if not dry_run:
                 key = record.request_id.encode() if record.request_id else None
                 origin = f"{topic}:{m.partition()}:{m.offset()}".encode()
-                producer.produce(to_topic or record.topic, original, key,
-                                 headers=[(REPLAYED_HEADER, origin)])  # fmt: skip
+                try:
+                    produce(producer, to_topic or record.topic, original, key,
+                            [(REPLAYED_HEADER, origin)])  # fmt: skip
+                except RecordRejected as exc:  # left in the DLQ; the summary says why
+                    counts["replayed"] -= 1
+                    counts["rejected"] += 1
+                    refused.append({"dlq_partition": m.partition(), "dlq_offset": m.offset(),
+                                    "request_id": record.request_id, "why": str(exc)})  # fmt: skip
                 producer.poll(0)
         if not dry_run:
             if producer.flush(30):
@@ -94,5 +129,8 @@ def replay(
         "replayed": counts["replayed"],
         "skipped": counts["skipped"],
         "unreadable": counts["unreadable"],
+        "truncated": counts["truncated"],
+        "rejected": counts["rejected"],
+        "refused": refused[:MAX_REFUSED_LISTED],
         "by_reason": dict(sorted(by_reason.items())),
     }

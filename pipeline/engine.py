@@ -13,6 +13,7 @@ before it) is delivered, so at-least-once holds across crashes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import signal
 import threading
@@ -28,7 +29,14 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from pipeline.backpressure import Backpressure, downstream_of
 from pipeline.batching import BatchPolicy, Flush, Scheduler
 from pipeline.config import Settings
-from pipeline.kafka import consume_batch, consumer_config, producer_config
+from pipeline.kafka import (
+    RecordRejected,
+    consume_batch,
+    consumer_config,
+    produce,
+    producer_config,
+    record_error,
+)
 from pipeline.models import LoadedModel, ModelLoadError
 from pipeline.stages import (
     Deferred,
@@ -50,21 +58,16 @@ ENRICH_THREADS = 4
 class _Batch:
     """Deliveries outstanding for one consumed batch, and the offsets it covers.
 
-    ``held`` counts its requests still in the batcher or on the device: not answered yet.
+    ``held`` counts its requests still in the batcher or on the device (not answered yet),
+    and its records whose delivery failed and that wait to be produced again or replaced.
     """
 
-    __slots__ = ("offsets", "outstanding", "failed", "held")
+    __slots__ = ("offsets", "outstanding", "held")
 
     def __init__(self, offsets: dict[tuple[str, int], int]) -> None:
         self.offsets = offsets
         self.outstanding = 0
         self.held = 0
-        self.failed: KafkaError | None = None
-
-    def on_delivery(self, err: KafkaError | None, _msg: Any) -> None:
-        self.outstanding -= 1
-        if err is not None and self.failed is None:
-            self.failed = err
 
 
 class OffsetTracker:
@@ -86,11 +89,6 @@ class OffsetTracker:
         """Store the offsets of the delivered prefix (or hand them to ``store``)."""
         while self.pending and self.pending[0].outstanding == 0 and self.pending[0].held == 0:
             batch = self.pending.popleft()
-            if batch.failed is not None:
-                # librdkafka retried until message.timeout.ms: nothing more can be done here
-                # without acking a request that was not answered. Stop; the records are
-                # consumed again from the last stored offset.
-                raise RuntimeError(f"publish failed after retries: {batch.failed}")
             if store is not None:
                 store(batch.offsets)
                 continue
@@ -147,6 +145,8 @@ class BatchEngine:
         # round trip to librdkafka's group thread (~1 ms under load), too dear per batch.
         self._assignment: list[TopicPartition] = []
         self._txn_offsets: dict[tuple[str, int], int] = {}
+        # Records whose delivery report was an error, to produce again or replace (`_resend`).
+        self._failed: list[tuple[_Batch, Origin, Record, bool, KafkaError]] = []
         downstream = downstream_of(settings, stage, pipeline.registry.names)
         self.backpressure = (
             Backpressure(settings, *downstream, pipeline.metrics.paused_partitions)
@@ -244,6 +244,7 @@ class BatchEngine:
                 elif self.transactional:
                     self._commit_transaction()  # idle: do not hold answers back
                 self.producer.poll(0)
+                self._resend()
                 self.tracker.settle()
         finally:
             self._finish()
@@ -296,6 +297,7 @@ class BatchEngine:
                 self._commit_transaction()
         self.producer.poll(0)
         if not self.transactional:
+            self._resend()
             self.tracker.settle()
 
     def _wait_s(self) -> float:
@@ -393,23 +395,75 @@ class BatchEngine:
         )
         self._begin_transaction()
         for origin, records in publications:
-            self._send(records, owner[id(origin)])
+            self._send(records, owner[id(origin)], origin)
         for o in outcomes:  # answered: its offsets may be stored once delivered
             o.job.owner.held -= 1
 
     def _publish(self, publications: list[Publication], batch: _Batch) -> None:
         self._begin_transaction()  # a batch may finish after the last one was committed
-        for _origin, records in publications:
-            self._send(records, batch)
+        for origin, records in publications:
+            self._send(records, batch, origin)
 
-    def _send(self, records: list[Record], batch: _Batch) -> None:
-        """Produce records counted against ``batch`` (in its transaction, exactly-once)."""
+    def _send(
+        self, records: list[Record], batch: _Batch | None, origin: Origin, replacing: bool = False
+    ) -> None:
+        """Produce ``origin``'s records counted against ``batch`` (in the open transaction,
+        exactly-once). A record the producer refuses for itself is replaced at once
+        (`Pipeline.undeliverable`); ``replacing`` marks such replacements."""
         for r in records:
-            if self.transactional:
-                self._produce(r)
-            else:
+            try:
+                if batch is None or self.transactional:
+                    produce(self.producer, r.topic, r.value, r.key, r.headers)
+                    continue
                 batch.outstanding += 1
-                self._produce(r, batch.on_delivery)
+                report = functools.partial(self._delivered, batch, origin, r, replacing)
+                try:
+                    produce(self.producer, r.topic, r.value, r.key, r.headers, report)
+                except RecordRejected:
+                    batch.outstanding -= 1
+                    raise
+            except RecordRejected as exc:
+                self._send(self._replace(origin, r, exc.code, exc.message, replacing),
+                           batch, origin, replacing=True)  # fmt: skip
+
+    def _delivered(
+        self,
+        batch: _Batch,
+        origin: Origin,
+        record: Record,
+        replacing: bool,
+        err: KafkaError | None,
+        _msg: Any,
+    ) -> None:
+        batch.outstanding -= 1
+        if err is not None:
+            batch.held += 1  # its offsets wait until the record is produced again or replaced
+            self._failed.append((batch, origin, record, replacing, err))
+
+    def _resend(self) -> None:
+        """Deal with the records whose delivery failed: a record the broker refused for itself
+        is replaced (`Pipeline.undeliverable`); one that failed for the broker's reasons
+        (librdkafka retried it for message.timeout.ms) is produced again."""
+        while self._failed:
+            failed, self._failed = self._failed, []
+            for batch, origin, record, replacing, err in failed:
+                batch.held -= 1
+                code = record_error(err)
+                if code is None:
+                    log.warning("delivery to %s failed, producing again: %s", record.topic, err)
+                    self._send([record], batch, origin, replacing)
+                else:
+                    self._send(self._replace(origin, record, code, err.str(), replacing),
+                               batch, origin, replacing=True)  # fmt: skip
+
+    def _replace(
+        self, origin: Origin, record: Record, code: str, message: str, replacing: bool
+    ) -> list[Record]:
+        if replacing and record.topic != self.settings.dlq_topic:
+            # A replacement answer refused too: the request's DLQ record says what became of it.
+            log.error("answer to %s refused again (%s); its DLQ record stands", record.topic, code)
+            return []
+        return self.pipeline.undeliverable(origin, record, code, message)
 
     def _drain(self) -> None:
         """Run and publish everything held (before partitions move, and at the end)."""
@@ -469,17 +523,8 @@ class BatchEngine:
             self._handle_transaction(consumed, origins)
             return
         batch = self.tracker.open(consumed)
-        for _origin, records in self.process(origins):
-            self._send(records, batch)  # not transactional here (handled above)
-
-    def _produce(self, r: Record, on_delivery: Any = None) -> None:
-        while True:
-            try:
-                self.producer.produce(r.topic, r.value, r.key, headers=r.headers,  # type: ignore[arg-type]
-                                      on_delivery=on_delivery)  # fmt: skip
-                return
-            except BufferError:
-                self.producer.poll(0.005)
+        for origin, records in self.process(origins):
+            self._send(records, batch, origin)  # not transactional here (handled above)
 
     def _handle_transaction(self, consumed: list[Any], origins: list[Origin]) -> None:
         """Batches, their records and their consumed offsets as Kafka transactions.
@@ -494,9 +539,8 @@ class BatchEngine:
             producer.begin_transaction()
             self._txn_started = time.monotonic()
         try:
-            for _origin, records in self.process(origins):
-                for r in records:
-                    self._produce(r)
+            for origin, records in self.process(origins):
+                self._send(records, None, origin)
             for m in consumed:
                 self._txn_offsets[(m.topic(), m.partition())] = m.offset() + 1
             interval_s = self.settings.transaction_interval_ms / 1000.0
@@ -576,12 +620,22 @@ class BatchEngine:
             self._commit_transaction()  # before the partitions move to another worker
             return
         # Publish and store what was consumed before the partitions move to another worker.
-        self.producer.flush(30)
+        self._flush()
         self.tracker.settle()
         try:
             consumer.commit(asynchronous=False)
         except Exception as exc:  # noqa: BLE001 - nothing stored yet is fine
             log.debug("commit on revoke: %s", exc)
+
+    def _flush(self, timeout_s: float = 30.0) -> int:
+        """Deliver everything produced, failed deliveries included (produced again or
+        replaced); returns how many records are still undelivered after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        remaining = self.producer.flush(timeout_s)
+        while self._failed and time.monotonic() < deadline:
+            self._resend()
+            remaining = self.producer.flush(max(0.0, deadline - time.monotonic()))
+        return remaining + len(self._failed)
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -599,7 +653,7 @@ class BatchEngine:
                 self._commit_transaction()
             except Exception as exc:  # noqa: BLE001 - aborted: consumed again on restart
                 log.warning("final transaction: %s", exc)
-        remaining = self.producer.flush(30)
+        remaining = self.producer.flush(30) if self.transactional else self._flush()
         if remaining == 0 and not self.transactional:
             try:
                 self.tracker.settle()

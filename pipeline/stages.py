@@ -9,6 +9,7 @@ ends as a DLQ record with a reason and, where the requester can be answered, an 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import random
@@ -23,6 +24,7 @@ import torch
 from pipeline import codec
 from pipeline.codec import RequestError, Response, Tensor
 from pipeline.config import Settings
+from pipeline.kafka import record_error
 from pipeline.metrics import Metrics
 from pipeline.models import LoadedModel, ModelLoadError, ModelRegistry
 from pipeline.runtime import Pending
@@ -689,7 +691,7 @@ class Pipeline:
         """The DLQ record for a failed request and, when it can be identified, its answer."""
         dlq_value = codec.dlq_record(
             origin.value, origin.topic, origin.partition, origin.offset, stage, error,
-            error.attempts,
+            error.attempts, self.settings.max_record_bytes,
         )  # fmt: skip
         key = error.request_id.encode() if error.request_id else None
         headers = origin.correlation_headers()
@@ -716,6 +718,42 @@ class Pipeline:
         label_version = error.version if error.version in versions else ""
         self._count(label_model, label_version or "", outcome, origin.timestamp_ms)
         return records
+
+    def undeliverable(
+        self, origin: Origin, record: Record, code: str, message: str
+    ) -> list[Record]:
+        """What replaces ``record``, which the producer or the broker refused for itself
+        (``code``: `codec.RECORD_TOO_LARGE` or `codec.DELIVERY_FAILED`).
+
+        A DLQ record too large for its topic is sent again without the original's bytes.
+        Any other record ends its request: its DLQ record with ``code`` and, where the request
+        can be answered, an error response (where the refused answer would have gone, when it
+        was only too large).
+        """
+        s = self.settings
+        if record.topic == s.dlq_topic:
+            if code == codec.RECORD_TOO_LARGE and codec.decode_dlq(record.value).original_b64:
+                return [Record(record.topic, record.key, codec.shrink_dlq(record.value),
+                               record.headers)]  # fmt: skip
+            log.error("cannot dead-letter %s:%s:%s (%s: %s)",
+                      origin.topic, origin.partition, origin.offset, code, message)  # fmt: skip
+            return []
+        request_id = record.key.decode(errors="replace") if record.key else None
+        reply_to = None
+        if record.topic == s.results_topic:  # split: the infer stage's result for respond
+            stage = "infer"
+            with contextlib.suppress(RequestError):
+                reply_to = codec.decode_result(record.value).reply_to
+        elif record.topic.startswith(s.infer_topic("")):
+            stage = "gateway"
+        else:  # an answer: refused by the topic it was for
+            stage = "respond" if origin.topic == s.results_topic else "infer"
+            reply_to = record.topic
+        if code != codec.RECORD_TOO_LARGE or reply_to == s.responses_topic:
+            reply_to = None  # its topic refuses records: answer on the default topic
+        what = f"a {len(record.value)}-byte record for topic {record.topic} was refused"
+        error = RequestError(code, f"{what}: {message}", request_id, reply_to=reply_to)
+        return self.reject_records(origin, error, stage)
 
     def _count(self, model: str, version: str, outcome: str, produced_ms: float) -> None:
         self._count_many(model, version, outcome, [produced_ms])
@@ -762,17 +800,56 @@ class Pipeline:
 
     async def publish(self, publications: Sequence[Publication]) -> None:
         """Send every record through the sink; ack each source once its records are in."""
-        assert self.sink is not None, "async publishing needs a sink"
         for origin, records in publications:
-            deliveries = [await self.sink(r.topic, r.key, r.value, r.headers) for r in records]
+            deliveries = await self._send(origin, records)
             task = asyncio.ensure_future(self._await_then_ack(deliveries, origin))
             self._acks.add(task)
             task.add_done_callback(self._acks.discard)
 
-    async def _await_then_ack(self, deliveries: list[Awaitable[Any]], origin: Origin) -> None:
+    async def _send(
+        self, origin: Origin, records: list[Record], replacing: bool = False
+    ) -> list[tuple[Record, bool, Awaitable[Any]]]:
+        """Hand ``records`` to the sink; one it refuses for itself is replaced at once
+        (``replacing`` marks such replacements)."""
+        assert self.sink is not None, "async publishing needs a sink"
+        deliveries: list[tuple[Record, bool, Awaitable[Any]]] = []
+        for r in records:
+            try:
+                delivery = await self.sink(r.topic, r.key, r.value, r.headers)
+                deliveries.append((r, replacing, delivery))
+            except Exception as exc:
+                code = record_error(exc)
+                if code is None:
+                    raise
+                deliveries += await self._send(
+                    origin, self._replace(origin, r, code, str(exc), replacing), True
+                )
+        return deliveries
+
+    def _replace(
+        self, origin: Origin, record: Record, code: str, message: str, replacing: bool
+    ) -> list[Record]:
+        if replacing and record.topic != self.settings.dlq_topic:
+            log.error("answer to %s refused again (%s); its DLQ record stands", record.topic, code)
+            return []
+        return self.undeliverable(origin, record, code, message)
+
+    async def _await_then_ack(
+        self, deliveries: list[tuple[Record, bool, Awaitable[Any]]], origin: Origin
+    ) -> None:
         try:
-            for d in deliveries:
-                await d
+            while deliveries:
+                record, replacing, delivery = deliveries.pop(0)
+                try:
+                    await delivery
+                except Exception as exc:
+                    code = record_error(exc)
+                    if code is None:
+                        raise
+                    # Refused by the broker for itself: replaced, and the replacements awaited.
+                    deliveries += await self._send(
+                        origin, self._replace(origin, record, code, str(exc), replacing), True
+                    )
         except Exception:  # noqa: BLE001 - not acked: the record is consumed again
             log.exception(
                 "publish failed for %s:%s:%s; left unacked for redelivery",

@@ -342,12 +342,9 @@ class Changelog:
     def write(self, partition: int, key: str, value: bytes | None) -> None:
         if self._producer is None:
             raise RuntimeError(f"changelog {self.topic} is closed")
-        while True:
-            try:
-                self._producer.produce(self.topic, value, key.encode(), partition=partition)
-                break
-            except BufferError:
-                self._producer.poll(0.005)
+        from pipeline.kafka import produce
+
+        produce(self._producer, self.topic, value, key.encode(), partition=partition)
         self._producer.poll(0)
 
     def flush(self, timeout_s: float = 30.0) -> None:

@@ -16,6 +16,7 @@ import torch
 from confluent_kafka import Producer
 
 from pipeline import codec
+from pipeline.chaos.bombs import bombs
 from pipeline.chaos.common import (
     RssSampler,
     Violations,
@@ -42,14 +43,34 @@ def garbage(
     duration_s: float | None = None,
     valid_per_garbage: float = 0.1,
     seed: int = 6_2024,
+    with_bombs: bool = True,
 ) -> dict[str, Any]:
     """``requests`` (default 10k) seeded malformed records mixed with valid requests: the
     worker never dies, every valid request is answered with the model's outputs, every bad
     record lands in the DLQ exactly once with a reason and its original bytes, and bad
-    records whose id can be read are answered with the same reason.
+    records whose id can be read are answered with the same reason. ``with_bombs``: then
+    the compression bombs of `pipeline.chaos.bombs`, on a worker of their own (``bombs``).
 
     ``violations`` counts each broken promise (all must be 0); ``examples`` shows a few.
     """
+    result = _garbage(settings, work, requests, valid_per_garbage, seed)
+    if with_bombs:
+        found = bombs(settings, work)
+        result["bombs"] = {k: v for k, v in found.items() if k not in ("violations", "examples")}
+        result["violations"].update({f"bombs.{k}": v for k, v in found["violations"].items()})
+        result["examples"] += found["examples"]
+        died = found["violations"]
+        result["crashes_unexpected"] += died["worker_died"] + died["restarted_worker_died"]
+        result["lost"] += (
+            died["dlq_missing"] + died["answer_missing"] + died["restart_answer_missing"]
+        )
+        result["max_rss_mb"] = max(result["max_rss_mb"], found["max_rss_mb"])
+    return result
+
+
+def _garbage(
+    settings: Settings, work: Path, requests: int | None, valid_per_garbage: float, seed: int
+) -> dict[str, Any]:
     n_garbage = requests or 10_000
     n_valid = max(1, int(n_garbage * valid_per_garbage))
     settings = prepare(settings, "garbage", work, max_payload_bytes=MAX_PAYLOAD_BYTES)

@@ -52,3 +52,35 @@ def test_replay_after_the_missing_model_is_added(bootstrap: str, tmp_path, start
     # A second replay finds nothing new: the first committed its progress.
     again = replay(settings, {"unknown_model"})
     assert again["replayed"] == 0
+
+
+def test_replay_refuses_a_truncated_record_and_says_why(bootstrap: str, model_dir) -> None:
+    from confluent_kafka import Producer
+
+    from pipeline import codec
+    from pipeline.dlq import TRUNCATED_WHY
+    from pipeline.kafka import producer_config
+
+    settings = make_settings(bootstrap, model_dir)
+    ensure_topics(settings, pipeline_topics(settings, ["demo"]))
+    error = codec.RequestError(codec.OVERSIZE, "too large")
+    whole = codec.dlq_record(b"small", settings.requests_topic, 0, 1, "gateway", error)
+    cut = codec.dlq_record(b" " * 200_000, settings.requests_topic, 0, 2, "gateway", error,
+                           max_bytes=50_000)  # fmt: skip
+    producer = Producer(producer_config(settings))
+    for value in (whole, cut):
+        producer.produce(settings.dlq_topic, value)
+    assert producer.flush(30) == 0
+
+    summary = replay(settings, dry_run=True)
+    assert (summary["read"], summary["replayed"], summary["truncated"]) == (2, 1, 1)
+    [refused] = summary["refused"]
+    assert refused["original_size"] == 200_000 and refused["why"] == TRUNCATED_WHY
+    env = {**os.environ, **settings.to_env()}
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "dlq", "replay"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["replayed"] == 1
+    assert "refused 1 truncated record(s)" in out.stderr

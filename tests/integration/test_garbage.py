@@ -22,7 +22,11 @@ def test_garbage_flood_is_dead_lettered_and_valid_requests_served(
 ) -> None:
     settings = make_settings(bootstrap, model_dir)
     result = chaos.garbage(
-        settings, tmp_path, requests=N_GARBAGE, valid_per_garbage=N_VALID / N_GARBAGE
+        settings,
+        tmp_path,
+        requests=N_GARBAGE,
+        valid_per_garbage=N_VALID / N_GARBAGE,
+        with_bombs=False,  # test_bombs.py runs them
     )
     print(f"garbage kinds {result['kinds']}; DLQ reasons {result['dlq_reasons']}")
     assert result["garbage"] == N_GARBAGE and result["valid"] == N_VALID

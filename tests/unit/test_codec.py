@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -19,6 +20,8 @@ from pipeline import codec
 from pipeline.codec import (
     BAD_DTYPE,
     BAD_SHAPE,
+    DLQ_ERROR_CHARS,
+    DLQ_PREFIX_BYTES,
     MALFORMED,
     OVERSIZE,
     REASONS,
@@ -36,6 +39,7 @@ from pipeline.codec import (
     decode_response,
     dlq_record,
     encode,
+    shrink_dlq,
     tensor_to_array,
 )
 
@@ -435,6 +439,45 @@ def test_dlq_record_of_a_null_value() -> None:
     assert record.original_b64 == ""
     assert record.attempts == 1
     assert record.request_id is None and record.model is None
+
+
+def test_dlq_record_keeps_an_original_whole_while_it_fits() -> None:
+    original = b"x" * 30_000
+    error = RequestError(OVERSIZE, "too big")
+    value = dlq_record(original, "t", 0, 7, "gateway", error, max_bytes=50_000)
+    record = decode_dlq(value)
+    assert len(value) <= 50_000 and not record.truncated
+    assert base64.b64decode(record.original_b64) == original
+    assert record.original_size == 30_000
+    assert record.original_sha256 == hashlib.sha256(original).hexdigest()
+
+
+@pytest.mark.parametrize("max_bytes", [8_000, 40_000, 1_048_576])
+def test_dlq_record_of_an_original_too_large_keeps_a_prefix_its_size_and_sha256(
+    max_bytes: int,
+) -> None:
+    original = bytes(range(256)) * (1 << 18)  # 64 MiB
+    error = RequestError(OVERSIZE, "payload is 67108864 bytes" + "!" * 10_000)
+    value = dlq_record(original, "sluice.requests", 1, 9, "gateway", error, max_bytes=max_bytes)
+    record = decode_dlq(value)
+    prefix = base64.b64decode(record.original_b64)
+    assert len(value) <= max_bytes
+    assert record.truncated and 0 < len(prefix) <= DLQ_PREFIX_BYTES
+    assert original.startswith(prefix)
+    assert record.original_size == len(original)
+    assert record.original_sha256 == hashlib.sha256(original).hexdigest()
+    assert (record.reason, record.offset) == (OVERSIZE, 9)
+    assert record.error.startswith("payload is") and len(record.error) <= DLQ_ERROR_CHARS
+
+
+def test_shrink_dlq_drops_the_original_and_keeps_what_identifies_it() -> None:
+    original = b"y" * 5_000
+    value = dlq_record(original, "t", 0, 1, "infer", RequestError(OVERSIZE, "x", "r1"))
+    shrunk = decode_dlq(shrink_dlq(value))
+    assert shrunk.truncated and shrunk.original_b64 == ""
+    assert shrunk.original_size == 5_000
+    assert shrunk.original_sha256 == hashlib.sha256(original).hexdigest()
+    assert (shrunk.request_id, shrunk.stage) == ("r1", "infer")
 
 
 # -- JSON Schemas ---------------------------------------------------------------------------
