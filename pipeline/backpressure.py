@@ -5,6 +5,11 @@ group lags (end offsets minus committed offsets, over its topics) by more than t
 mark, the upstream stage pauses its partitions, so that work waits in Kafka instead of
 piling up downstream; it resumes once the lag falls below the low-water mark (hysteresis, no
 flapping). In fused mode nothing is needed: the engine only consumes as fast as it answers.
+
+The broker is asked at most once per interval, but the decision is taken on every loop: the
+lag read then, plus what this process has produced downstream that the read could not have
+seen (not yet delivered when it started). So the lag passes the high-water mark by at most
+one consumed batch, however fast the stage forwards between two reads.
 """
 
 from __future__ import annotations
@@ -49,6 +54,13 @@ class Backpressure:
         self._probe = Consumer(consumer_config(settings, group, **{"enable.auto.commit": False}))
         self._partitions: list[TopicPartition] = []
         self._next_check = 0.0
+        self.downstream = frozenset(topics)
+        # Records this process produced to ``downstream``, and how many of them are
+        # delivered; ``_lag`` is the last read plus those undelivered when it started.
+        self.sent = 0
+        self.delivered = 0
+        self._read_lag = 0
+        self._unseen_from = 0  # ``delivered`` when the last read started
 
     def lag(self) -> int:
         if not self._partitions:
@@ -64,17 +76,23 @@ class Backpressure:
             total += max(0, end - start)
         return total
 
+    def estimate(self) -> int:
+        """The downstream lag now: the last read, plus what was produced since that the read
+        could not count (everything not delivered when it started)."""
+        return self._read_lag + self.sent - self._unseen_from
+
     def update(self, consumer: Consumer) -> None:
-        """Check the downstream lag (at most once per interval) and pause or resume."""
+        """Read the downstream lag (at most once per interval); pause or resume on it."""
         now = time.monotonic()
-        if now < self._next_check:
-            return
-        self._next_check = now + self.interval_s
-        try:
-            lag = self.lag()
-        except Exception as exc:  # noqa: BLE001 - keep the last decision until the broker answers
-            log.warning("backpressure: cannot read downstream lag: %s", exc)
-            return
+        if now >= self._next_check:
+            self._next_check = now + self.interval_s
+            delivered = self.delivered
+            try:
+                self._read_lag = self.lag()
+                self._unseen_from = delivered
+            except Exception as exc:  # noqa: BLE001 - the last read stands until the broker answers
+                log.warning("backpressure: cannot read downstream lag: %s", exc)
+        lag = self.estimate()
         if not self.paused and lag > self.high:
             self.paused = True
             log.info("downstream lag %d > %d: pausing", lag, self.high)

@@ -410,7 +410,10 @@ class BatchEngine:
         """Produce ``origin``'s records counted against ``batch`` (in the open transaction,
         exactly-once). A record the producer refuses for itself is replaced at once
         (`Pipeline.undeliverable`); ``replacing`` marks such replacements."""
+        bp = self.backpressure
         for r in records:
+            if bp is not None and r.topic in bp.downstream:
+                bp.sent += 1  # counted before produce: an estimate errs on the high side
             try:
                 if batch is None or self.transactional:
                     produce(self.producer, r.topic, r.value, r.key, r.headers)
@@ -423,6 +426,8 @@ class BatchEngine:
                     batch.outstanding -= 1
                     raise
             except RecordRejected as exc:
+                if bp is not None and r.topic in bp.downstream:
+                    bp.delivered += 1  # never produced: no longer in flight
                 self._send(self._replace(origin, r, exc.code, exc.message, replacing),
                            batch, origin, replacing=True)  # fmt: skip
 
@@ -436,6 +441,9 @@ class BatchEngine:
         _msg: Any,
     ) -> None:
         batch.outstanding -= 1
+        bp = self.backpressure
+        if bp is not None and record.topic in bp.downstream:
+            bp.delivered += 1  # or failed: a record produced again counts as sent again
         if err is not None:
             batch.held += 1  # its offsets wait until the record is produced again or replaced
             self._failed.append((batch, origin, record, replacing, err))
@@ -560,6 +568,8 @@ class BatchEngine:
             30,
         )
         self.producer.commit_transaction(30)
+        if self.backpressure is not None:
+            self.backpressure.delivered = self.backpressure.sent
         self._txn_offsets.clear()
         self._txn_started = None
 

@@ -43,8 +43,10 @@ def test_gateway_pauses_on_infer_lag_and_resumes(bootstrap: str, model_dir, tmp_
                 time.sleep(0.2)
             time.sleep(3)  # the gateway has had time to forward everything, were it not paused
             forwarded = _topic_size(probe, infer_topic, settings.partitions)
-            # Bounded: the high-water mark plus what got through between two checks.
-            assert 300 <= forwarded < 1500, forwarded  # of 3,000: the rest waits in Kafka
+            # Of 3,000, the rest waits in Kafka. The gateway decides on every batch, on the
+            # lag it last read plus what it forwarded that the read could not see, so at most
+            # the batch that crossed the high-water mark gets through: however fast it runs.
+            assert 300 <= forwarded <= 300 + settings.max_batch_size, forwarded
             assert gateway[0].poll() is None
 
             # The next stages start: the lag drains, the gateway resumes, all are answered.

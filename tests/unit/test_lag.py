@@ -128,3 +128,51 @@ def test_format_table() -> None:
     # Numbers are right-aligned under their headers.
     assert len({len(line) for line in lines}) == 1
     assert lag.format_table([]).split() == list(lag.COLUMNS)
+
+
+class _Assigned:
+    """The consumer calls `Backpressure.apply` makes."""
+
+    def __init__(self) -> None:
+        self.paused: list[object] = []
+
+    def assignment(self) -> list[str]:
+        return ["tp0"]
+
+    def pause(self, tps: list[object]) -> None:
+        self.paused = list(tps)
+
+    def resume(self, _tps: list[object]) -> None:
+        self.paused = []
+
+
+def test_backpressure_counts_what_it_forwarded_since_the_last_read() -> None:
+    """Between two reads of the broker's lag, the records this process produced downstream
+    count: it pauses as soon as they cross the high-water mark, not at the next read."""
+    from pipeline.backpressure import Backpressure
+    from pipeline.config import Settings
+
+    settings = Settings(
+        bootstrap="127.0.0.1:9",
+        backpressure_high_water=300,
+        backpressure_low_water=100,
+        backpressure_interval_s=60,
+    )
+    bp = Backpressure(settings, "g", ["down"])
+    reads = iter([0, 50])
+    bp.lag = lambda: next(reads)  # type: ignore[method-assign]
+    consumer = _Assigned()
+    try:
+        bp.update(consumer)  # reads 0
+        bp.sent = 250
+        bp.update(consumer)  # no read due: 250 unseen
+        assert not bp.paused and bp.estimate() == 250
+        bp.sent, bp.delivered = 301, 120  # delivered or not, the last read saw none of them
+        bp.update(consumer)
+        assert bp.paused and consumer.paused == ["tp0"] and bp.estimate() == 301
+        bp.delivered = 301
+        bp._next_check = 0.0  # the next read is due: it sees everything delivered
+        bp.update(consumer)  # reads 50
+        assert not bp.paused and consumer.paused == [] and bp.estimate() == 50
+    finally:
+        bp.close()
