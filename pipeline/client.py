@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -17,12 +18,17 @@ from pipeline.kafka import consume_batch, consumer_config, high_watermark, produ
 Request = dict[str, Any] | codec.Request
 
 
+class TopicMissingError(RuntimeError):
+    """The topic a client reads does not exist (yet): no worker has created it."""
+
+
 class Client:
     """Thread-safe synchronous client; `AsyncClient` wraps it for asyncio code.
 
     It reads the response topic from its current end, so only responses to requests sent
     after construction are seen. Each pending request holds one future; `max_pending` bounds
-    how many may wait at once.
+    how many may wait at once. A client started before the worker (which creates the
+    pipeline's topics) waits up to ``topic_wait_s`` for the response topic to appear.
     """
 
     def __init__(
@@ -31,6 +37,7 @@ class Client:
         response_topic: str | None = None,
         max_pending: int = 100_000,
         fmt: str = codec.JSON,
+        topic_wait_s: float = 60.0,
     ) -> None:
         if fmt not in (codec.JSON, codec.MSGPACK):
             raise ValueError(f"fmt must be {codec.JSON!r} or {codec.MSGPACK!r}, got {fmt!r}")
@@ -50,16 +57,30 @@ class Client:
                 **{"enable.auto.commit": False, "isolation.level": "read_committed"},
             )
         )
-        self._assign_from_end()
+        try:
+            self._assign_from_end(topic_wait_s)
+        except BaseException:
+            self._consumer.close()
+            raise
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._consume, name="sluice-client", daemon=True)
         self._thread.start()
 
-    def _assign_from_end(self) -> None:
-        metadata = self._consumer.list_topics(self.response_topic, timeout=15)
-        topic = metadata.topics.get(self.response_topic)
-        if topic is None or topic.error is not None or not topic.partitions:
-            raise RuntimeError(f"response topic {self.response_topic!r} does not exist")
+    def _assign_from_end(self, topic_wait_s: float) -> None:
+        deadline = time.monotonic() + topic_wait_s
+        while True:
+            metadata = self._consumer.list_topics(self.response_topic, timeout=15)
+            topic = metadata.topics.get(self.response_topic)
+            if topic is not None and topic.error is None and topic.partitions:
+                break
+            if time.monotonic() >= deadline:
+                raise TopicMissingError(
+                    f"response topic {self.response_topic!r} does not exist on "
+                    f"{self.settings.bootstrap_servers()} after {topic_wait_s:g} s: start a "
+                    "worker (`sluice worker`, which creates the pipeline's topics) with the "
+                    "same SLUICE_BOOTSTRAP and SLUICE_TOPIC_PREFIX, or create the topic"
+                )
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
         assignment = []
         for p in topic.partitions:
             high = high_watermark(self._consumer, self.response_topic, p)

@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pipeline.config import Settings
@@ -234,6 +234,7 @@ class LocalBroker:
             try:
                 metadata = admin.list_topics(timeout=2)
                 if metadata.brokers:
+                    _warm_up(state.bootstrap, admin, max(1.0, deadline - time.monotonic()))
                     return
             except Exception:  # noqa: BLE001 - not ready yet, retried until the deadline
                 pass
@@ -275,6 +276,30 @@ class LocalBroker:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no broker log)"
+
+
+WARM_UP_TOPIC = "sluice-broker-warm-up"
+
+
+def _warm_up(bootstrap: str, admin: Any, timeout_s: float) -> None:
+    """Have a fresh broker load its group coordinator and hand out a producer id once, with
+    clients of its own that log nothing. Until then it answers both with
+    COORDINATOR_LOAD_IN_PROGRESS, which the first worker's or client's librdkafka would print
+    as a warning while it retries."""
+    from confluent_kafka import Consumer, Producer, TopicPartition
+
+    quiet = {"bootstrap.servers": bootstrap, "log_level": 0}
+    producer = Producer({**quiet, "enable.idempotence": True})
+    producer.produce(WARM_UP_TOPIC, b"")  # auto-created
+    if producer.flush(timeout_s):
+        raise BrokerError("the warm-up record was not delivered")
+    consumer = Consumer({**quiet, "group.id": WARM_UP_TOPIC})
+    try:
+        consumer.committed([TopicPartition(WARM_UP_TOPIC, 0)], timeout=timeout_s)
+    finally:
+        consumer.close()
+    for future in admin.delete_topics([WARM_UP_TOPIC], operation_timeout=timeout_s).values():
+        future.result()
 
 
 def _server_properties(port: int, controller_port: int, data_dir: Path) -> str:

@@ -125,7 +125,7 @@ def test_enrichment_end_to_end_from_redis(
             user = torch.frombuffer(bytearray(feature_value(key)), dtype=torch.float32)
             expected = model.module(torch.full((1, 8), 0.25), user[None])
             expected = expected[0] if isinstance(expected, (tuple, list)) else expected
-            assert r.outputs[0].data == pytest.approx(expected[0].tolist(), rel=1e-5)
+            assert r.outputs[0].data == pytest.approx(expected[0].tolist(), rel=1e-5, abs=1e-6)
         missing = unknown.result(timeout=60)
         assert missing.status == "error"
         assert missing.error is not None and missing.error.code == "unknown_key"

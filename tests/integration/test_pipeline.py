@@ -101,3 +101,30 @@ def test_msgpack_requests_with_raw_tensors(
     assert all(isinstance(r.outputs[0].data, bytes) for r in responses)
     got = np.stack([codec.tensor_values(r.outputs[0]) for r in responses])
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_client_started_before_the_worker_waits_for_its_topic(
+    bootstrap: str, model_dir, start_workers
+) -> None:
+    """The README's order does not matter: a client started first waits (bounded) for the
+    worker to create the topics, and without one fails saying what to start."""
+    import threading
+
+    from pipeline.client import TopicMissingError
+    from tests.integration.conftest import make_settings
+
+    settings = make_settings(bootstrap, model_dir)
+    with pytest.raises(TopicMissingError, match=r"start a worker \(`sluice worker`"):
+        Client(settings, topic_wait_s=1.0)
+
+    started: list = []
+    later = threading.Timer(2.0, lambda: started.append(start_workers(settings, "fused")))
+    later.start()
+    try:
+        with Client(settings, topic_wait_s=120.0) as client:  # before the worker exists
+            # Only the worker (started 2 s in) creates the response topic.
+            assert started, "the client returned before any worker was started"
+            response = client.submit(demo_request("first")).result(timeout=90)
+        assert response.status == "ok"
+    finally:
+        later.cancel()
