@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import os
 from collections.abc import Mapping
@@ -48,6 +49,10 @@ class Settings:
     max_elements_per_tensor: int = 1_048_576
     default_ttl_ms: int = 0
     response_topic: str | None = None
+    # Where a request's `reply_to` may send its answer: comma-separated fnmatch patterns (the
+    # default matches none of Kafka's internal topics). The pipeline's own topics are refused
+    # whatever they match.
+    reply_to_topics: str = "*.replies,*.replies.*"
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0
     # False: the pipeline records into no-op metrics and serves nothing (to measure their cost).
@@ -256,6 +261,15 @@ class Settings:
     @property
     def models_path(self) -> Path:
         return self.model_dir if self.model_dir is not None else self.cache_dir / "models"
+
+    def reply_to_allowed(self, topic: str) -> bool:
+        """Whether a request may name ``topic`` as its ``reply_to``."""
+        own = (self.requests_topic, self.priority_topic, self.results_topic, self.dlq_topic,
+               self.features_changelog_topic)  # fmt: skip
+        if topic in own or topic.startswith(self.infer_topic("")):
+            return False
+        patterns = [p.strip() for p in self.reply_to_topics.split(",") if p.strip()]
+        return any(fnmatch.fnmatchcase(topic, p) for p in patterns)
 
     @property
     def max_record_bytes(self) -> int:

@@ -209,6 +209,15 @@ class Pipeline:
             "version": request.version,
             "reply_to": request.reply_to,
         }
+        if request.reply_to is not None and not self.settings.reply_to_allowed(request.reply_to):
+            # A message never chooses where the worker writes: answered on the default topic.
+            context["reply_to"] = None
+            raise RequestError(
+                codec.SCHEMA,
+                f"reply_to {request.reply_to!r} is not an allowed reply topic "
+                f"(SLUICE_REPLY_TO_TOPICS={self.settings.reply_to_topics!r})",
+                **context,
+            )
         try:
             model = self.registry.resolve(request.model, request.version)
         except RequestError as exc:
@@ -707,7 +716,10 @@ class Pipeline:
                 model_version=error.version,
                 error=codec.ErrorInfo(error.code, error.message),
             )
-            topic = error.reply_to or self.settings.responses_topic
+            reply_to = error.reply_to
+            if reply_to is None or not self.settings.reply_to_allowed(reply_to):
+                reply_to = self.settings.responses_topic  # salvaged from a bad request: checked
+            topic = reply_to
             fmt = codec.content_type(headers)
             records.append(Record(topic, key, codec.encode(response, fmt), headers))
         outcome = "expired" if error.code == codec.EXPIRED else "error"

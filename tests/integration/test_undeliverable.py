@@ -29,9 +29,13 @@ SMALL_TOPIC_MAX_BYTES = 420
 def test_refused_answers_are_dead_lettered_and_the_worker_goes_on(
     engine: str, mode: str, bootstrap: str, model_dir: Path, start_workers
 ) -> None:
-    settings = make_settings(bootstrap, model_dir, engine=engine)
+    # An operator's allowlist that names a topic the broker refuses (Kafka's own): the
+    # default refuses such a reply_to at admission.
+    settings = make_settings(
+        bootstrap, model_dir, engine=engine, reply_to_topics="*.replies,__consumer_offsets"
+    )
     ensure_topics(settings, pipeline_topics(settings, ["demo"]))
-    small = f"{settings.topic_prefix}.small-replies"
+    small = f"{settings.topic_prefix}.small.replies"
     admin = AdminClient(confluent_config(settings))
     config = {"max.message.bytes": str(SMALL_TOPIC_MAX_BYTES), "compression.type": "uncompressed"}
     admin.create_topics([NewTopic(small, 1, 1, config=config)])[small].result(30)

@@ -267,3 +267,14 @@ def test_bootstrap_servers_errors_clearly_without_a_cluster(
         s.bootstrap_servers()
     assert "SLUICE_BOOTSTRAP" in str(info.value)
     assert "sluice broker start" in str(info.value)
+
+
+def test_reply_to_must_match_the_allowlist_and_never_name_the_pipelines_own_topics() -> None:
+    s = Settings(topic_prefix="sl")
+    assert s.reply_to_allowed("client-7.replies") and s.reply_to_allowed("a.replies.b")
+    for topic in ("__consumer_offsets", "__transaction_state", "evil", "sl.dlq",
+                  "sl.requests", "sl.infer.demo", "sl.results"):  # fmt: skip
+        assert not s.reply_to_allowed(topic), topic
+    wide = Settings(topic_prefix="sl", reply_to_topics="*")
+    assert wide.reply_to_allowed("anything") and not wide.reply_to_allowed("sl.requests")
+    assert not Settings(reply_to_topics="").reply_to_allowed("x.replies")

@@ -263,6 +263,20 @@ def test_reply_to_routes_the_response(env: Env) -> None:
     assert env.responses() == []
 
 
+@pytest.mark.parametrize("topic", ["__consumer_offsets", "elsewhere", "sluice.requests"])
+def test_a_reply_to_off_the_allowlist_is_refused_and_answered_on_the_default_topic(
+    env: Env, topic: str
+) -> None:
+    run(lambda: fused(env, [origin(request("r8", reply_to=topic))]))
+    assert all(s.topic != topic for s in env.sink.sent)
+    [sent] = env.responses()
+    answer = decode(sent)
+    assert answer.status == "error" and answer.error is not None
+    assert answer.error.code == "schema" and "not an allowed reply topic" in answer.error.message
+    [dlq] = [s for s in env.sink.sent if s.topic.endswith(".dlq")]
+    assert codec.decode_dlq(dlq.value).reason == "schema"
+
+
 def test_response_topic_setting(demo_dir: Path, tmp_path: Path) -> None:
     e = make_env(demo_dir, tmp_path, response_topic="answers")
     run(lambda: fused(e, [origin(request())]))
@@ -359,14 +373,14 @@ def test_bad_input_is_dead_lettered(
 
 
 def test_error_response_goes_to_reply_to(env: Env) -> None:
-    run(lambda: fused(env, [origin(request("u3", model="nope", reply_to="mine"))]))
-    assert [s.topic for s in env.sink.sent] == ["t.dlq", "mine"]
+    run(lambda: fused(env, [origin(request("u3", model="nope", reply_to="mine.replies"))]))
+    assert [s.topic for s in env.sink.sent] == ["t.dlq", "mine.replies"]
     assert decode(env.sink.sent[1]).error.code == "unknown_model"  # type: ignore[union-attr]
 
 
 def test_schema_error_is_answered_on_salvaged_reply_to(env: Env) -> None:
-    run(lambda: fused(env, [origin(request("s4", inputs=[], reply_to="mine"))]))
-    assert [s.topic for s in env.sink.sent] == ["t.dlq", "mine"]
+    run(lambda: fused(env, [origin(request("s4", inputs=[], reply_to="mine.replies"))]))
+    assert [s.topic for s in env.sink.sent] == ["t.dlq", "mine.replies"]
 
 
 # -- deadlines ------------------------------------------------------------------------------
