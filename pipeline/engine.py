@@ -428,7 +428,7 @@ class BatchEngine:
             except RecordRejected as exc:
                 if bp is not None and r.topic in bp.downstream:
                     bp.delivered += 1  # never produced: no longer in flight
-                self._send(self._replace(origin, r, exc.code, exc.message, replacing),
+                self._send(self.pipeline.undeliverable(origin, r, exc.code, exc.message, replacing),
                            batch, origin, replacing=True)  # fmt: skip
 
     def _delivered(
@@ -461,17 +461,10 @@ class BatchEngine:
                     log.warning("delivery to %s failed, producing again: %s", record.topic, err)
                     self._send([record], batch, origin, replacing)
                 else:
-                    self._send(self._replace(origin, record, code, err.str(), replacing),
-                               batch, origin, replacing=True)  # fmt: skip
-
-    def _replace(
-        self, origin: Origin, record: Record, code: str, message: str, replacing: bool
-    ) -> list[Record]:
-        if replacing and record.topic != self.settings.dlq_topic:
-            # A replacement answer refused too: the request's DLQ record says what became of it.
-            log.error("answer to %s refused again (%s); its DLQ record stands", record.topic, code)
-            return []
-        return self.pipeline.undeliverable(origin, record, code, message)
+                    replacements = self.pipeline.undeliverable(
+                        origin, record, code, err.str(), replacing
+                    )
+                    self._send(replacements, batch, origin, replacing=True)
 
     def _drain(self) -> None:
         """Run and publish everything held (before partitions move, and at the end)."""

@@ -732,7 +732,7 @@ class Pipeline:
         return records
 
     def undeliverable(
-        self, origin: Origin, record: Record, code: str, message: str
+        self, origin: Origin, record: Record, code: str, message: str, replacing: bool = False
     ) -> list[Record]:
         """What replaces ``record``, which the producer or the broker refused for itself
         (``code``: `codec.RECORD_TOO_LARGE` or `codec.DELIVERY_FAILED`).
@@ -740,9 +740,13 @@ class Pipeline:
         A DLQ record too large for its topic is sent again without the original's bytes.
         Any other record ends its request: its DLQ record with ``code`` and, where the request
         can be answered, an error response (where the refused answer would have gone, when it
-        was only too large).
+        was only too large). A ``replacing`` record (itself such a replacement) that is not a
+        DLQ record is given up: the request's DLQ record says what became of it.
         """
         s = self.settings
+        if replacing and record.topic != s.dlq_topic:
+            log.error("answer to %s refused again (%s); its DLQ record stands", record.topic, code)
+            return []
         if record.topic == s.dlq_topic:
             if code == codec.RECORD_TOO_LARGE and codec.decode_dlq(record.value).original_b64:
                 return [Record(record.topic, record.key, codec.shrink_dlq(record.value),
@@ -834,17 +838,9 @@ class Pipeline:
                 if code is None:
                     raise
                 deliveries += await self._send(
-                    origin, self._replace(origin, r, code, str(exc), replacing), True
+                    origin, self.undeliverable(origin, r, code, str(exc), replacing), True
                 )
         return deliveries
-
-    def _replace(
-        self, origin: Origin, record: Record, code: str, message: str, replacing: bool
-    ) -> list[Record]:
-        if replacing and record.topic != self.settings.dlq_topic:
-            log.error("answer to %s refused again (%s); its DLQ record stands", record.topic, code)
-            return []
-        return self.undeliverable(origin, record, code, message)
 
     async def _await_then_ack(
         self, deliveries: list[tuple[Record, bool, Awaitable[Any]]], origin: Origin
@@ -860,7 +856,7 @@ class Pipeline:
                         raise
                     # Refused by the broker for itself: replaced, and the replacements awaited.
                     deliveries += await self._send(
-                        origin, self._replace(origin, record, code, str(exc), replacing), True
+                        origin, self.undeliverable(origin, record, code, str(exc), replacing), True
                     )
         except Exception:  # noqa: BLE001 - not acked: the record is consumed again
             log.exception(
