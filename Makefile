@@ -24,13 +24,13 @@ integration: setup
 	$(BIN)/python -m pytest tests/integration
 
 lint: $(VENV)/.ok
-	$(BIN)/ruff check pipeline agents tests
-	$(BIN)/ruff format --check pipeline agents tests
-	$(BIN)/mypy pipeline agents
+	$(BIN)/ruff check pipeline agents benchmarks tests
+	$(BIN)/ruff format --check pipeline agents benchmarks tests
+	$(BIN)/mypy pipeline agents benchmarks
 
 fmt: $(VENV)/.ok
-	$(BIN)/ruff format pipeline agents tests
-	$(BIN)/ruff check --fix pipeline agents tests
+	$(BIN)/ruff format pipeline agents benchmarks tests
+	$(BIN)/ruff check --fix pipeline agents benchmarks tests
 
 setup: $(VENV)/.ok sysdeps kafka-runtime
 	@$(BIN)/pip install -q --no-deps --no-build-isolation -e . >/dev/null

@@ -8,8 +8,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from agents.app import origins, raw_topic
-from pipeline.batching import Batcher
-from pipeline.stages import Job, Outcome, Pipeline
+from pipeline.batching.scheduler import Batcher
+from pipeline.serving.stages import Job, Outcome, Pipeline
 
 
 class InferStage:

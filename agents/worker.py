@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from pipeline.config import Settings
-from pipeline.kafka import ensure_topics, pipeline_topics
-from pipeline.metrics import Metrics, make_metrics
-from pipeline.models import ModelRegistry
-from pipeline.stages import Pipeline
+from pipeline.kafka.client import ensure_topics, pipeline_topics
+from pipeline.models.registry import ModelRegistry
+from pipeline.observability.metrics import Metrics, make_metrics
+from pipeline.serving.stages import Pipeline
 
 if TYPE_CHECKING:
     from agents.app import SluiceApp
@@ -116,9 +116,9 @@ def observe(
 
     Only with metrics enabled and a ``metrics_port``; returns what to stop at exit.
     """
-    from pipeline.gpu import GpuSampler
-    from pipeline.lag import LagMonitor
-    from pipeline.web import MetricsServer
+    from pipeline.kafka.lag import LagMonitor
+    from pipeline.observability.gpu import GpuSampler
+    from pipeline.observability.web import MetricsServer
 
     if not settings.metrics_port:
         return []
@@ -134,7 +134,7 @@ def observe(
 
 
 def _run_batch_engine(settings: Settings, mode: str, stage: str | None) -> None:
-    from pipeline.engine import BatchEngine, install_signal_handlers
+    from pipeline.engines.batch import BatchEngine, install_signal_handlers
 
     if mode == "split" and stage not in STAGES:
         raise ValueError(f"split mode needs a stage in {STAGES}, got {stage!r}")

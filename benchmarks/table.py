@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline import bench
+from benchmarks import bench
 from pipeline.config import Settings
 
 

@@ -21,7 +21,7 @@ def _settings(**overrides: Any) -> Settings:
 
 
 def _local_broker(settings: Settings):  # type: ignore[no-untyped-def]
-    from pipeline.broker import LocalBroker
+    from pipeline.ops.broker import LocalBroker
 
     return LocalBroker(settings.cache_dir / "broker", settings.cache_dir)
 
@@ -45,7 +45,7 @@ def broker() -> None:
 @broker.command("fetch")
 def broker_fetch() -> None:
     """Download the Kafka broker runtime from Maven Central into the cache."""
-    from pipeline.broker import fetch_runtime
+    from pipeline.ops.broker import fetch_runtime
 
     click.echo(fetch_runtime(_settings().cache_dir, quiet=False))
 
@@ -87,7 +87,7 @@ def model() -> None:
 @click.option("--force", is_flag=True, help="Rebuild even if present.")
 def model_init_demo(force: bool) -> None:
     """Build and save the small demo classifier (offline; no downloads)."""
-    from pipeline.models import init_demo
+    from pipeline.models.registry import init_demo
 
     for path in init_demo(_settings().models_path, force=force):
         click.echo(path)
@@ -96,7 +96,7 @@ def model_init_demo(force: bool) -> None:
 @model.command("list")
 def model_list() -> None:
     """List models and versions."""
-    from pipeline.models import ModelRegistry
+    from pipeline.models.registry import ModelRegistry
 
     registry = ModelRegistry(_settings().models_path)
     for name in registry.names:
@@ -129,7 +129,7 @@ def _run_split_supervisor(settings: Settings) -> None:
     import signal
     import time
 
-    from pipeline import procs
+    from pipeline.ops import procs
 
     children = procs.spawn_workers(settings, "split")
     stopping = []
@@ -146,7 +146,7 @@ def _run_split_supervisor(settings: Settings) -> None:
 @main.command(hidden=True)
 def relay() -> None:
     """Bare consume-to-produce loop (the bench's ceiling)."""
-    from pipeline.bench import relay as run_relay
+    from benchmarks.bench import relay as run_relay
 
     run_relay(_settings())
 
@@ -171,7 +171,7 @@ def lag(groups: tuple[str, ...], watch: bool, interval_s: float) -> None:
     """Offset and time lag per consumer group, topic and partition."""
     import time
 
-    from pipeline import lag as lag_mod
+    from pipeline.kafka import lag as lag_mod
 
     settings = _settings()
     admin = lag_mod.admin_client(settings)
@@ -215,7 +215,7 @@ def dlq_replay(
     """Re-drive dead-lettered records (after a fix); prints a JSON summary."""
     import json
 
-    from pipeline.dlq import TRUNCATED_WHY, replay
+    from pipeline.ops.dlq import TRUNCATED_WHY, replay
 
     try:
         summary = replay(_settings(), set(reasons) or None, max_records, dry_run, to_topic)
@@ -278,7 +278,7 @@ def bench(
     scenario: str,
 ) -> None:
     """Drive N requests through a fresh pipeline; print a JSON summary as the last line."""
-    from pipeline import bench as bench_mod
+    from benchmarks import bench as bench_mod
 
     if scenario != "pipeline":
         module = importlib.import_module(f"pipeline.bench_{scenario}")
@@ -321,8 +321,8 @@ def _print_human(summary: dict) -> None:  # type: ignore[type-arg]
 @click.option("--mode", type=click.Choice(["fused", "split"]), default="fused")
 def demo(n: int, rate: float, mode: str) -> None:
     """Local broker, demo model, a worker, a load of requests, and a summary."""
-    from pipeline import bench as bench_mod
-    from pipeline.models import init_demo
+    from benchmarks import bench as bench_mod
+    from pipeline.models.registry import init_demo
 
     settings = _settings()
     local = None
@@ -368,7 +368,7 @@ CHAOS_SCENARIOS = ("overload", "crash", "broker-restart", "garbage", "poison", "
 )
 def chaos(scenario: str, n: int | None, duration_s: float | None, delivery: str | None) -> None:
     """Run one fault scenario against the local broker; the last line is a JSON summary."""
-    from pipeline import chaos as chaos_mod
+    from benchmarks import chaos as chaos_mod
 
     overrides = {"delivery": delivery} if delivery else {}
     result = chaos_mod.run(_settings(**overrides), scenario, requests=n, duration_s=duration_s)

@@ -11,9 +11,15 @@ from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from pipeline import codec
 from pipeline.config import Settings
-from pipeline.kafka import consume_batch, consumer_config, high_watermark, produce, producer_config
+from pipeline.kafka.client import (
+    consume_batch,
+    consumer_config,
+    high_watermark,
+    produce,
+    producer_config,
+)
+from pipeline.protocol import codec
 
 Request = dict[str, Any] | codec.Request
 

@@ -89,7 +89,7 @@ class Settings:
     max_attempts: int = 3
     retry_backoff_ms: int = 20
     log_level: str = "WARNING"
-    # Features (pipeline/cache): the cold source (files:///dir or redis://host:port/db), off
+    # Features (pipeline/features): the cold source (files:///dir or redis://host:port/db), off
     # when unset; L1 memory and L2 RocksDB table bounds and TTLs (0: no expiry, no L2).
     feature_source: str | None = None
     feature_l1_max_bytes: int = 64 << 20
@@ -104,7 +104,7 @@ class Settings:
     bloom_refresh_s: float = 300.0
     negative_ttl_s: float = 5.0
     negative_max_entries: int = 100_000
-    # Predictive prefetch (pipeline/prefetch.py).
+    # Predictive prefetch (pipeline/features/prefetch.py).
     prefetch_enabled: bool = True
     prefetch_budget_per_s: float = 1000.0
     prefetch_concurrency: int = 4
@@ -116,12 +116,12 @@ class Settings:
     prefetch_min_share: float = 0.02
     prefetch_max_keys: int = 100_000
     prefetch_hot_keys: int = 64
-    # The result cache (pipeline/cache/result.py): model outputs by (model, version, inputs).
+    # The result cache (pipeline/serving/result_cache.py): outputs by (model, version, inputs).
     result_cache_enabled: bool = False
     result_cache_ttl_s: float = 60.0
     result_cache_l1_max_bytes: int = 16 << 20
     result_cache_l2_max_bytes: int = 256 << 20
-    # The infer path (pipeline/batching.py, pipeline/runtime.py): batches submitted to the
+    # The infer path (pipeline/batching/, pipeline/models/runtime.py): batches submitted to the
     # device before the oldest is collected, and whether every model loads at start (else
     # on its first request).
     max_batches_in_flight: int = 2

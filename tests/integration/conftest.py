@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.broker import LocalBroker
+# Re-exported for the tests: one copy of each, in the library (`benchmarks.harness`).
+from benchmarks.harness import PacedSender, Workers, demo_request  # noqa: F401
 from pipeline.client import Client
 from pipeline.config import Settings, default_cache_dir
-
-# Re-exported for the tests: one copy of each, in the library (`pipeline.harness`).
-from pipeline.harness import PacedSender, Workers, demo_request  # noqa: F401
-from pipeline.kafka import ensure_topics, pipeline_topics
-from pipeline.models import ModelRegistry, init_demo
+from pipeline.kafka.client import ensure_topics, pipeline_topics
+from pipeline.models.registry import ModelRegistry, init_demo
+from pipeline.ops.broker import LocalBroker
 
 _BROKER: LocalBroker | None = None
 

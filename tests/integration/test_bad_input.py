@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from pipeline import codec
 from pipeline.client import Client
-from pipeline.kafka import consumer_config, ensure_topics, pipeline_topics, producer_config
+from pipeline.kafka.client import consumer_config, ensure_topics, pipeline_topics, producer_config
+from pipeline.protocol import codec
 from tests.integration.conftest import demo_request, make_settings
 
 GOOD = json.dumps(demo_request("x")).encode()

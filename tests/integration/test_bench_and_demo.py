@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import bench
-from pipeline.broker import runtime_dir
+from benchmarks import bench
 from pipeline.config import default_cache_dir
+from pipeline.ops.broker import runtime_dir
 
 
 @pytest.mark.parametrize("mode", ["fused", "split", "naive", "relay"])

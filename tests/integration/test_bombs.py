@@ -2,14 +2,14 @@
 rejected without ending the worker, dead-lettered truncated with its size and sha256, the
 requests after it are answered, and a worker killed and restarted reads past it.
 
-The scenario is `pipeline.chaos.bombs`, also run by ``sluice chaos --scenario garbage``.
+The scenario is `benchmarks.chaos.bombs`, also run by ``sluice chaos --scenario garbage``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.chaos.bombs import BOMB_BYTES, CODECS, bombs
+from benchmarks.chaos.bombs import BOMB_BYTES, CODECS, bombs
 from tests.integration.conftest import make_settings
 
 

@@ -1,7 +1,7 @@
 """The broker stops in the middle of a run and comes back on the same port and data: the
 worker and the client reconnect by themselves, and every request is answered.
 
-The scenario is `pipeline.chaos.broker_restart`, on a broker of its own (the session's must
+The scenario is `benchmarks.chaos.broker_restart`, on a broker of its own (the session's must
 stay up).
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import chaos
+from benchmarks import chaos
 from tests.integration.conftest import make_settings
 
 # 20 s at 300/s: the broker is back (its start takes seconds on a loaded machine) while

@@ -16,18 +16,18 @@ import pytest
 import torch
 from confluent_kafka import Consumer
 
-from pipeline.bench_prefetch import feature_request, feature_value, init_feature_model
-from pipeline.cache.rocksdb import Changelog, PartitionedTables, ensure_changelog
-from pipeline.cache.sources import open_source
-from pipeline.cache.sources.files import FileSource
-from pipeline.cache.sources.redis import RedisSource
+from benchmarks.bench_prefetch import feature_request, feature_value, init_feature_model
 from pipeline.client import Client
 from pipeline.config import Settings
-from pipeline.engine import BatchEngine
-from pipeline.kafka import consumer_config, ensure_topics, high_watermark, pipeline_topics
-from pipeline.metrics import Metrics
-from pipeline.models import ModelRegistry, init_demo
-from pipeline.stages import Pipeline
+from pipeline.engines.batch import BatchEngine
+from pipeline.features.rocksdb import Changelog, PartitionedTables, ensure_changelog
+from pipeline.features.sources import open_source
+from pipeline.features.sources.files import FileSource
+from pipeline.features.sources.redis import RedisSource
+from pipeline.kafka.client import consumer_config, ensure_topics, high_watermark, pipeline_topics
+from pipeline.models.registry import ModelRegistry, init_demo
+from pipeline.observability.metrics import Metrics
+from pipeline.serving.stages import Pipeline
 from tests.integration.conftest import make_settings
 
 

@@ -1,6 +1,6 @@
 """``sluice chaos`` end to end: the command itself in a child process against the session's
 broker, its last stdout line parsed as the JSON summary (short versions of the scenarios
-that `pipeline.chaos` runs for minutes by hand)."""
+that `benchmarks.chaos` runs for minutes by hand)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ each kill: every request is answered. At-least-once may publish a response more 
 duplicates are counted, and the client resolves each id once); exactly-once publishes each
 response once, as a read_committed reader sees it.
 
-The scenario is `pipeline.chaos.crash`; the issue's 100k-request run is
+The scenario is `benchmarks.chaos.crash`; the issue's 100k-request run is
 ``sluice chaos --scenario crash --requests 100000 [--delivery exactly_once]``.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import chaos
+from benchmarks import chaos
 from tests.integration.conftest import make_settings
 
 N = 20_000

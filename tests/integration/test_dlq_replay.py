@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 from pipeline.client import Client
-from pipeline.dlq import replay
-from pipeline.kafka import ensure_topics, pipeline_topics
-from pipeline.models import init_demo
+from pipeline.kafka.client import ensure_topics, pipeline_topics
+from pipeline.models.registry import init_demo
+from pipeline.ops.dlq import replay
 from tests.integration.conftest import demo_request, make_settings
 
 
@@ -57,9 +57,9 @@ def test_replay_after_the_missing_model_is_added(bootstrap: str, tmp_path, start
 def test_replay_refuses_a_truncated_record_and_says_why(bootstrap: str, model_dir) -> None:
     from confluent_kafka import Producer
 
-    from pipeline import codec
-    from pipeline.dlq import TRUNCATED_WHY
-    from pipeline.kafka import producer_config
+    from pipeline.kafka.client import producer_config
+    from pipeline.ops.dlq import TRUNCATED_WHY
+    from pipeline.protocol import codec
 
     settings = make_settings(bootstrap, model_dir)
     ensure_topics(settings, pipeline_topics(settings, ["demo"]))

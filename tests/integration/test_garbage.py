@@ -2,7 +2,7 @@
 is answered with the model's outputs, every bad record lands in the DLQ exactly once with
 a reason and its original bytes, and bad records whose id can be read are answered.
 
-The scenario is `pipeline.chaos.garbage`; the garbage comes from a seeded generator
+The scenario is `benchmarks.chaos.garbage`; the garbage comes from a seeded generator
 (`pipeline.garbage.GarbageMaker`), so a failure replays exactly.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import chaos
+from benchmarks import chaos
 from tests.integration.conftest import make_settings
 
 N_GARBAGE = 10_000

@@ -1,4 +1,5 @@
-"""Offset and time lag on a real broker: `pipeline.lag.describe`, the monitor and `sluice lag`."""
+"""Offset and time lag on a real broker: `pipeline.kafka.lag.describe`, the monitor and
+`sluice lag`."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ from click.testing import CliRunner
 from confluent_kafka import Consumer, Producer, TopicPartition
 from prometheus_client import CollectorRegistry
 
-from pipeline import lag
 from pipeline.cli import main as cli_main
 from pipeline.config import Settings
-from pipeline.kafka import consumer_config, ensure_topics, producer_config
-from pipeline.metrics import Metrics
+from pipeline.kafka import lag
+from pipeline.kafka.client import consumer_config, ensure_topics, producer_config
+from pipeline.observability.metrics import Metrics
 from tests.integration.conftest import make_settings
 
 # Partition 0: 10 records stamped 1_000_000 + i seconds; the group commits offset 4 (lag 6).

@@ -24,9 +24,9 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.broker import free_port
 from pipeline.client import Client
 from pipeline.config import Settings
+from pipeline.ops.broker import free_port
 from tests.integration.conftest import demo_request
 
 REPO = Path(__file__).resolve().parents[2]

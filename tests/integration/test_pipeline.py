@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.client import Client
-from pipeline.models import ModelRegistry
+from pipeline.models.registry import ModelRegistry
 from tests.integration.conftest import demo_request
 
 
@@ -49,8 +49,8 @@ def test_1000_requests_give_1000_correct_responses(
 def test_reply_to_version_and_headers(settings, client: Client, start_workers, bootstrap) -> None:
     from confluent_kafka import Consumer, TopicPartition
 
-    from pipeline import codec
-    from pipeline.kafka import consumer_config, ensure_topics
+    from pipeline.kafka.client import consumer_config, ensure_topics
+    from pipeline.protocol import codec
 
     reply_topic = settings.topic_prefix + ".replies"
     ensure_topics(settings, [reply_topic], partitions=1)
@@ -85,7 +85,7 @@ def test_reply_to_version_and_headers(settings, client: Client, start_workers, b
 def test_msgpack_requests_with_raw_tensors(
     mode: str, settings, start_workers, registry: ModelRegistry
 ) -> None:
-    from pipeline import codec
+    from pipeline.protocol import codec
 
     with Client(settings, fmt=codec.MSGPACK) as mp_client:
         start_workers(settings, mode).wait_ready(mp_client)

@@ -1,6 +1,6 @@
 """A request that makes the model raise fails alone: its batch neighbours are answered.
 
-The scenario is `pipeline.chaos.poison`: three rounds of one poison request among 50
+The scenario is `benchmarks.chaos.poison`: three rounds of one poison request among 50
 neighbours (first, in the middle, last), each round consumed as one batch.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import chaos
+from benchmarks import chaos
 from tests.integration.conftest import make_settings
 
 NEIGHBOURS = 50

@@ -12,10 +12,17 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import codec
 from pipeline.client import Client
-from pipeline.kafka import ensure_topics, pipeline_topics
-from pipeline.models import MLP, ModelConfig, ModelRegistry, TensorSpec, init_demo, save_model
+from pipeline.kafka.client import ensure_topics, pipeline_topics
+from pipeline.models.registry import (
+    MLP,
+    ModelConfig,
+    ModelRegistry,
+    TensorSpec,
+    init_demo,
+    save_model,
+)
+from pipeline.protocol import codec
 from tests.integration.conftest import demo_request, make_settings
 
 # torch 2.10+ deprecates torch.jit (script, save) with a FutureWarning; TorchScript is still a

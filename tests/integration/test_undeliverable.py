@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from pipeline import codec
+from benchmarks.harness import TopicReader
 from pipeline.client import Client
-from pipeline.harness import TopicReader
-from pipeline.kafka import confluent_config, ensure_topics, pipeline_topics
+from pipeline.kafka.client import confluent_config, ensure_topics, pipeline_topics
+from pipeline.protocol import codec
 from tests.integration.conftest import demo_request, make_settings
 
 # A demo answer (ten logits, timings) is ~450 bytes of JSON; an error answer ~300.

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.batching import (
+from pipeline.batching.scheduler import (
     EWMA_ALPHA,
     Batcher,
     BatchPolicy,

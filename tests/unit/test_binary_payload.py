@@ -8,8 +8,8 @@ import msgspec
 import numpy as np
 import pytest
 
-from pipeline import codec
-from pipeline.codec import MSGPACK, RequestError
+from pipeline.protocol import codec
+from pipeline.protocol.codec import MSGPACK, RequestError
 
 
 def _request(data: object, datatype: str = "FP32", shape: list[int] | None = None) -> dict:

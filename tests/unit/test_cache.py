@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from pipeline import codec
-from pipeline.cache.base import FeatureSource, Tier, WrappedSource, entry_bytes
-from pipeline.cache.bloom import BloomFilter, NegativeCache
-from pipeline.cache.memory import MemoryTier
-from pipeline.cache.result import ResultCache
-from pipeline.cache.rocksdb import PartitionedTables, RocksDBTier
-from pipeline.cache.sources import open_source
-from pipeline.cache.sources.files import FileSource
-from pipeline.cache.tiered import FeatureStore
-from pipeline.metrics import Metrics
+from pipeline.features.base import FeatureSource, Tier, WrappedSource, entry_bytes
+from pipeline.features.bloom import BloomFilter, NegativeCache
+from pipeline.features.memory import MemoryTier
+from pipeline.features.rocksdb import PartitionedTables, RocksDBTier
+from pipeline.features.sources import open_source
+from pipeline.features.sources.files import FileSource
+from pipeline.features.store import FeatureStore
+from pipeline.observability.metrics import Metrics
+from pipeline.protocol import codec
+from pipeline.serving.result_cache import ResultCache
 
 TIERS = ("memory", "rocksdb")
 

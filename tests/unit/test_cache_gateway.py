@@ -12,19 +12,19 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from pipeline import codec
-from pipeline.bench_prefetch import (
+from benchmarks.bench_prefetch import (
     FEATURE_DIM,
     feature_request,
     feature_value,
     init_feature_model,
 )
-from pipeline.cache.base import FeatureSource, WrappedSource
-from pipeline.cache.sources.files import FileSource
 from pipeline.config import Settings
-from pipeline.metrics import Metrics
-from pipeline.models import ModelRegistry
-from pipeline.stages import Job, Origin, Pipeline, now_ms
+from pipeline.features.base import FeatureSource, WrappedSource
+from pipeline.features.sources.files import FileSource
+from pipeline.models.registry import ModelRegistry
+from pipeline.observability.metrics import Metrics
+from pipeline.protocol import codec
+from pipeline.serving.stages import Job, Origin, Pipeline, now_ms
 
 
 @pytest.fixture

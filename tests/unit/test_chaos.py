@@ -1,4 +1,4 @@
-"""The pure parts of `pipeline.chaos`: duplicate counting, the RSS slope, argument checks."""
+"""The pure parts of `benchmarks.chaos`: duplicate counting, the RSS slope, argument checks."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from collections import Counter
 
 import pytest
 
-from pipeline import chaos
+from benchmarks import chaos
+from benchmarks.harness import rss_mb
 from pipeline.config import Settings
-from pipeline.harness import rss_mb
 
 
 def test_duplicates_count_records_beyond_the_first_per_key() -> None:

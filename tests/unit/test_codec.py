@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from referencing import Registry, Resource
 
-from pipeline import codec
-from pipeline.codec import (
+from pipeline.protocol import codec
+from pipeline.protocol.codec import (
     BAD_DTYPE,
     BAD_SHAPE,
     DLQ_ERROR_CHARS,

@@ -26,8 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.cli import main as cli_main
 from pipeline.config import ENV_PREFIX, Settings
-from pipeline.metrics import Metrics
-from pipeline.web import MetricsServer
+from pipeline.observability.metrics import Metrics
+from pipeline.observability.web import MetricsServer
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "compose"
@@ -42,8 +42,8 @@ WORKERS = ("sluice-fused",) + tuple(f"sluice-{stage}" for stage in SPLIT_STAGES)
 EXPECTED_SERVICES = {"kafka", "model-init", "prometheus", "grafana", *WORKERS}
 METRICS_PORT = 9400
 
-# Metrics the alert rules may use before pipeline/metrics.py defines them (alerts.yml must say
-# so in a comment). None at present.
+# Metrics the alert rules may use before pipeline/observability/metrics.py defines them
+# (alerts.yml must say so in a comment). None at present.
 PENDING_METRICS: set[str] = set()
 
 
@@ -142,7 +142,7 @@ def _exported_series() -> set[str]:
 
 
 def _served_series() -> set[str]:
-    """Every series name a worker's /metrics endpoint (pipeline.web) exposes."""
+    """Every series name a worker's /metrics endpoint (pipeline.observability.web) exposes."""
     server = MetricsServer(Metrics(CollectorRegistry()).registry).start()
     try:
         with urllib.request.urlopen(server.url + "/metrics", timeout=10) as response:
@@ -552,7 +552,9 @@ def test_alert_rules_use_exported_metrics(
     for rule in alert_rules.values():
         names = _promql_metric_names(rule["expr"])
         unknown = names - exported - PENDING_METRICS
-        assert not unknown, f"{rule['alert']} queries {sorted(unknown)}, not in pipeline/metrics.py"
+        assert not unknown, (
+            f"{rule['alert']} queries {sorted(unknown)}, not in pipeline/observability/metrics.py"
+        )
     text = (PROMETHEUS_DIR / "alerts.yml").read_text()
     for pending in PENDING_METRICS - exported:
         comments = "\n".join(line for line in text.splitlines() if line.lstrip().startswith("#"))
@@ -634,7 +636,7 @@ def _exprs(dashboard: dict[str, Any]) -> list[str]:
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
 def test_dashboard_queries_only_metrics_the_worker_serves(path: Path, served: set[str]) -> None:
-    """Every metric a dashboard queries is on a worker's /metrics (pipeline.web)."""
+    """Every metric a dashboard queries is on a worker's /metrics (pipeline.observability.web)."""
     dashboard = _dashboard(path)
     assert dashboard.get("uid") and dashboard.get("title")
     ids = [p["id"] for p in dashboard["panels"]]

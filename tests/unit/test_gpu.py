@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from pipeline import gpu
-from pipeline.gpu import GpuSampler
-from pipeline.metrics import Metrics
+from pipeline.observability import gpu
+from pipeline.observability.gpu import GpuSampler
+from pipeline.observability.metrics import Metrics
 
 
 class NVMLError(Exception):

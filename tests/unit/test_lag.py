@@ -7,10 +7,10 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry
 
-from pipeline import lag
 from pipeline.config import Settings
-from pipeline.lag import LagMonitor, PartitionLag
-from pipeline.metrics import Metrics
+from pipeline.kafka import lag
+from pipeline.kafka.lag import LagMonitor, PartitionLag
+from pipeline.observability.metrics import Metrics
 
 
 def row(
@@ -149,8 +149,8 @@ class _Assigned:
 def test_backpressure_counts_what_it_forwarded_since_the_last_read() -> None:
     """Between two reads of the broker's lag, the records this process produced downstream
     count: it pauses as soon as they cross the high-water mark, not at the next read."""
-    from pipeline.backpressure import Backpressure
     from pipeline.config import Settings
+    from pipeline.engines.flow import Backpressure
 
     settings = Settings(
         bootstrap="127.0.0.1:9",

@@ -10,9 +10,9 @@ import torch
 from prometheus_client import CollectorRegistry, generate_latest
 
 from pipeline.config import Settings
-from pipeline.metrics import Metrics, NullMetrics, make_metrics
-from pipeline.models import ModelRegistry
-from pipeline.stages import Pipeline
+from pipeline.models.registry import ModelRegistry
+from pipeline.observability.metrics import Metrics, NullMetrics, make_metrics
+from pipeline.serving.stages import Pipeline
 from tests.unit.test_stages import Env, FakeSink, decode, fused, origin, request, run
 
 
@@ -68,7 +68,7 @@ def test_pipeline_serves_with_null_metrics(demo_dir: Path, tmp_path: Path) -> No
 def test_batch_histogram_matches_prometheus_histogram_semantics() -> None:
     from prometheus_client import CollectorRegistry, Histogram
 
-    from pipeline.metrics import LATENCY_BUCKETS_S, BatchHistogram
+    from pipeline.observability.metrics import LATENCY_BUCKETS_S, BatchHistogram
 
     values = [0.0005, 0.0006, 0.02, 0.3, 20.0]
     ours_registry, theirs_registry = CollectorRegistry(), CollectorRegistry()

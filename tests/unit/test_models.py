@@ -12,16 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.codec import (
-    BAD_DTYPE,
-    BAD_SHAPE,
-    OVERSIZE,
-    UNKNOWN_MODEL,
-    UNKNOWN_VERSION,
-    RequestError,
-    Tensor,
-)
-from pipeline.models import (
+from pipeline.models.registry import (
     DEMO_FEATURES,
     DEMO_LABELS,
     MLP,
@@ -33,6 +24,15 @@ from pipeline.models import (
     demo_config,
     init_demo,
     save_model,
+)
+from pipeline.protocol.codec import (
+    BAD_DTYPE,
+    BAD_SHAPE,
+    OVERSIZE,
+    UNKNOWN_MODEL,
+    UNKNOWN_VERSION,
+    RequestError,
+    Tensor,
 )
 
 CPU = torch.device("cpu")

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from pipeline.bench_prefetch import patterned_trace, shuffled, with_absent
-from pipeline.cache.bloom import BloomFilter, NegativeCache
-from pipeline.cache.memory import MemoryTier
-from pipeline.cache.sources.files import FileSource
-from pipeline.cache.tiered import FeatureStore
-from pipeline.metrics import Metrics
-from pipeline.prefetch import Predictor, Prefetcher, TokenBucket
+from benchmarks.bench_prefetch import patterned_trace, shuffled, with_absent
+from pipeline.features.bloom import BloomFilter, NegativeCache
+from pipeline.features.memory import MemoryTier
+from pipeline.features.prefetch import Predictor, Prefetcher, TokenBucket
+from pipeline.features.sources.files import FileSource
+from pipeline.features.store import FeatureStore
+from pipeline.observability.metrics import Metrics
 
 
 def test_predictor_learns_per_session_transitions() -> None:
@@ -225,7 +225,7 @@ def test_a_request_never_waits_behind_a_prefetch_in_progress(tmp_path: Path) -> 
 
 
 def test_ideal_miss_rate_is_the_floor_that_noise_sets() -> None:
-    from pipeline.bench_prefetch import ideal_miss_rate
+    from benchmarks.bench_prefetch import ideal_miss_rate
     from pipeline.config import Settings
 
     settings = Settings()

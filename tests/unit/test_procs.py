@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from pipeline import procs
 from pipeline.config import Settings
+from pipeline.ops import procs
 
 
 @pytest.fixture

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import codec
 from pipeline.config import Settings
-from pipeline.metrics import Metrics
-from pipeline.models import LoadedModel, ModelRegistry, init_demo
-from pipeline.stages import Origin, Pipeline, is_transient, now_ms
+from pipeline.models.registry import LoadedModel, ModelRegistry, init_demo
+from pipeline.observability.metrics import Metrics
+from pipeline.protocol import codec
+from pipeline.serving.stages import Origin, Pipeline, is_transient, now_ms
 
 
 @pytest.fixture

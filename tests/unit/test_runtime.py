@@ -15,11 +15,8 @@ import torch
 from prometheus_client import CollectorRegistry
 from torch import nn
 
-from pipeline import codec
-from pipeline.codec import BAD_SHAPE, RequestError, Tensor
 from pipeline.config import Settings
-from pipeline.metrics import Metrics
-from pipeline.models import (
+from pipeline.models.registry import (
     ARCHITECTURES,
     MLP,
     LoadedModel,
@@ -30,8 +27,11 @@ from pipeline.models import (
     demo_config,
     save_model,
 )
-from pipeline.runtime import TensorPool
-from pipeline.stages import Job, Origin, Pipeline
+from pipeline.models.runtime import TensorPool
+from pipeline.observability.metrics import Metrics
+from pipeline.protocol import codec
+from pipeline.protocol.codec import BAD_SHAPE, RequestError, Tensor
+from pipeline.serving.stages import Job, Origin, Pipeline
 
 CPU = torch.device("cpu")
 
@@ -315,7 +315,7 @@ def test_fp16_on_cpu_falls_back_to_fp32_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     module = save_mlp(tmp_path, "h", precision="fp16")
-    with caplog.at_level(logging.WARNING, logger="pipeline.runtime"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.models.runtime"):
         model = ModelRegistry(tmp_path, device=CPU).resolve("h")
     assert "model h:1: precision fp16 needs CUDA; running fp32" in caplog.text
     assert {p.dtype for p in model.module.parameters()} == {torch.float32}
@@ -332,7 +332,7 @@ def test_cuda_graphs_on_cpu_run_eagerly_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     module = save_mlp(tmp_path, "g", cuda_graphs=True)
-    with caplog.at_level(logging.WARNING, logger="pipeline.models"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.models.registry"):
         model = ModelRegistry(tmp_path, device=CPU).resolve("g")
     assert "model g:1: cuda_graphs needs CUDA; running eagerly on cpu" in caplog.text
     assert model.graphs is None

@@ -17,12 +17,20 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import codec
-from pipeline.codec import DlqRecord, ResultRecord
 from pipeline.config import Settings
-from pipeline.metrics import Metrics
-from pipeline.models import DEMO_FEATURES, DEMO_LABELS, LoadedModel, ModelRegistry
-from pipeline.stages import ORIGIN_HEADER, Job, Origin, Outcome, Pipeline, now_ms, postprocess
+from pipeline.models.registry import DEMO_FEATURES, DEMO_LABELS, LoadedModel, ModelRegistry
+from pipeline.observability.metrics import Metrics
+from pipeline.protocol import codec
+from pipeline.protocol.codec import DlqRecord, ResultRecord
+from pipeline.serving.stages import (
+    ORIGIN_HEADER,
+    Job,
+    Origin,
+    Outcome,
+    Pipeline,
+    now_ms,
+    postprocess,
+)
 
 T = TypeVar("T")
 POISON = 666.0

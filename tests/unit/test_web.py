@@ -12,8 +12,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.metrics import Metrics
-from pipeline.web import MetricsServer, summary
+from pipeline.observability.metrics import Metrics
+from pipeline.observability.web import MetricsServer, summary
 
 
 @pytest.fixture

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import bench_gpu, zoo
-from pipeline.models import ModelRegistry
+from benchmarks import bench_gpu
+from pipeline.models import zoo
+from pipeline.models.registry import ModelRegistry
 
 TINY_BERT = bench_gpu.CPU.bert
 
