@@ -43,7 +43,7 @@ from pipeline.protocol.codec import (
     tensor_to_array,
 )
 
-SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
+SCHEMAS = Path(__file__).resolve().parents[3] / "schemas"
 LIMIT = 1_048_576
 
 

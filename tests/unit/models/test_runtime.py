@@ -389,7 +389,7 @@ def test_runtime_options_round_trip_through_config_json(
 
 
 def test_the_readme_model_config_example_is_valid(tmp_path: Path) -> None:
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
     section = readme.split("### Model config", 1)[1]
     block = section.split("```json\n", 1)[1].split("```", 1)[0]
     path = tmp_path / "config.json"

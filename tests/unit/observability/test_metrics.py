@@ -13,7 +13,7 @@ from pipeline.config import Settings
 from pipeline.models.registry import ModelRegistry
 from pipeline.observability.metrics import Metrics, NullMetrics, make_metrics
 from pipeline.serving.stages import Pipeline
-from tests.unit.test_stages import Env, FakeSink, decode, fused, origin, request, run
+from tests.unit.serving.test_stages import Env, FakeSink, decode, fused, origin, request, run
 
 
 def metric_attributes(metrics: Metrics) -> set[str]:
