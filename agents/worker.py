@@ -11,7 +11,7 @@ import torch
 
 from pipeline.config import Settings
 from pipeline.kafka.client import ensure_topics, pipeline_topics
-from pipeline.models.registry import ModelRegistry
+from pipeline.models import ModelRegistry
 from pipeline.observability.metrics import Metrics, make_metrics
 from pipeline.serving.stages import Pipeline
 

@@ -33,7 +33,7 @@ from pipeline.kafka.client import (
     producer_config,
     topic_reader,
 )
-from pipeline.models.registry import ModelRegistry
+from pipeline.models import ModelRegistry
 from pipeline.ops import procs
 from pipeline.protocol import codec
 

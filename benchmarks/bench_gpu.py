@@ -35,8 +35,7 @@ import torch
 
 from benchmarks import bench
 from pipeline.config import Settings
-from pipeline.models import zoo
-from pipeline.models.registry import ModelConfig, ModelRegistry, TensorSpec, save_model
+from pipeline.models import ModelConfig, ModelRegistry, TensorSpec, save_model, zoo
 from pipeline.observability.gpu import load_nvml
 from pipeline.ops.broker import running
 

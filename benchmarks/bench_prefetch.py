@@ -42,7 +42,7 @@ import torch
 from pipeline.config import Settings
 from pipeline.features.base import FeatureSource, WrappedSource, entry_bytes
 from pipeline.features.bloom import BloomFilter
-from pipeline.models.registry import ConcatMLP, ModelConfig, ModelRegistry, TensorSpec, save_model
+from pipeline.models import ConcatMLP, ModelConfig, ModelRegistry, TensorSpec, save_model
 from pipeline.observability.metrics import Metrics
 
 FEATURE_MODEL = "recommend"

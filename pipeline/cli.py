@@ -87,7 +87,7 @@ def model() -> None:
 @click.option("--force", is_flag=True, help="Rebuild even if present.")
 def model_init_demo(force: bool) -> None:
     """Build and save the small demo classifier (offline; no downloads)."""
-    from pipeline.models.registry import init_demo
+    from pipeline.models import init_demo
 
     for path in init_demo(_settings().models_path, force=force):
         click.echo(path)
@@ -96,7 +96,7 @@ def model_init_demo(force: bool) -> None:
 @model.command("list")
 def model_list() -> None:
     """List models and versions."""
-    from pipeline.models.registry import ModelRegistry
+    from pipeline.models import ModelRegistry
 
     registry = ModelRegistry(_settings().models_path)
     for name in registry.names:
@@ -322,7 +322,7 @@ def _print_human(summary: dict) -> None:  # type: ignore[type-arg]
 def demo(n: int, rate: float, mode: str) -> None:
     """Local broker, demo model, a worker, a load of requests, and a summary."""
     from benchmarks import bench as bench_mod
-    from pipeline.models.registry import init_demo
+    from pipeline.models import init_demo
 
     settings = _settings()
     local = None

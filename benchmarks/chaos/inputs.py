@@ -30,7 +30,7 @@ from benchmarks.harness import TopicReader, Workers, demo_request
 from pipeline.client import Client
 from pipeline.config import Settings
 from pipeline.kafka.client import producer_config
-from pipeline.models.registry import ModelConfig, ModelRegistry, TensorSpec, init_demo, save_model
+from pipeline.models import ModelConfig, ModelRegistry, TensorSpec, init_demo, save_model
 from pipeline.protocol import codec
 
 # -- garbage --------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from pipeline.client import Client
 from pipeline.config import Settings
 from pipeline.kafka import lag as lag_mod
 from pipeline.kafka.client import consume_batch, producer_config, topic_reader
-from pipeline.models.registry import DEMO_LABELS, ModelConfig, ModelRegistry, TensorSpec, save_model
+from pipeline.models import DEMO_LABELS, ModelConfig, ModelRegistry, TensorSpec, save_model
 from pipeline.protocol import codec
 
 # -- overload -------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from pipeline.kafka.client import (
     producer_config,
     record_error,
 )
-from pipeline.models.registry import LoadedModel, ModelLoadError
+from pipeline.models import LoadedModel, ModelLoadError
 from pipeline.serving.stages import (
     Deferred,
     Job,

@@ -26,7 +26,7 @@ from pipeline.protocol import codec
 if TYPE_CHECKING:
     from pipeline.config import Settings
     from pipeline.features.prefetch import Prefetcher
-    from pipeline.models.registry import LoadedModel
+    from pipeline.models import LoadedModel
     from pipeline.observability.metrics import Metrics
 
 log = logging.getLogger(__name__)

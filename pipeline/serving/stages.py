@@ -23,7 +23,7 @@ import torch
 
 from pipeline.config import Settings
 from pipeline.kafka.client import record_error
-from pipeline.models.registry import LoadedModel, ModelLoadError, ModelRegistry
+from pipeline.models import LoadedModel, ModelLoadError, ModelRegistry
 from pipeline.models.runtime import Pending
 from pipeline.observability.metrics import Metrics
 from pipeline.protocol import codec

@@ -10,7 +10,7 @@ import sys
 
 from pipeline.client import Client
 from pipeline.kafka.client import ensure_topics, pipeline_topics
-from pipeline.models.registry import init_demo
+from pipeline.models import init_demo
 from pipeline.ops.dlq import replay
 from tests.integration.conftest import demo_request, make_settings
 

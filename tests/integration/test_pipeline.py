@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.client import Client
-from pipeline.models.registry import ModelRegistry
+from pipeline.models import ModelRegistry
 from tests.integration.conftest import demo_request
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from pipeline.client import Client
 from pipeline.kafka.client import ensure_topics, pipeline_topics
-from pipeline.models.registry import (
+from pipeline.models import (
     MLP,
     ModelConfig,
     ModelRegistry,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.models.registry import ModelRegistry, init_demo
+from pipeline.models import ModelRegistry, init_demo
 
 
 @pytest.hookimpl(tryfirst=True)

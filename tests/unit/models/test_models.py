@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.models.registry import (
+from pipeline.models import (
     DEMO_FEATURES,
     DEMO_LABELS,
     MLP,

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from torch import nn
 
 from pipeline.config import Settings
-from pipeline.models.registry import (
+from pipeline.models import (
     ARCHITECTURES,
     MLP,
     LoadedModel,
@@ -332,7 +332,7 @@ def test_cuda_graphs_on_cpu_run_eagerly_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     module = save_mlp(tmp_path, "g", cuda_graphs=True)
-    with caplog.at_level(logging.WARNING, logger="pipeline.models.registry"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.models.loaded"):
         model = ModelRegistry(tmp_path, device=CPU).resolve("g")
     assert "model g:1: cuda_graphs needs CUDA; running eagerly on cpu" in caplog.text
     assert model.graphs is None

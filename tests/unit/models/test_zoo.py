@@ -8,8 +8,7 @@ import numpy as np
 import torch
 
 from benchmarks import bench_gpu
-from pipeline.models import zoo
-from pipeline.models.registry import ModelRegistry
+from pipeline.models import ModelRegistry, zoo
 
 TINY_BERT = bench_gpu.CPU.bert
 

@@ -10,7 +10,7 @@ import torch
 from prometheus_client import CollectorRegistry, generate_latest
 
 from pipeline.config import Settings
-from pipeline.models.registry import ModelRegistry
+from pipeline.models import ModelRegistry
 from pipeline.observability.metrics import Metrics, NullMetrics, make_metrics
 from pipeline.serving.stages import Pipeline
 from tests.unit.serving.test_stages import Env, FakeSink, decode, fused, origin, request, run

@@ -21,7 +21,7 @@ from benchmarks.bench_prefetch import (
 from pipeline.config import Settings
 from pipeline.features.base import FeatureSource, WrappedSource
 from pipeline.features.sources.files import FileSource
-from pipeline.models.registry import ModelRegistry
+from pipeline.models import ModelRegistry
 from pipeline.observability.metrics import Metrics
 from pipeline.protocol import codec
 from pipeline.serving.stages import Job, Origin, Pipeline, now_ms

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import Settings
-from pipeline.models.registry import LoadedModel, ModelRegistry, init_demo
+from pipeline.models import LoadedModel, ModelRegistry, init_demo
 from pipeline.observability.metrics import Metrics
 from pipeline.protocol import codec
 from pipeline.serving.stages import Origin, Pipeline, is_transient, now_ms

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from pipeline.config import Settings
-from pipeline.models.registry import DEMO_FEATURES, DEMO_LABELS, LoadedModel, ModelRegistry
+from pipeline.models import DEMO_FEATURES, DEMO_LABELS, LoadedModel, ModelRegistry
 from pipeline.observability.metrics import Metrics
 from pipeline.protocol import codec
 from pipeline.protocol.codec import DlqRecord, ResultRecord
