@@ -10,7 +10,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from pipeline.config import Settings
 from pipeline.kafka.client import faust_credentials
-from pipeline.serving.stages import Headers, Origin, Sink
+from pipeline.serving import Headers, Origin, Sink
 
 
 def _consumer_thread_class(fetch_max_wait_ms: int) -> type:

@@ -6,7 +6,7 @@ from typing import Any
 
 from agents.app import origins, raw_topic
 from agents.infer import InferStage
-from pipeline.serving.stages import Pipeline
+from pipeline.serving import Pipeline
 
 
 def register(app: Any, pipeline: Pipeline, infer: InferStage | None) -> Any:

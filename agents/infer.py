@@ -9,7 +9,7 @@ from typing import Any
 
 from agents.app import origins, raw_topic
 from pipeline.batching.scheduler import Batcher
-from pipeline.serving.stages import Job, Outcome, Pipeline
+from pipeline.serving import Job, Outcome, Pipeline
 
 
 class InferStage:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from agents.app import origins, raw_topic
-from pipeline.serving.stages import Pipeline
+from pipeline.serving import Pipeline
 
 
 def register(app: Any, pipeline: Pipeline) -> Any:

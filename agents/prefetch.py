@@ -13,7 +13,7 @@ from typing import Any
 
 import faust
 
-from pipeline.serving.stages import Pipeline
+from pipeline.serving import Pipeline
 
 
 def register(app: faust.App, pipeline: Pipeline) -> None:

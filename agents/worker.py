@@ -13,7 +13,7 @@ from pipeline.config import Settings
 from pipeline.kafka.client import ensure_topics, pipeline_topics
 from pipeline.models import ModelRegistry
 from pipeline.observability.metrics import Metrics, make_metrics
-from pipeline.serving.stages import Pipeline
+from pipeline.serving import Pipeline
 
 if TYPE_CHECKING:
     from agents.app import SluiceApp

@@ -257,7 +257,7 @@ def _drive_phase(
 
     from pipeline.engines.batch import BatchEngine
     from pipeline.kafka.client import consume_batch, consumer_config, producer_config
-    from pipeline.serving.stages import SESSION_HEADER, Pipeline
+    from pipeline.serving import SESSION_HEADER, Pipeline
 
     registry.load_all()
     metrics = Metrics()
@@ -379,7 +379,7 @@ def _drive_phase(
 
 def _result_cache_timing(base: Settings, workdir: Path, iterations: int = 300) -> dict[str, float]:
     """Median time to answer from the result cache vs to admit and run the model."""
-    from pipeline.serving.stages import Job, Origin, Pipeline
+    from pipeline.serving import Job, Origin, Pipeline
 
     def pipeline_with(cache: bool, tag: str) -> Pipeline:
         s = base.replace(

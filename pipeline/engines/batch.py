@@ -38,7 +38,7 @@ from pipeline.kafka.client import (
     record_error,
 )
 from pipeline.models import LoadedModel, ModelLoadError
-from pipeline.serving.stages import (
+from pipeline.serving import (
     Deferred,
     Job,
     Origin,

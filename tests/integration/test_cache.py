@@ -27,7 +27,7 @@ from pipeline.features.sources.redis import RedisSource
 from pipeline.kafka.client import consumer_config, ensure_topics, high_watermark, pipeline_topics
 from pipeline.models import ModelRegistry, init_demo
 from pipeline.observability.metrics import Metrics
-from pipeline.serving.stages import Pipeline
+from pipeline.serving import Pipeline
 from tests.integration.conftest import make_settings
 
 

@@ -31,7 +31,7 @@ from pipeline.models.runtime import TensorPool
 from pipeline.observability.metrics import Metrics
 from pipeline.protocol import codec
 from pipeline.protocol.codec import BAD_SHAPE, RequestError, Tensor
-from pipeline.serving.stages import Job, Origin, Pipeline
+from pipeline.serving import Job, Origin, Pipeline
 
 CPU = torch.device("cpu")
 

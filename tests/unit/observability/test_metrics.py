@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from pipeline.config import Settings
 from pipeline.models import ModelRegistry
 from pipeline.observability.metrics import Metrics, NullMetrics, make_metrics
-from pipeline.serving.stages import Pipeline
+from pipeline.serving import Pipeline
 from tests.unit.serving.test_stages import Env, FakeSink, decode, fused, origin, request, run
 
 

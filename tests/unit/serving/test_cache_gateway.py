@@ -24,7 +24,7 @@ from pipeline.features.sources.files import FileSource
 from pipeline.models import ModelRegistry
 from pipeline.observability.metrics import Metrics
 from pipeline.protocol import codec
-from pipeline.serving.stages import Job, Origin, Pipeline, now_ms
+from pipeline.serving import Job, Origin, Pipeline, now_ms
 
 
 @pytest.fixture

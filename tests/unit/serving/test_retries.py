@@ -11,7 +11,7 @@ from pipeline.config import Settings
 from pipeline.models import LoadedModel, ModelRegistry, init_demo
 from pipeline.observability.metrics import Metrics
 from pipeline.protocol import codec
-from pipeline.serving.stages import Origin, Pipeline, is_transient, now_ms
+from pipeline.serving import Origin, Pipeline, is_transient, now_ms
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from pipeline.models import DEMO_FEATURES, DEMO_LABELS, LoadedModel, ModelRegist
 from pipeline.observability.metrics import Metrics
 from pipeline.protocol import codec
 from pipeline.protocol.codec import DlqRecord, ResultRecord
-from pipeline.serving.stages import (
+from pipeline.serving import (
     ORIGIN_HEADER,
     Job,
     Origin,

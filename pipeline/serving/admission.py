@@ -1,0 +1,236 @@
+"""Admission: decode and validate a record, resolve its model, enrich it with features,
+check its deadline, or turn it into a rejection."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from pipeline.models import LoadedModel, ModelLoadError
+from pipeline.protocol import codec
+from pipeline.protocol.codec import RequestError
+from pipeline.serving.execution import Execution
+from pipeline.serving.records import (
+    ORIGIN_HEADER,
+    SESSION_HEADER,
+    Deferred,
+    Job,
+    Origin,
+    Publication,
+    Record,
+    now_ms,
+)
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger(__name__)
+
+
+class Admission(Execution):
+    """Records into admitted requests (`Job`) or rejections."""
+
+    # -- gateway --------------------------------------------------------------------------
+
+    def admit(self, origin: Origin) -> Job:
+        """Decode, validate, resolve the model and check the deadline; raise `RequestError`."""
+        request, model, context = self._resolve(origin)
+        if self.features is not None:
+            entry = self._feature_entry(origin, request, model)
+            request = self._enriched(self.features.enrich_many([entry])[0], context)
+        return self._job(origin, request, model, context)
+
+    def _resolve(self, origin: Origin) -> tuple[codec.Request, LoadedModel, dict[str, Any]]:
+        """Decode and validate the request and resolve its model (`RequestError` if not)."""
+        fmt = codec.content_type(origin.headers)
+        request = codec.decode_request(origin.value, self.settings.max_payload_bytes, fmt)
+        context: dict[str, Any] = {
+            "request_id": request.id,
+            "model": request.model,
+            "version": request.version,
+            "reply_to": request.reply_to,
+        }
+        if request.reply_to is not None and not self.settings.reply_to_allowed(request.reply_to):
+            # A message never chooses where the worker writes: answered on the default topic.
+            context["reply_to"] = None
+            raise RequestError(
+                codec.SCHEMA,
+                f"reply_to {request.reply_to!r} is not an allowed reply topic "
+                f"(SLUICE_REPLY_TO_TOPICS={self.settings.reply_to_topics!r})",
+                **context,
+            )
+        try:
+            model = self.registry.resolve(request.model, request.version)
+        except RequestError as exc:
+            raise RequestError(exc.code, exc.message, **context) from None
+        except ModelLoadError as exc:
+            self.metrics.model_load_failures.labels(request.model).inc()
+            raise RequestError(codec.MODEL_ERROR, str(exc), **context) from None
+        context["version"] = model.version
+        return request, model, context
+
+    def _feature_entry(
+        self, origin: Origin, request: codec.Request, model: LoadedModel
+    ) -> tuple[codec.Request, LoadedModel, int, str]:
+        session = origin.header(SESSION_HEADER)
+        # The L2 table is partitioned like the requests topic (-1: no table, L1 only).
+        table = origin.partition if origin.topic == self.settings.requests_topic else -1
+        name = session.decode(errors="replace") if session else f"p{origin.partition}"
+        return request, model, table, name
+
+    @staticmethod
+    def _enriched(result: codec.Request | RequestError, context: dict[str, Any]) -> codec.Request:
+        if isinstance(result, RequestError):
+            raise RequestError(result.code, result.message, **context) from None
+        return result
+
+    def _job(
+        self, origin: Origin, request: codec.Request, model: LoadedModel, context: dict[str, Any]
+    ) -> Job:
+        try:
+            arrays = model.inputs_from_request(
+                request.inputs, self.settings.max_elements_per_tensor, flat=True
+            )
+        except RequestError as exc:
+            raise RequestError(exc.code, exc.message, **context) from None
+        deadline = _deadline_ms(request, origin.timestamp_ms, self.settings.default_ttl_ms)
+        job = Job(request, model, arrays, deadline, origin, now_ms())
+        if deadline is not None and job.received_ms >= deadline:
+            raise RequestError(
+                codec.EXPIRED, "deadline passed before the request was admitted", **context
+            )
+        self.metrics.inflight.inc()
+        return job
+
+    def admit_or_reject(self, origin: Origin) -> Job | Publication:
+        """A `Job`, or the DLQ record (and answer) for a record that cannot be served."""
+        try:
+            job = self.admit(origin)
+            if self.results is not None:
+                return self.cached_response(job) or job
+            return job
+        except Exception as exc:  # noqa: BLE001 - a record must never stop the worker
+            return self._rejected(origin, exc)
+
+    def admit_many(self, origins: Sequence[Origin]) -> list[Job | Publication]:
+        """`admit_or_reject` for a consumed batch, in order. The batch's feature-store misses
+        share one source round trip, so a batch waits for the cold source once, not once
+        per miss. (The batch engine does not wait at all: `admit_cached`.)"""
+        if self.features is None or len(origins) < 2:
+            return [self.admit_or_reject(o) for o in origins]
+        admitted, deferred = self._admit_cached(origins)
+        if deferred is not None:
+            admitted.update(self._admit_fetched(deferred, self.fetch_features(deferred)))
+        return [admitted[i] for i in sorted(admitted)]
+
+    def admit_cached(
+        self, origins: Sequence[Origin]
+    ) -> tuple[list[Job | Publication], Deferred | None]:
+        """`admit_many` without waiting for the feature source: the requests whose features
+        only the source has come back in a `Deferred`, to admit with `admit_fetched` once
+        `fetch_features` (on another thread, say) has them."""
+        if self.features is None:
+            return [self.admit_or_reject(o) for o in origins], None
+        admitted, deferred = self._admit_cached(origins)
+        return [admitted[i] for i in sorted(admitted)], deferred
+
+    def fetch_features(self, deferred: Deferred) -> dict[str, bytes | None] | Exception:
+        """One source round trip for a `Deferred`'s keys (or the exception it failed with)."""
+        assert self.features is not None
+        try:
+            return self.features.fetch(deferred.misses)
+        except Exception as exc:  # noqa: BLE001 - e.g. the source is down: each one fails
+            return exc
+
+    def admit_fetched(
+        self, deferred: Deferred, fetched: Mapping[str, bytes | None] | Exception
+    ) -> list[Job | Publication]:
+        admitted = self._admit_fetched(deferred, fetched)
+        return [admitted[i] for i in sorted(admitted)]
+
+    def _admit_cached(
+        self, origins: Sequence[Origin]
+    ) -> tuple[dict[int, Job | Publication], Deferred | None]:
+        assert self.features is not None
+        out: dict[int, Job | Publication] = {}
+        resolved: list[tuple[int, codec.Request, LoadedModel, dict[str, Any]]] = []
+        for i, origin in enumerate(origins):
+            try:
+                resolved.append((i, *self._resolve(origin)))
+            except Exception as exc:  # noqa: BLE001 - a record must never stop the worker
+                out[i] = self._rejected(origin, exc)
+        entries = [self._feature_entry(origins[i], r, m) for i, r, m, _ in resolved]
+        enriched: list[codec.Request | RequestError | Exception | None]
+        misses: dict[str, int] = {}
+        try:
+            found, misses = self.features.enrich_cached(entries)
+            enriched = list(found)
+        except Exception as exc:  # noqa: BLE001 - e.g. a store failed: each one fails
+            enriched = [exc] * len(resolved)
+        waiting = []
+        for (i, _, model, context), entry, result in zip(resolved, entries, enriched, strict=True):
+            if result is None:
+                waiting.append(((i, model, context), entry))
+            else:
+                out[i] = self._admitted(origins[i], result, model, context)
+        return out, (Deferred(origins, waiting, misses) if waiting else None)
+
+    def _admit_fetched(
+        self, deferred: Deferred, fetched: Mapping[str, bytes | None] | Exception
+    ) -> dict[int, Job | Publication]:
+        assert self.features is not None
+        entries = [entry for _, entry in deferred.waiting]
+        pending: list[codec.Request | RequestError | None] = [None] * len(entries)
+        enriched = (
+            self.features.enrich_failed(pending, fetched)
+            if isinstance(fetched, Exception)
+            else self.features.enrich_fetched(entries, pending, fetched)
+        )
+        out: dict[int, Job | Publication] = {}
+        for ((i, model, context), _), result in zip(deferred.waiting, enriched, strict=True):
+            out[i] = self._admitted(deferred.origins[i], result, model, context)
+        return out
+
+    def _admitted(
+        self,
+        origin: Origin,
+        result: codec.Request | Exception,
+        model: LoadedModel,
+        context: dict[str, Any],
+    ) -> Job | Publication:
+        """A job for an enriched request (or its answer from the result cache), or the
+        records that reject it."""
+        try:
+            if isinstance(result, Exception) and not isinstance(result, RequestError):
+                raise result
+            job = self._job(origin, self._enriched(result, context), model, context)
+            return (self.cached_response(job) or job) if self.results is not None else job
+        except Exception as exc:  # noqa: BLE001 - a record must never stop the worker
+            return self._rejected(origin, exc)
+
+    def _rejected(self, origin: Origin, exc: Exception) -> Publication:
+        if isinstance(exc, RequestError):
+            return origin, self.reject_records(origin, exc, "gateway")
+        log.error(
+            "unexpected error admitting %s:%s:%s", origin.topic, origin.partition, origin.offset,
+            exc_info=exc,
+        )  # fmt: skip
+        error = RequestError(codec.MALFORMED, f"{type(exc).__name__}: {exc}")
+        return origin, self.reject_records(origin, error, "gateway")
+
+    def forward_record(self, job: Job) -> Publication:
+        """Split mode: the admitted request, unchanged, on its model's infer topic."""
+        o = job.origin
+        assert o.value is not None
+        self.metrics.inflight.dec()
+        headers = [*o.headers, (ORIGIN_HEADER, f"{o.topic}:{o.partition}:{o.offset}".encode())]
+        key = (job.request.key or job.request.id).encode()
+        return o, [Record(self.settings.infer_topic(job.model.name), key, o.value, headers)]
+
+
+def _deadline_ms(request: codec.Request, produced_ms: float, default_ttl_ms: int) -> float | None:
+    if request.deadline_ms is not None:
+        return float(request.deadline_ms)
+    ttl = request.ttl_ms or default_ttl_ms
+    return produced_ms + ttl if ttl else None

@@ -1,0 +1,165 @@
+"""Execution: a batch of admitted requests on its model, retried on transient errors and
+bisected on a failing batch so that one poison request fails alone."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from pipeline.models import LoadedModel
+from pipeline.protocol import codec
+from pipeline.protocol.codec import RequestError
+from pipeline.serving.records import Job, Outcome, Running, now_ms
+from pipeline.serving.responses import Responses
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger(__name__)
+
+
+class Execution(Responses):
+    """Batches of admitted requests on their models."""
+
+    # -- infer ----------------------------------------------------------------------------
+
+    def infer(self, jobs: Sequence[Job]) -> list[Outcome]:
+        """Run a batch of jobs; expired jobs are answered without computing.
+
+        Jobs for different model versions run as separate batches. A batch that raises is
+        bisected, so a poison request fails alone.
+        """
+        outcomes: list[Outcome] = []
+        live: dict[LoadedModel, list[Job]] = {}
+        t = now_ms()
+        for job in jobs:
+            job.started_ms = t
+            if job.deadline_ms is not None and t >= job.deadline_ms:
+                outcomes.extend(self.expired_outcomes([job]))
+            else:
+                live.setdefault(job.model, []).append(job)
+        for model, model_jobs in live.items():
+            step = min(model.max_batch_size, model.batch_buckets[-1])
+            for i in range(0, len(model_jobs), step):
+                outcomes.extend(self._run_bisect(model_jobs[i : i + step]))
+        return outcomes
+
+    def expired_outcomes(self, jobs: Sequence[Job]) -> list[Outcome]:
+        """Jobs whose deadline passed while queued: answered ``expired``, never computed."""
+        t = now_ms()
+        outcomes = []
+        for job in jobs:
+            job.started_ms = t
+            error = RequestError(
+                codec.EXPIRED, "deadline passed while queued for a batch",
+                job.request.id, job.model.name, job.model.version, job.request.reply_to,
+            )  # fmt: skip
+            outcomes.append(Outcome(job, error=error))
+        return outcomes
+
+    def start(self, jobs: list[Job]) -> Running:
+        """Stack one model's jobs into pooled buffers and submit them to the device.
+
+        Returns at once on CUDA (the engine decodes the next records meanwhile); `finish`
+        collects the outcomes. A failure here is kept for `finish`, which bisects.
+        """
+        t = now_ms()
+        for job in jobs:
+            job.started_ms = t
+        model = jobs[0].model
+        batch = None
+        try:
+            batch = model.stack_inputs([j.arrays for j in jobs])
+            return Running(jobs, model.submit(batch))
+        except Exception:  # noqa: BLE001 - finish() runs it again, bisected
+            if batch is not None:
+                batch.release()
+            return Running(jobs, None)
+
+    def finish(self, running: Running) -> list[Outcome]:
+        """Outcomes of a started batch; one that failed runs again bisected, with retries."""
+        if running.pending is not None:
+            try:
+                outputs = running.pending.result()
+            except Exception:  # noqa: BLE001 - bisected below
+                log.debug("batch of %d failed; bisecting", len(running.jobs), exc_info=True)
+            else:
+                return self._outcomes(running.jobs, outputs, running.pending.elapsed_s)
+        return self._run_bisect(running.jobs)
+
+    def _run_bisect(self, jobs: list[Job]) -> list[Outcome]:
+        model = jobs[0].model
+        t0 = time.perf_counter()
+        attempts = 1
+        batch = None
+        try:
+            batch = model.stack_inputs([j.arrays for j in jobs])
+            while True:
+                try:
+                    outputs = model.run(batch)
+                    break
+                except Exception as exc:
+                    if attempts >= self.settings.max_attempts or not is_transient(exc):
+                        raise
+                    # Exponential backoff with jitter, so retries from workers sharing a
+                    # device do not fall into step.
+                    base_s = self.settings.retry_backoff_ms / 1000.0 * 2 ** (attempts - 1)
+                    time.sleep(base_s * random.uniform(0.5, 1.5))
+                    attempts += 1
+        except Exception as exc:  # noqa: BLE001 - any model failure is the request's error
+            if len(jobs) > 1:
+                mid = len(jobs) // 2
+                return self._run_bisect(jobs[:mid]) + self._run_bisect(jobs[mid:])
+            job = jobs[0]
+            code, message = (
+                (exc.code, exc.message) if isinstance(exc, RequestError)
+                else (codec.MODEL_ERROR, f"{type(exc).__name__}: {exc}")
+            )  # fmt: skip
+            error = RequestError(
+                code, message, job.request.id, model.name, model.version,
+                job.request.reply_to, attempts,
+            )  # fmt: skip
+            return [Outcome(job, error=error)]
+        finally:
+            if batch is not None:
+                batch.release()
+        return self._outcomes(jobs, outputs, time.perf_counter() - t0)
+
+    def _outcomes(
+        self, jobs: list[Job], outputs: list[np.ndarray], elapsed_s: float
+    ) -> list[Outcome]:
+        model = jobs[0].model
+        self.metrics.batch_size.labels(model.name).observe(len(jobs))
+        self.metrics.inference.labels(model.name).observe(elapsed_s)
+        # Per-stage latency from the produce timestamp: admitted (gateway), computed (infer);
+        # the respond stage's is observed with each response.
+        produced = np.fromiter((j.origin.timestamp_ms for j in jobs), np.float64, len(jobs))
+        admitted = np.fromiter((j.received_ms for j in jobs), np.float64, len(jobs))
+        latency = self.metrics.request_latency
+        latency.labels(model.name, model.version, "gateway").observe_many(
+            np.maximum(admitted - produced, 0.0) / 1000.0
+        )
+        latency.labels(model.name, model.version, "infer").observe_many(
+            np.maximum(now_ms() - produced, 0.0) / 1000.0
+        )
+        ms, n = elapsed_s * 1000, len(jobs)
+        return [
+            Outcome(job, [o[i] for o in outputs], None, ms, n, outputs, i)
+            for i, job in enumerate(jobs)
+        ]
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors worth retrying: the device ran out of memory (others are the request's fault)."""
+    if isinstance(exc, MemoryError):
+        return True
+    oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    return "out of memory" in str(exc).lower()

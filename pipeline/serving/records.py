@@ -1,0 +1,137 @@
+"""What travels through the serving layer: the Kafka record a request came from (`Origin`),
+an admitted request (`Job`), what became of it (`Outcome`), and the records to publish."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from pipeline.models import LoadedModel
+from pipeline.models.runtime import Pending
+from pipeline.protocol import codec
+from pipeline.protocol.codec import RequestError
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger(__name__)
+
+
+Headers = list[tuple[str, bytes]]
+ORIGIN_HEADER = "sluice-origin"
+# The prefetcher learns key sequences per session: this header names it (else: partition).
+SESSION_HEADER = "session-id"
+
+
+class Sink(Protocol):
+    """Publishes one record; the returned awaitable resolves when the broker has it."""
+
+    async def __call__(
+        self, topic: str, key: bytes | None, value: bytes, headers: Headers | None
+    ) -> Awaitable[Any]: ...
+
+
+@dataclass(slots=True)
+class Origin:
+    """The Kafka record a request came from: for the DLQ, deadlines and acking."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: float
+    value: bytes | None
+    headers: Headers = field(default_factory=list)
+    ack: Callable[[], Any] | None = None
+
+    def header(self, name: str) -> bytes | None:
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+    def correlation_headers(self) -> Headers:
+        return [(k, v) for k, v in self.headers if k in codec.CORRELATION_HEADERS]
+
+
+@dataclass(slots=True)
+class Job:
+    """An admitted request on its way through a model."""
+
+    request: codec.Request
+    model: LoadedModel
+    arrays: list[np.ndarray]
+    deadline_ms: float | None
+    origin: Origin
+    received_ms: float
+    started_ms: float = 0.0
+    # The result cache's key for this request's inputs, when the cache is on.
+    result_key: str | None = None
+    # The engine's bookkeeping for the consumed batch this job came in (offsets to store).
+    owner: Any = None
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What became of one job in a batch: outputs (one row per model output) or an error.
+
+    ``batch_outputs`` and ``row`` point into the whole batch's outputs, so that responses
+    for a batch can be postprocessed at once.
+    """
+
+    job: Job
+    outputs: list[np.ndarray] | None = None
+    error: RequestError | None = None
+    inference_ms: float = 0.0
+    batch_size: int = 0
+    batch_outputs: list[np.ndarray] | None = None
+    row: int = 0
+
+
+@dataclass(slots=True)
+class Record:
+    """One record to publish."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: Headers | None
+
+
+@dataclass(slots=True)
+class Running:
+    """One model's batch submitted to the device (``pending`` None: it failed to start)."""
+
+    jobs: list[Job]
+    pending: Pending | None
+
+    def done(self) -> bool:
+        """True once `Pipeline.finish` will not wait for the device."""
+        return self.pending is None or self.pending.ready()
+
+
+# Records to publish for one source record; the source is acked once all are delivered.
+Publication = tuple[Origin, list[Record]]
+
+
+def now_ms() -> float:
+    return time.time() * 1000.0
+
+
+@dataclass(slots=True)
+class Deferred:
+    """The requests of a consumed batch whose features only the cold source has, waiting for
+    one round trip for ``misses`` (key -> partition); ``waiting`` holds, per request, its
+    index in ``origins``, model and error context, and its feature-store entry."""
+
+    origins: Sequence[Origin]
+    waiting: list[tuple[tuple[int, LoadedModel, dict[str, Any]], Any]]
+    misses: dict[str, int]
+
+    @property
+    def count(self) -> int:
+        return len(self.waiting)

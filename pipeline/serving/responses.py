@@ -1,0 +1,279 @@
+"""Responses: outputs postprocessed (top-k labels and scores) into answers, the split
+mode's result records, and the result cache's answers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pipeline.protocol import codec
+from pipeline.protocol.codec import RequestError, Response, Tensor
+from pipeline.serving.records import (
+    ORIGIN_HEADER,
+    Job,
+    Origin,
+    Outcome,
+    Publication,
+    Record,
+    now_ms,
+)
+from pipeline.serving.rejections import Rejections
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger(__name__)
+
+
+class Responses(Rejections):
+    """Outputs into answers (and the result cache's answers)."""
+
+    # -- respond --------------------------------------------------------------------------
+
+    def response_records(self, outcomes: Sequence[Outcome], stage: str) -> list[Publication]:
+        """Fused mode: each outcome's response (errors: DLQ record and error response)."""
+        publications: list[Publication] = []
+        for group in _groups(outcomes):
+            if group[0].error is not None:
+                for o in group:
+                    self.metrics.inflight.dec()
+                    assert o.error is not None
+                    publications.append(
+                        (o.job.origin, self.reject_records(o.job.origin, o.error, stage))
+                    )
+                continue
+            self.metrics.inflight.dec(len(group))
+            model = group[0].job.model
+            metas = [self._result(o) for o in group]
+            outputs = _rows(group)
+            values = self._responses(model.name, model.version, outputs, metas)
+            if self.results is not None:
+                for i, o in enumerate(group):
+                    self._fill_result(o.job, [out[i] for out in outputs])
+            for o, meta, value in zip(group, metas, values, strict=True):
+                origin = o.job.origin
+                topic = meta.reply_to or self.settings.responses_topic
+                record = Record(topic, meta.id.encode(), value, origin.correlation_headers())
+                publications.append((origin, [record]))
+        return publications
+
+    def result_records(self, outcomes: Sequence[Outcome]) -> list[Publication]:
+        """Split mode, infer stage: raw outputs for the results topic."""
+        publications: list[Publication] = []
+        for o in outcomes:
+            job, origin = o.job, o.job.origin
+            self.metrics.inflight.dec()
+            if o.error is not None:
+                publications.append((origin, self.reject_records(origin, o.error, "infer")))
+                continue
+            assert o.outputs is not None
+            result = self._result(o)
+            if self.results is not None:
+                self._fill_result(job, o.outputs)
+            result.outputs = [
+                codec.array_to_tensor(spec.name, out)
+                for spec, out in zip(job.model.config.outputs, o.outputs, strict=False)
+            ]
+            headers = [
+                *origin.correlation_headers(),
+                (ORIGIN_HEADER, f"{origin.topic}:{origin.partition}:{origin.offset}".encode()),
+            ]
+            key = job.request.id.encode()
+            record = Record(self.settings.results_topic, key, codec.encode(result), headers)
+            publications.append((origin, [record]))
+        return publications
+
+    def respond_result_records(self, origin: Origin) -> Publication:
+        """Split mode, respond stage: postprocess one results-topic record into a response."""
+        try:
+            result = codec.decode_result(origin.value or b"")
+            arrays = [codec.tensor_to_array(t, 1 << 62)[None] for t in result.outputs]
+        except (RequestError, ValueError) as exc:
+            error = (
+                exc if isinstance(exc, RequestError) else RequestError(codec.MALFORMED, str(exc))
+            )
+            return origin, self.reject_records(origin, error, "respond")
+        try:
+            [value] = self._responses(result.model, result.model_version, arrays, [result])
+        except RequestError as exc:
+            # e.g. a version this process does not know (the infer stage served it).
+            error = RequestError(
+                exc.code, exc.message, result.id, result.model, result.model_version,
+                result.reply_to,
+            )  # fmt: skip
+            return origin, self.reject_records(origin, error, "respond")
+        topic = result.reply_to or self.settings.responses_topic
+        return origin, [Record(topic, result.id.encode(), value, origin.correlation_headers())]
+
+    def _result(self, outcome: Outcome) -> codec.ResultRecord:
+        job = outcome.job
+        params = job.request.parameters
+        return codec.ResultRecord(
+            id=job.request.id,
+            model=job.model.name,
+            model_version=job.model.version,
+            outputs=[],
+            reply_to=job.request.reply_to,
+            top_k=params.top_k if params is not None else None,
+            fmt=codec.content_type(job.origin.headers),
+            produced_ms=job.origin.timestamp_ms,
+            received_ms=job.received_ms,
+            started_ms=job.started_ms,
+            inference_ms=outcome.inference_ms,
+            batch_size=outcome.batch_size,
+        )
+
+    def _responses(
+        self, model: str, version: str, outputs: list[np.ndarray], metas: list[codec.ResultRecord]
+    ) -> list[bytes]:
+        """Encoded ok responses for a batch: ``outputs[k]`` holds output k for every row."""
+        config = self.registry.config(model, version)
+        n = len(metas)
+        binary = [m.fmt == codec.MSGPACK for m in metas]
+        raw = []
+        for spec, out in zip(config.outputs, outputs, strict=False):
+            flat = out.reshape(n, -1)
+            # Lists for JSON, little-endian bytes for MessagePack: each made once per batch.
+            lists = flat.tolist() if not all(binary) else None
+            le = np.ascontiguousarray(flat, flat.dtype.newbyteorder("<")) if any(binary) else None
+            raw.append(
+                (spec.name, codec.DATATYPE_OF[out.dtype.name], list(out.shape[1:]), lists, le)
+            )
+        top = _top_k(config.labels, outputs, [m.top_k or 1 for m in metas])
+        done = now_ms()
+        values = []
+        for i, meta in enumerate(metas):
+            tensors = [
+                Tensor(name, dt, shape, le[i].tobytes() if binary[i] else lists[i])  # type: ignore[index]
+                for name, dt, shape, lists, le in raw
+            ]
+            if top is not None:
+                labels, scores = top[i]
+                k = len(labels)
+                tensors.append(Tensor("labels", "BYTES", [k], labels))
+                tensors.append(Tensor("scores", "FP32", [k], scores))
+            response = Response(
+                id=meta.id,
+                status="ok",
+                model=model,
+                model_version=version,
+                outputs=tensors,
+                timings=codec.Timings(
+                    queue_ms=round(meta.started_ms - meta.received_ms, 3),
+                    inference_ms=round(meta.inference_ms, 3),
+                    total_ms=round(done - meta.produced_ms, 3),
+                    batch_size=meta.batch_size,
+                ),
+            )
+            values.append(codec.encode(response, meta.fmt))
+        self._count_many(model, version, "ok", [m.produced_ms for m in metas])
+        return values
+
+    # -- the result cache -----------------------------------------------------------------
+
+    def cached_response(self, job: Job) -> Publication | None:
+        """Answer an admitted job from the result cache, without the model; None on a miss."""
+        assert self.results is not None
+        model, request = job.model, job.request
+        job.result_key = self.results.key(model.name, model.version, request.inputs)
+        rows = self.results.get(job.result_key, model.name, model.version)
+        if rows is None:
+            return None
+        self.metrics.inflight.dec()
+        origin = job.origin
+        fmt = codec.content_type(origin.headers)
+        tensors = [codec.array_to_tensor(n, a, fmt == codec.MSGPACK) for n, a in rows]
+        params = request.parameters
+        tensors += postprocess(
+            model.config.labels, [a for _, a in rows], params.top_k if params else None
+        )
+        done = now_ms()
+        response = Response(
+            id=request.id, status="ok", model=model.name, model_version=model.version,
+            outputs=tensors,
+            timings=codec.Timings(queue_ms=0.0, inference_ms=0.0,
+                                  total_ms=round(done - origin.timestamp_ms, 3), batch_size=0),
+        )  # fmt: skip
+        topic = request.reply_to or self.settings.responses_topic
+        record = Record(topic, request.id.encode(), codec.encode(response, fmt),
+                        origin.correlation_headers())  # fmt: skip
+        self._count(model.name, model.version, "ok", origin.timestamp_ms)
+        return origin, [record]
+
+    def _fill_result(self, job: Job, rows: list[np.ndarray]) -> None:
+        if self.results is None or job.result_key is None:
+            return
+        names = [spec.name for spec in job.model.config.outputs]
+        self.results.put(
+            job.result_key, job.model.name, job.model.version,
+            list(zip(names, rows, strict=False)),
+        )  # fmt: skip
+
+
+def _groups(outcomes: Sequence[Outcome]) -> list[list[Outcome]]:
+    """Runs of outcomes that are all errors, or all rows of one batch's outputs."""
+    groups: list[list[Outcome]] = []
+    for o in outcomes:
+        if groups:
+            last = groups[-1][0]
+            same = (
+                (o.error is not None and last.error is not None)
+                if o.error is not None or last.error is not None
+                else o.batch_outputs is last.batch_outputs and o.batch_outputs is not None
+            )
+            if same:
+                groups[-1].append(o)
+                continue
+        groups.append([o])
+    return groups
+
+
+def _rows(group: list[Outcome]) -> list[np.ndarray]:
+    """The group's rows of every output, stacked: one array per output."""
+    first = group[0]
+    if first.batch_outputs is not None:
+        rows = [o.row for o in group]
+        if rows == list(range(first.batch_size)):
+            return first.batch_outputs
+        return [out[rows] for out in first.batch_outputs]
+    assert first.outputs is not None
+    return [np.stack([o.outputs[k] for o in group]) for k in range(len(first.outputs))]  # type: ignore[index]
+
+
+def _top_k(
+    labels: Sequence[str], outputs: list[np.ndarray], ks: list[int]
+) -> list[tuple[list[str], list[float]]] | None:
+    """Softmax top-k labels and scores per row, for classifiers (models with labels)."""
+    if not labels or not outputs:
+        return None
+    logits = outputs[0].reshape(len(ks), -1).astype(np.float64)
+    if logits.shape[1] != len(labels):
+        return None
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    order = np.argsort(-probs, axis=1, kind="stable")
+    scores = np.take_along_axis(probs, order, axis=1).astype(np.float32).tolist()
+    order_list = order.tolist()
+    out = []
+    for i, k in enumerate(ks):
+        k = min(k, len(labels))
+        out.append(([labels[j] for j in order_list[i][:k]], scores[i][:k]))
+    return out
+
+
+def postprocess(
+    labels: Sequence[str], outputs: list[np.ndarray], top_k: int | None
+) -> list[Tensor]:
+    """Classifier models (with labels) add top-k ``labels`` and softmax ``scores``."""
+    top = _top_k(labels, [o[None] for o in outputs], [top_k or 1])
+    if top is None:
+        return []
+    names, scores = top[0]
+    k = len(names)
+    return [
+        Tensor(name="labels", datatype="BYTES", shape=[k], data=names),
+        Tensor(name="scores", datatype="FP32", shape=[k], data=scores),
+    ]
