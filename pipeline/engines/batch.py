@@ -12,14 +12,13 @@ before it) is delivered, so at-least-once holds across crashes.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_any
 from typing import Any
@@ -29,6 +28,8 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from pipeline.batching.scheduler import BatchPolicy, Flush, Scheduler
 from pipeline.config import Settings
 from pipeline.engines.flow import Backpressure, downstream_of
+from pipeline.engines.offsets import ConsumedBatch, OffsetTracker
+from pipeline.engines.transactions import Transactions
 from pipeline.kafka.client import (
     RecordRejected,
     consume_batch,
@@ -53,48 +54,6 @@ log = logging.getLogger(__name__)
 STAGES = ("fused", "gateway", "infer", "respond")
 # Feature-source round trips in flight at once for requests the caches could not enrich.
 ENRICH_THREADS = 4
-
-
-class _Batch:
-    """Deliveries outstanding for one consumed batch, and the offsets it covers.
-
-    ``held`` counts its requests still in the batcher or on the device (not answered yet),
-    and its records whose delivery failed and that wait to be produced again or replaced.
-    """
-
-    __slots__ = ("offsets", "outstanding", "held")
-
-    def __init__(self, offsets: dict[tuple[str, int], int]) -> None:
-        self.offsets = offsets
-        self.outstanding = 0
-        self.held = 0
-
-
-class OffsetTracker:
-    """Stores a batch's offsets once it and every earlier batch are fully delivered."""
-
-    def __init__(self, consumer: Consumer) -> None:
-        self.consumer = consumer
-        self.pending: deque[_Batch] = deque()
-
-    def open(self, messages: Sequence[Any]) -> _Batch:
-        offsets: dict[tuple[str, int], int] = {}
-        for m in messages:
-            offsets[(m.topic(), m.partition())] = m.offset()
-        batch = _Batch(offsets)
-        self.pending.append(batch)
-        return batch
-
-    def settle(self, store: Callable[[dict[tuple[str, int], int]], None] | None = None) -> None:
-        """Store the offsets of the delivered prefix (or hand them to ``store``)."""
-        while self.pending and self.pending[0].outstanding == 0 and self.pending[0].held == 0:
-            batch = self.pending.popleft()
-            if store is not None:
-                store(batch.offsets)
-                continue
-            self.consumer.store_offsets(
-                offsets=[TopicPartition(t, p, o + 1) for (t, p), o in batch.offsets.items()]
-            )
 
 
 class BatchEngine:
@@ -139,14 +98,16 @@ class BatchEngine:
             extra["transaction.timeout.ms"] = 10_000
         self.producer = Producer(producer_config(settings, **extra))
         self.tracker = OffsetTracker(self.consumer)
-        self._txn_started: float | None = None
+        interval_s = settings.transaction_interval_ms / 1000.0
+        self.txn = (
+            Transactions(self.producer, self.consumer, interval_s) if self.transactional else None
+        )
         self._priority_hold = False
         # The assignment as the rebalance callbacks last gave it: Consumer.assignment() is a
         # round trip to librdkafka's group thread (~1 ms under load), too dear per batch.
         self._assignment: list[TopicPartition] = []
-        self._txn_offsets: dict[tuple[str, int], int] = {}
         # Records whose delivery report was an error, to produce again or replace (`_resend`).
-        self._failed: list[tuple[_Batch, Origin, Record, bool, KafkaError]] = []
+        self._failed: list[tuple[ConsumedBatch, Origin, Record, bool, KafkaError]] = []
         downstream = downstream_of(settings, stage, pipeline.registry.names)
         self.backpressure = (
             Backpressure(settings, *downstream, pipeline.metrics.paused_partitions)
@@ -160,7 +121,7 @@ class BatchEngine:
         )
         # Fused and infer stages batch per model (pipeline/batching/) and keep up to
         # max_batches_in_flight batches on the device while they consume the next records.
-        # Each job's ``owner`` is the `_Batch` it was consumed in.
+        # Each job's ``owner`` is the `ConsumedBatch` it was consumed in.
         self.scheduler: Scheduler[LoadedModel, Job] | None = None
         self.running: deque[tuple[Running, int]] = deque()
         if stage in ("fused", "infer"):
@@ -170,7 +131,7 @@ class BatchEngine:
         # Fused: a request whose features only the cold source has waits for them on a
         # thread, not in the loop, so the requests behind it (and the device) do not wait.
         self._enricher: ThreadPoolExecutor | None = None
-        self._enriching: list[tuple[Future[Any], Deferred, _Batch]] = []
+        self._enriching: list[tuple[Future[Any], Deferred, ConsumedBatch]] = []
         self._deferred = 0
         if stage == "fused" and pipeline.features is not None:
             self._enricher = ThreadPoolExecutor(ENRICH_THREADS, thread_name_prefix="sluice-enrich")
@@ -225,8 +186,8 @@ class BatchEngine:
 
     def run(self) -> None:
         """Consume, process and publish until `stop` is called (or SIGTERM/SIGINT)."""
-        if self.transactional:
-            self.producer.init_transactions(30)
+        if self.txn is not None:
+            self.txn.init()
         self.consumer.subscribe(self.topics(), on_assign=self._on_assign,
                                 on_revoke=self._on_revoke)  # fmt: skip
         s = self.settings
@@ -241,8 +202,8 @@ class BatchEngine:
                 messages = self._next_batch(s.max_batch_size, s.max_delay_s)
                 if messages:
                     self._handle(messages)
-                elif self.transactional:
-                    self._commit_transaction()  # idle: do not hold answers back
+                elif self.txn is not None:
+                    self._commit()  # idle: do not hold answers back
                 self.producer.poll(0)
                 self._resend()
                 self.tracker.settle()
@@ -282,8 +243,7 @@ class BatchEngine:
             self._admit_enriched()
         started = self._start_due()
         self._collect(keep=started)
-        if self.transactional:
-            interval_s = self.settings.transaction_interval_ms / 1000.0
+        if self.txn is not None:
             idle = (
                 not messages
                 and not started
@@ -291,10 +251,8 @@ class BatchEngine:
                 and not sched.pending
                 and not self._enriching
             )
-            started_s = self._txn_started
-            if started_s is not None and (idle or time.monotonic() - started_s >= interval_s):
-                self.tracker.settle(self._txn_store)
-                self._commit_transaction()
+            if self.txn.due(idle):
+                self._commit()
         self.producer.poll(0)
         if not self.transactional:
             self._resend()
@@ -325,7 +283,7 @@ class BatchEngine:
             future = self._enricher.submit(self.pipeline.fetch_features, deferred)
             self._enriching.append((future, deferred, batch))
 
-    def _schedule(self, admitted: list[Job | Publication], batch: _Batch) -> None:
+    def _schedule(self, admitted: list[Job | Publication], batch: ConsumedBatch) -> None:
         """Publish the rejected records; hand the jobs to the batcher."""
         assert self.scheduler is not None
         jobs = [a for a in admitted if isinstance(a, Job)]
@@ -339,7 +297,7 @@ class BatchEngine:
 
     def _admit_enriched(self, wait: bool = False) -> None:
         """Admit the deferred requests whose features have come (all, waiting, with ``wait``)."""
-        still: list[tuple[Future[Any], Deferred, _Batch]] = []
+        still: list[tuple[Future[Any], Deferred, ConsumedBatch]] = []
         for future, deferred, batch in self._enriching:
             if not (wait or future.done()):
                 still.append((future, deferred, batch))
@@ -393,19 +351,25 @@ class BatchEngine:
             if self.stage == "fused"
             else self.pipeline.result_records(outcomes)
         )
-        self._begin_transaction()
+        if self.txn is not None:
+            self.txn.begin()
         for origin, records in publications:
             self._send(records, owner[id(origin)], origin)
         for o in outcomes:  # answered: its offsets may be stored once delivered
             o.job.owner.held -= 1
 
-    def _publish(self, publications: list[Publication], batch: _Batch) -> None:
-        self._begin_transaction()  # a batch may finish after the last one was committed
+    def _publish(self, publications: list[Publication], batch: ConsumedBatch) -> None:
+        if self.txn is not None:
+            self.txn.begin()  # a batch may finish after the last one was committed
         for origin, records in publications:
             self._send(records, batch, origin)
 
     def _send(
-        self, records: list[Record], batch: _Batch | None, origin: Origin, replacing: bool = False
+        self,
+        records: list[Record],
+        batch: ConsumedBatch | None,
+        origin: Origin,
+        replacing: bool = False,
     ) -> None:
         """Produce ``origin``'s records counted against ``batch`` (in the open transaction,
         exactly-once). A record the producer refuses for itself is replaced at once
@@ -433,7 +397,7 @@ class BatchEngine:
 
     def _delivered(
         self,
-        batch: _Batch,
+        batch: ConsumedBatch,
         origin: Origin,
         record: Record,
         replacing: bool,
@@ -473,15 +437,6 @@ class BatchEngine:
         self._admit_enriched(wait=True)
         self._start_due(force=True)
         self._collect()
-
-    def _txn_store(self, offsets: dict[tuple[str, int], int]) -> None:
-        for tp, offset in offsets.items():
-            self._txn_offsets[tp] = offset + 1
-
-    def _begin_transaction(self) -> None:
-        if self.transactional and self._txn_started is None:
-            self.producer.begin_transaction()
-            self._txn_started = time.monotonic()
 
     def _next_batch(self, max_batch_size: int, max_delay_s: float) -> list[Any]:
         """Up to ``max_batch_size`` records, waiting at most ``max_delay_s`` after the first."""
@@ -528,43 +483,29 @@ class BatchEngine:
             self._send(records, batch, origin)  # not transactional here (handled above)
 
     def _handle_transaction(self, consumed: list[Any], origins: list[Origin]) -> None:
-        """Batches, their records and their consumed offsets as Kafka transactions.
-
-        A transaction spans the batches of ``transaction_interval_ms`` (a commit costs
-        several broker round trips). Any failure ends the process after an abort: the records
-        are consumed again from the last committed transaction, and read_committed readers
-        never see a duplicate.
-        """
-        producer = self.producer
-        if self._txn_started is None:
-            producer.begin_transaction()
-            self._txn_started = time.monotonic()
+        """Gateway and respond stages under exactly-once: a consumed batch's records and
+        offsets go into the open transaction. Any failure ends the process after an abort."""
+        assert self.txn is not None
+        self.txn.begin()
         try:
             for origin, records in self.process(origins):
                 self._send(records, None, origin)
-            for m in consumed:
-                self._txn_offsets[(m.topic(), m.partition())] = m.offset() + 1
-            interval_s = self.settings.transaction_interval_ms / 1000.0
-            if time.monotonic() - self._txn_started >= interval_s:
-                self._commit_transaction()
+            self.txn.add({(m.topic(), m.partition()): m.offset() for m in consumed})
+            if self.txn.due():
+                self._commit(settle=False)
         except BaseException:
-            with contextlib.suppress(Exception):
-                producer.abort_transaction(10)
+            self.txn.abort()
             raise
 
-    def _commit_transaction(self) -> None:
-        if self._txn_started is None:
-            return
-        self.producer.send_offsets_to_transaction(
-            [TopicPartition(t, p, o) for (t, p), o in self._txn_offsets.items()],
-            self.consumer.consumer_group_metadata(),
-            30,
-        )
-        self.producer.commit_transaction(30)
-        if self.backpressure is not None:
+    def _commit(self, settle: bool = True) -> None:
+        """Commit the open transaction with the offsets of every settled batch: the one
+        place a transaction commits."""
+        assert self.txn is not None
+        if settle:
+            self.tracker.settle(self.txn.add)
+        self.txn.commit()
+        if self.backpressure is not None:  # committed: delivered downstream
             self.backpressure.delivered = self.backpressure.sent
-        self._txn_offsets.clear()
-        self._txn_started = None
 
     def _prioritize(self) -> None:
         """Serve the priority topic first: while it has a backlog, the rest waits in Kafka.
@@ -618,9 +559,8 @@ class BatchEngine:
         self._admit_enriched(wait=True)  # their fetches fill the tables about to close
         self._feature_tables(partitions, assigned=False)
         self._drain()  # answer what the batcher holds before the partitions move
-        if self.transactional:
-            self.tracker.settle(self._txn_store)
-            self._commit_transaction()  # before the partitions move to another worker
+        if self.txn is not None:
+            self._commit()  # before the partitions move to another worker
             return
         # Publish and store what was consumed before the partitions move to another worker.
         self._flush()
@@ -650,10 +590,9 @@ class BatchEngine:
             self._drain()
         except Exception as exc:  # noqa: BLE001 - unanswered: consumed again on restart
             log.warning("draining the batcher: %s", exc)
-        if self.transactional:
+        if self.txn is not None:
             try:
-                self.tracker.settle(self._txn_store)
-                self._commit_transaction()
+                self._commit()
             except Exception as exc:  # noqa: BLE001 - aborted: consumed again on restart
                 log.warning("final transaction: %s", exc)
         remaining = self.producer.flush(30) if self.transactional else self._flush()

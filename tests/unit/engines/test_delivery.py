@@ -1,0 +1,116 @@
+"""The batch engine's delivery objects without a broker: offsets stored only for a settled
+prefix of consumed batches (at-least-once), and transactions that begin once and commit the
+offsets they were handed (exactly-once)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.engines.offsets import OffsetTracker
+from pipeline.engines.transactions import Transactions
+
+
+class Message:
+    def __init__(self, topic: str, partition: int, offset: int) -> None:
+        self._tpo = (topic, partition, offset)
+
+    def topic(self) -> str:
+        return self._tpo[0]
+
+    def partition(self) -> int:
+        return self._tpo[1]
+
+    def offset(self) -> int:
+        return self._tpo[2]
+
+
+class Recorder:
+    """Stands in for the consumer and the producer: records the calls the objects make."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    def store_offsets(self, offsets: list[Any]) -> None:
+        self.calls.append(("store", sorted((tp.topic, tp.partition, tp.offset) for tp in offsets)))
+
+    def consumer_group_metadata(self) -> str:
+        return "group-metadata"
+
+    def init_transactions(self, _timeout: float) -> None:
+        self.calls.append(("init", None))
+
+    def begin_transaction(self) -> None:
+        self.calls.append(("begin", None))
+
+    def send_offsets_to_transaction(self, offsets: list[Any], meta: str, _timeout: float) -> None:
+        self.calls.append(
+            ("offsets", sorted((tp.topic, tp.partition, tp.offset) for tp in offsets))
+        )
+
+    def commit_transaction(self, _timeout: float) -> None:
+        self.calls.append(("commit", None))
+
+    def abort_transaction(self, _timeout: float) -> None:
+        self.calls.append(("abort", None))
+
+
+def test_offsets_are_stored_for_the_settled_prefix_only() -> None:
+    consumer = Recorder()
+    tracker = OffsetTracker(consumer)
+    first = tracker.open([Message("r", 0, 10), Message("r", 0, 11), Message("r", 1, 4)])
+    second = tracker.open([Message("r", 0, 12)])
+    first.outstanding, first.held = 2, 1  # two records in flight, one request in the batcher
+    second.outstanding = 0
+    tracker.settle()
+    assert consumer.calls == []  # the second is settled, but the first is not: nothing moves
+    first.outstanding = 0
+    tracker.settle()
+    assert consumer.calls == []  # still one request unanswered
+    first.held = 0
+    tracker.settle()
+    # Both, in order: the next offset to consume, per partition.
+    assert consumer.calls == [("store", [("r", 0, 12), ("r", 1, 5)]), ("store", [("r", 0, 13)])]
+    assert not tracker.pending
+
+
+def test_settled_offsets_can_go_to_a_transaction_instead() -> None:
+    consumer = Recorder()
+    tracker = OffsetTracker(consumer)
+    tracker.open([Message("r", 0, 7)])
+    handed: list[dict[tuple[str, int], int]] = []
+    tracker.settle(handed.append)
+    assert handed == [{("r", 0): 7}] and consumer.calls == []
+
+
+def test_a_transaction_begins_once_and_commits_its_offsets() -> None:
+    producer, consumer = Recorder(), Recorder()
+    txn = Transactions(producer, consumer, interval_s=3600)
+    txn.init()
+    assert not txn.due(idle=True)  # nothing open: nothing to commit
+    txn.commit()
+    txn.begin()
+    txn.begin()  # already open
+    txn.add({("r", 0): 7, ("r", 1): 2})
+    txn.add({("r", 0): 9})
+    assert not txn.due() and txn.due(idle=True)
+    txn.commit()
+    assert producer.calls == [
+        ("init", None),
+        ("begin", None),
+        ("offsets", [("r", 0, 10), ("r", 1, 3)]),
+        ("commit", None),
+    ]
+    assert txn.started is None and txn.offsets == {}
+
+
+def test_a_transaction_is_due_after_its_interval_and_aborts_cleanly() -> None:
+    producer, consumer = Recorder(), Recorder()
+    txn = Transactions(producer, consumer, interval_s=0.0)
+    txn.begin()
+    txn.add({("r", 0): 1})
+    assert txn.due()
+    txn.abort()
+    assert producer.calls == [("begin", None), ("abort", None)]
+    assert txn.started is None and txn.offsets == {}
+    txn.abort()  # nothing open: nothing to abort
+    assert producer.calls[-1] == ("abort", None) and len(producer.calls) == 2
