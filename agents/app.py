@@ -9,7 +9,7 @@ import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from pipeline.config import Settings
-from pipeline.kafka.client import faust_credentials
+from pipeline.kafka import faust_credentials
 from pipeline.serving import Headers, Origin, Sink
 
 

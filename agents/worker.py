@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from pipeline.config import Settings
-from pipeline.kafka.client import ensure_topics, pipeline_topics
+from pipeline.kafka import ensure_topics, pipeline_topics
 from pipeline.models import ModelRegistry
 from pipeline.observability.metrics import Metrics, make_metrics
 from pipeline.serving import Pipeline

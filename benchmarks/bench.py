@@ -23,7 +23,7 @@ import numpy as np
 from confluent_kafka import Consumer, Producer
 
 from pipeline.config import Settings
-from pipeline.kafka.client import (
+from pipeline.kafka import (
     confluent_config,
     consume_batch,
     consumer_config,

@@ -228,7 +228,7 @@ def _phase(
     prefetch: bool,
     progress: bool,
 ) -> dict[str, Any]:
-    from pipeline.kafka.client import delete_topics, ensure_topics, pipeline_topics
+    from pipeline.kafka import delete_topics, ensure_topics, pipeline_topics
 
     settings = base.replace(
         topic_prefix=f"bp{uuid.uuid4().hex[:8]}",
@@ -256,7 +256,7 @@ def _drive_phase(
     from confluent_kafka import Consumer, Producer
 
     from pipeline.engines.batch import BatchEngine
-    from pipeline.kafka.client import consume_batch, consumer_config, producer_config
+    from pipeline.kafka import consume_batch, consumer_config, producer_config
     from pipeline.serving import SESSION_HEADER, Pipeline
 
     registry.load_all()

@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline.client import Client
 from pipeline.config import Settings
-from pipeline.kafka.client import consume_batch, topic_reader
+from pipeline.kafka import consume_batch, topic_reader
 from pipeline.ops import procs
 
 

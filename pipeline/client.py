@@ -12,7 +12,8 @@ from typing import Any
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from pipeline.config import Settings
-from pipeline.kafka.client import (
+from pipeline.errors import SluiceError
+from pipeline.kafka import (
     consume_batch,
     consumer_config,
     high_watermark,
@@ -24,7 +25,7 @@ from pipeline.protocol import codec
 Request = dict[str, Any] | codec.Request
 
 
-class TopicMissingError(RuntimeError):
+class TopicMissingError(SluiceError, RuntimeError):
     """The topic a client reads does not exist (yet): no worker has created it."""
 
 

@@ -8,18 +8,37 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import SluiceError
+
 ENV_PREFIX = "SLUICE_"
-MODES = ("fused", "split", "naive")
-# batch: confluent-kafka, a batch at a time (fast); faust: faust agents, an event at a time.
-ENGINES = ("batch", "faust")
-COMPRESSION_TYPES = ("none", "lz4", "zstd", "snappy", "gzip")
-DELIVERIES = ("at_least_once", "exactly_once")
 
 
-class SettingsError(ValueError):
+class Engine(StrEnum):
+    """What drives the stages: confluent-kafka a batch at a time (fast), or faust agents an
+    event at a time."""
+
+    BATCH = "batch"
+    FAUST = "faust"
+
+
+class Delivery(StrEnum):
+    AT_LEAST_ONCE = "at_least_once"
+    EXACTLY_ONCE = "exactly_once"
+
+
+class Compression(StrEnum):
+    NONE = "none"
+    LZ4 = "lz4"
+    ZSTD = "zstd"
+    SNAPPY = "snappy"
+    GZIP = "gzip"
+
+
+class SettingsError(SluiceError, ValueError):
     """A setting has a value that sluice cannot use."""
 
 
@@ -168,13 +187,8 @@ class Settings:
                 f"topic_prefix must be non-empty and use only [a-zA-Z0-9._-], "
                 f"got {self.topic_prefix!r}"
             )
-        if self.compression_type not in COMPRESSION_TYPES:
-            raise SettingsError(
-                f"compression_type must be one of {COMPRESSION_TYPES}, "
-                f"got {self.compression_type!r}"
-            )
-        if self.delivery not in DELIVERIES:
-            raise SettingsError(f"delivery must be one of {DELIVERIES}, got {self.delivery!r}")
+        _require_choice(self, "compression_type", Compression)
+        _require_choice(self, "delivery", Delivery)
         _require_int(self, "backpressure_low_water", minimum=0)
         _require_int(self, "backpressure_high_water", minimum=1)
         if self.backpressure_low_water >= self.backpressure_high_water:
@@ -195,8 +209,7 @@ class Settings:
             raise SettingsError(f"preload_models must be a bool, got {self.preload_models!r}")
         _require_int(self, "transaction_interval_ms", minimum=1)
         _require_int(self, "retry_backoff_ms", minimum=0)
-        if self.engine not in ENGINES:
-            raise SettingsError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        _require_choice(self, "engine", Engine)
         protocols = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
         if self.security_protocol not in protocols:
             raise SettingsError(
@@ -386,6 +399,18 @@ def _parse(name: str, raw: str, kind: type) -> Any:
         return raw
     except ValueError:
         raise SettingsError(f"{env} must be {kind.__name__}, got {raw!r}") from None
+
+
+def _require_choice(settings: Settings, name: str, choices: type[StrEnum]) -> None:
+    """Check ``name`` against a closed set and store it as the enum's member."""
+    value = getattr(settings, name)
+    try:
+        member = choices(value)
+    except ValueError:
+        raise SettingsError(
+            f"{name} must be one of {[c.value for c in choices]}, got {value!r}"
+        ) from None
+    object.__setattr__(settings, name, member)
 
 
 def _require_int(settings: Settings, name: str, minimum: int, maximum: int | None = None) -> None:

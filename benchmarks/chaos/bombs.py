@@ -20,7 +20,7 @@ from benchmarks.chaos.common import RssSampler, Violations, answers, prepare, ru
 from benchmarks.harness import TopicReader, Workers, demo_request
 from pipeline.client import Client
 from pipeline.config import Settings
-from pipeline.kafka.client import producer_config
+from pipeline.kafka import producer_config
 from pipeline.protocol import codec
 
 BOMB_BYTES = 64 * 1024 * 1024

@@ -18,7 +18,7 @@ import numpy as np
 
 from benchmarks.harness import TopicReader, Workers, rss_mb
 from pipeline.config import Settings
-from pipeline.kafka.client import ensure_topics, pipeline_topics
+from pipeline.kafka import ensure_topics, pipeline_topics
 from pipeline.models import ModelRegistry, init_demo
 from pipeline.protocol import codec
 

@@ -26,7 +26,7 @@ from benchmarks.chaos.common import (
 from benchmarks.harness import PacedSender, TopicReader, Workers
 from pipeline.client import Client
 from pipeline.config import Settings
-from pipeline.kafka.client import confluent_config
+from pipeline.kafka import confluent_config
 from pipeline.models import init_demo
 from pipeline.ops import procs
 from pipeline.ops.broker import LocalBroker, free_port

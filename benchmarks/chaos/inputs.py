@@ -29,7 +29,7 @@ from benchmarks.chaos.garbage import MAX_PAYLOAD_BYTES, GarbageMaker
 from benchmarks.harness import TopicReader, Workers, demo_request
 from pipeline.client import Client
 from pipeline.config import Settings
-from pipeline.kafka.client import producer_config
+from pipeline.kafka import producer_config
 from pipeline.models import ModelConfig, ModelRegistry, TensorSpec, init_demo, save_model
 from pipeline.protocol import codec
 

@@ -26,8 +26,8 @@ from benchmarks.chaos.common import (
 from benchmarks.harness import TopicReader, Workers, demo_request
 from pipeline.client import Client
 from pipeline.config import Settings
+from pipeline.kafka import consume_batch, producer_config, topic_reader
 from pipeline.kafka import lag as lag_mod
-from pipeline.kafka.client import consume_batch, producer_config, topic_reader
 from pipeline.models import DEMO_LABELS, ModelConfig, ModelRegistry, TensorSpec, save_model
 from pipeline.protocol import codec
 

@@ -30,7 +30,7 @@ from pipeline.config import Settings
 from pipeline.engines.flow import Backpressure, downstream_of
 from pipeline.engines.offsets import ConsumedBatch, OffsetTracker
 from pipeline.engines.transactions import Transactions
-from pipeline.kafka.client import (
+from pipeline.kafka import (
     RecordRejected,
     consume_batch,
     consumer_config,

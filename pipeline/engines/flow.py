@@ -21,7 +21,7 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 
 from pipeline.config import Settings
-from pipeline.kafka.client import consumer_config, high_watermark
+from pipeline.kafka import consumer_config, high_watermark
 
 log = logging.getLogger(__name__)
 

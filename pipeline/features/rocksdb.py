@@ -333,7 +333,7 @@ class Changelog:
     def __init__(self, settings: Any, topic: str) -> None:
         from confluent_kafka import Producer
 
-        from pipeline.kafka.client import producer_config
+        from pipeline.kafka import producer_config
 
         self.settings = settings
         self.topic = topic
@@ -342,7 +342,7 @@ class Changelog:
     def write(self, partition: int, key: str, value: bytes | None) -> None:
         if self._producer is None:
             raise RuntimeError(f"changelog {self.topic} is closed")
-        from pipeline.kafka.client import produce
+        from pipeline.kafka import produce
 
         produce(self._producer, self.topic, value, key.encode(), partition=partition)
         self._producer.poll(0)
@@ -361,7 +361,7 @@ class Changelog:
         """Replay the partition's changelog into ``store`` from the offset it recorded."""
         from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-        from pipeline.kafka.client import consumer_config, high_watermark
+        from pipeline.kafka import consumer_config, high_watermark
 
         self.flush()
         consumer = Consumer(
@@ -415,7 +415,7 @@ def ensure_changelog(settings: Any, topic: str) -> None:
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    from pipeline.kafka.client import confluent_config
+    from pipeline.kafka import confluent_config
 
     admin = AdminClient(confluent_config(settings))
     if topic in admin.list_topics(timeout=15).topics:
@@ -432,6 +432,6 @@ def ensure_changelog(settings: Any, topic: str) -> None:
         except KafkaException as exc:
             if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
                 raise RuntimeError(f"could not create topic {topic}: {exc}") from exc
-    from pipeline.kafka.client import _wait_for_leaders
+    from pipeline.kafka.topics import _wait_for_leaders
 
     _wait_for_leaders(admin, [topic])

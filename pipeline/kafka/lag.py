@@ -32,7 +32,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from pipeline.config import Settings
-from pipeline.kafka.client import confluent_config
+from pipeline.kafka import confluent_config
 from pipeline.observability.metrics import Metrics
 
 log = logging.getLogger(__name__)

@@ -13,6 +13,7 @@ from typing import Any
 from pipeline.batching.scheduler import (
     check_buckets,
 )
+from pipeline.errors import SluiceError
 from pipeline.models.architectures import ARCHITECTURES
 from pipeline.models.runtime import (
     PRECISIONS,
@@ -24,7 +25,7 @@ from pipeline.protocol.codec import (
 log = logging.getLogger(__name__)
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(SluiceError, RuntimeError):
     """A model directory entry that cannot be loaded."""
 
 

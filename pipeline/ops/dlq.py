@@ -10,7 +10,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from pipeline.config import Settings
-from pipeline.kafka.client import (
+from pipeline.kafka import (
     RecordRejected,
     consumer_config,
     high_watermark,

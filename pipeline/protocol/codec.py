@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 import numpy as np
 
+from pipeline.errors import SluiceError
+
 # Reason codes: the `reason` of a DLQ record and the `error.code` of an error response.
 MALFORMED = "malformed"
 SCHEMA = "schema"
@@ -90,7 +92,7 @@ _Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-
 _Topic = Annotated[str, msgspec.Meta(min_length=1, max_length=249, pattern=r"^[A-Za-z0-9_.-]+$")]
 
 
-class RequestError(Exception):
+class RequestError(SluiceError):
     """A request that cannot be served, with its reason code and what is known of it."""
 
     def __init__(

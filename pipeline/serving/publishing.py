@@ -9,7 +9,7 @@ import logging
 from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from pipeline.kafka.client import record_error
+from pipeline.kafka import record_error
 from pipeline.protocol.codec import RequestError
 from pipeline.serving.admission import Admission
 from pipeline.serving.records import Job, Origin, Outcome, Publication, Record

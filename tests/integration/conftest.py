@@ -13,7 +13,7 @@ import pytest
 from benchmarks.harness import PacedSender, Workers, demo_request  # noqa: F401
 from pipeline.client import Client
 from pipeline.config import Settings, default_cache_dir
-from pipeline.kafka.client import ensure_topics, pipeline_topics
+from pipeline.kafka import ensure_topics, pipeline_topics
 from pipeline.models import ModelRegistry, init_demo
 from pipeline.ops.broker import LocalBroker
 

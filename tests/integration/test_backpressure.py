@@ -7,7 +7,7 @@ import time
 from confluent_kafka import Consumer
 
 from pipeline.client import Client
-from pipeline.kafka.client import consumer_config, ensure_topics, high_watermark, pipeline_topics
+from pipeline.kafka import consumer_config, ensure_topics, high_watermark, pipeline_topics
 from pipeline.ops import procs
 from tests.integration.conftest import demo_request, make_settings
 

@@ -12,7 +12,7 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from pipeline.client import Client
-from pipeline.kafka.client import consumer_config, ensure_topics, pipeline_topics, producer_config
+from pipeline.kafka import consumer_config, ensure_topics, pipeline_topics, producer_config
 from pipeline.protocol import codec
 from tests.integration.conftest import demo_request, make_settings
 

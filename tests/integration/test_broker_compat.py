@@ -9,7 +9,7 @@ import uuid
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from pipeline.kafka.client import consumer_config, ensure_topics, producer_config
+from pipeline.kafka import consumer_config, ensure_topics, producer_config
 
 
 def _name(tag: str) -> str:

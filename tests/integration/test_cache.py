@@ -24,7 +24,7 @@ from pipeline.features.rocksdb import Changelog, PartitionedTables, ensure_chang
 from pipeline.features.sources import open_source
 from pipeline.features.sources.files import FileSource
 from pipeline.features.sources.redis import RedisSource
-from pipeline.kafka.client import consumer_config, ensure_topics, high_watermark, pipeline_topics
+from pipeline.kafka import consumer_config, ensure_topics, high_watermark, pipeline_topics
 from pipeline.models import ModelRegistry, init_demo
 from pipeline.observability.metrics import Metrics
 from pipeline.serving import Pipeline

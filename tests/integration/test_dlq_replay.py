@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from pipeline.client import Client
-from pipeline.kafka.client import ensure_topics, pipeline_topics
+from pipeline.kafka import ensure_topics, pipeline_topics
 from pipeline.models import init_demo
 from pipeline.ops.dlq import replay
 from tests.integration.conftest import demo_request, make_settings
@@ -57,7 +57,7 @@ def test_replay_after_the_missing_model_is_added(bootstrap: str, tmp_path, start
 def test_replay_refuses_a_truncated_record_and_says_why(bootstrap: str, model_dir) -> None:
     from confluent_kafka import Producer
 
-    from pipeline.kafka.client import producer_config
+    from pipeline.kafka import producer_config
     from pipeline.ops.dlq import TRUNCATED_WHY
     from pipeline.protocol import codec
 

@@ -13,8 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from pipeline.cli import main as cli_main
 from pipeline.config import Settings
-from pipeline.kafka import lag
-from pipeline.kafka.client import consumer_config, ensure_topics, producer_config
+from pipeline.kafka import consumer_config, ensure_topics, lag, producer_config
 from pipeline.observability.metrics import Metrics
 from tests.integration.conftest import make_settings
 

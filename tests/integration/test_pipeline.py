@@ -49,7 +49,7 @@ def test_1000_requests_give_1000_correct_responses(
 def test_reply_to_version_and_headers(settings, client: Client, start_workers, bootstrap) -> None:
     from confluent_kafka import Consumer, TopicPartition
 
-    from pipeline.kafka.client import consumer_config, ensure_topics
+    from pipeline.kafka import consumer_config, ensure_topics
     from pipeline.protocol import codec
 
     reply_topic = settings.topic_prefix + ".replies"

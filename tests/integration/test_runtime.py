@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from pipeline.client import Client
-from pipeline.kafka.client import ensure_topics, pipeline_topics
+from pipeline.kafka import ensure_topics, pipeline_topics
 from pipeline.models import (
     MLP,
     ModelConfig,

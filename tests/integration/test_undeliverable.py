@@ -16,7 +16,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from benchmarks.harness import TopicReader
 from pipeline.client import Client
-from pipeline.kafka.client import confluent_config, ensure_topics, pipeline_topics
+from pipeline.kafka import confluent_config, ensure_topics, pipeline_topics
 from pipeline.protocol import codec
 from tests.integration.conftest import demo_request, make_settings
 

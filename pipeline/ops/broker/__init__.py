@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.errors import SluiceError
+
 if TYPE_CHECKING:
     from pipeline.config import Settings
 
@@ -41,7 +43,7 @@ log4j.logger.org.apache.kafka.storage=WARN
 """
 
 
-class BrokerError(RuntimeError):
+class BrokerError(SluiceError, RuntimeError):
     """The local broker could not be fetched, started or stopped."""
 
 

@@ -1,4 +1,4 @@
-"""`pipeline.kafka.client.produce`: which produce failures end a record and which are waited out."""
+"""`pipeline.kafka.produce`: which produce failures end a record and which are waited out."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
-from pipeline.kafka.client import RecordRejected, produce, record_error
+from pipeline.kafka import RecordRejected, produce, record_error
 from pipeline.protocol import codec
 
 
