@@ -256,6 +256,7 @@ def _drive_phase(
     from confluent_kafka import Consumer, Producer
 
     from pipeline.engines.batch import BatchEngine
+    from pipeline.engines.topology import Stage
     from pipeline.kafka import consume_batch, consumer_config, producer_config
     from pipeline.serving import SESSION_HEADER, Pipeline
 
@@ -265,7 +266,7 @@ def _drive_phase(
     assert pipeline.features is not None
     source = DelayedSource(pipeline.features.source, L3_DELAY_S)
     pipeline.features.source = source
-    engine = BatchEngine(settings, "fused", pipeline)
+    engine = BatchEngine(settings, Stage.FUSED, pipeline)
     worker = threading.Thread(target=engine.run, name=f"bench-{name}", daemon=True)
     worker.start()
 

@@ -120,9 +120,15 @@ def worker(mode: str, stage: str | None) -> None:
     if mode == "split" and stage is None:
         _run_split_supervisor(settings)
         return
-    from agents.worker import run
+    if mode == "naive" or settings.engine == "faust":
+        from agents.worker import run as run_faust
 
-    run(settings, mode, stage)
+        run_faust(settings, mode, stage)
+        return
+    from pipeline.engines.topology import Stage
+    from pipeline.engines.worker import run
+
+    run(settings, Stage.of(mode, stage))
 
 
 def _run_split_supervisor(settings: Settings) -> None:

@@ -27,8 +27,9 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from pipeline.batching.scheduler import BatchPolicy, Flush, Scheduler
 from pipeline.config import Settings
-from pipeline.engines.flow import Backpressure, downstream_of
+from pipeline.engines.flow import Backpressure
 from pipeline.engines.offsets import ConsumedBatch, OffsetTracker
+from pipeline.engines.topology import Stage, consumed_topics, downstream
 from pipeline.engines.transactions import Transactions
 from pipeline.kafka import (
     RecordRejected,
@@ -51,7 +52,6 @@ from pipeline.serving import (
 )
 
 log = logging.getLogger(__name__)
-STAGES = ("fused", "gateway", "infer", "respond")
 # Feature-source round trips in flight at once for requests the caches could not enrich.
 ENRICH_THREADS = 4
 
@@ -59,11 +59,9 @@ ENRICH_THREADS = 4
 class BatchEngine:
     """One stage (or the fused pipeline) as a consume-process-produce loop."""
 
-    def __init__(self, settings: Settings, stage: str, pipeline: Pipeline) -> None:
-        if stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    def __init__(self, settings: Settings, stage: Stage, pipeline: Pipeline) -> None:
         self.settings = settings
-        self.stage = stage
+        self.stage = Stage(stage)
         self.pipeline = pipeline
         self.stop_event = threading.Event()
         self.transactional = settings.delivery == "exactly_once"
@@ -108,23 +106,21 @@ class BatchEngine:
         self._assignment: list[TopicPartition] = []
         # Records whose delivery report was an error, to produce again or replace (`_resend`).
         self._failed: list[tuple[ConsumedBatch, Origin, Record, bool, KafkaError]] = []
-        downstream = downstream_of(settings, stage, pipeline.registry.names)
+        after = downstream(settings, self.stage, pipeline.registry.names)
         self.backpressure = (
-            Backpressure(settings, *downstream, pipeline.metrics.paused_partitions)
-            if downstream
-            else None
+            Backpressure(settings, *after, pipeline.metrics.paused_partitions) if after else None
         )
         # Gateway and respond handle a consumed batch at once; fused and infer go through
         # the batcher (`_step`).
         self.process: Callable[[list[Origin]], list[Publication]] = (
-            self._respond if stage == "respond" else self._gateway
+            self._respond if self.stage == Stage.RESPOND else self._gateway
         )
         # Fused and infer stages batch per model (pipeline/batching/) and keep up to
         # max_batches_in_flight batches on the device while they consume the next records.
         # Each job's ``owner`` is the `ConsumedBatch` it was consumed in.
         self.scheduler: Scheduler[LoadedModel, Job] | None = None
         self.running: deque[tuple[Running, int]] = deque()
-        if stage in ("fused", "infer"):
+        if self.stage.computes:
             self.scheduler = Scheduler(self._policy, time.time, settings.max_inflight)
             if settings.preload_models:
                 self._preload()
@@ -133,7 +129,7 @@ class BatchEngine:
         self._enricher: ThreadPoolExecutor | None = None
         self._enriching: list[tuple[Future[Any], Deferred, ConsumedBatch]] = []
         self._deferred = 0
-        if stage == "fused" and pipeline.features is not None:
+        if self.stage == Stage.FUSED and pipeline.features is not None:
             self._enricher = ThreadPoolExecutor(ENRICH_THREADS, thread_name_prefix="sluice-enrich")
 
     def _policy(self, model: LoadedModel) -> BatchPolicy:
@@ -156,12 +152,7 @@ class BatchEngine:
                     log.error("%s", exc)
 
     def topics(self) -> list[str]:
-        s = self.settings
-        if self.stage in ("fused", "gateway"):
-            return [s.priority_topic, s.requests_topic]
-        if self.stage == "infer":
-            return [s.infer_topic(m) for m in self.pipeline.registry.names]
-        return [s.results_topic]
+        return consumed_topics(self.settings, self.stage, self.pipeline.registry.names)
 
     # -- the stages, a batch at a time ------------------------------------------------------
 
@@ -348,7 +339,7 @@ class BatchEngine:
         owner = {id(o.job.origin): o.job.owner for o in outcomes}
         publications = (
             self.pipeline.response_records(outcomes, "infer")
-            if self.stage == "fused"
+            if self.stage == Stage.FUSED
             else self.pipeline.result_records(outcomes)
         )
         if self.txn is not None:
@@ -512,7 +503,7 @@ class BatchEngine:
 
         Reads only librdkafka's cached high watermarks and positions (no broker round trip).
         """
-        if self.stage not in ("fused", "gateway"):
+        if not self.stage.admits:
             return
         if self.backpressure is not None and self.backpressure.paused:
             self._priority_hold = False  # all paused; resuming resumes all
@@ -548,7 +539,7 @@ class BatchEngine:
         """The L2 feature table follows the requests topic's partitions: restored from its
         changelog before an assigned partition is consumed, closed when it is revoked."""
         features = self.pipeline.features
-        if features is None or self.stage not in ("fused", "gateway"):
+        if features is None or not self.stage.admits:
             return
         ps = [tp.partition for tp in partitions if tp.topic == self.settings.requests_topic]
         if ps:

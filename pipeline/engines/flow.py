@@ -26,17 +26,6 @@ from pipeline.kafka import consumer_config, high_watermark
 log = logging.getLogger(__name__)
 
 
-def downstream_of(
-    settings: Settings, stage: str, models: list[str]
-) -> tuple[str, list[str]] | None:
-    """The consumer group and topics of the stage after ``stage``, if it has one."""
-    if stage == "gateway":
-        return settings.group_id("infer"), [settings.infer_topic(m) for m in models]
-    if stage == "infer":
-        return settings.group_id("respond"), [settings.results_topic]
-    return None
-
-
 class Backpressure:
     """Pauses and resumes an upstream consumer on the downstream group's offset lag."""
 

@@ -9,7 +9,9 @@ from prometheus_client import CollectorRegistry
 
 from pipeline.config import Settings
 from pipeline.kafka import lag
-from pipeline.kafka.lag import LagMonitor, PartitionLag
+from pipeline.kafka.lag import PartitionLag
+from pipeline.observability import lag_monitor
+from pipeline.observability.lag_monitor import LagMonitor
 from pipeline.observability.metrics import Metrics
 
 
@@ -71,8 +73,8 @@ def test_monitor_exports_gauges_and_drops_partitions_that_disappear(
         [row(0, time_lag_s=2.5), row(1, committed=None, start=1, time_lag_s=None)],
         [row(0, committed=8, time_lag_s=0.0)],
     ]
-    monkeypatch.setattr(lag, "admin_client", lambda settings: object())
-    monkeypatch.setattr(lag, "describe", lambda *a, **k: samples.pop(0))
+    monkeypatch.setattr(lag_monitor, "admin_client", lambda settings: object())
+    monkeypatch.setattr(lag_monitor, "describe", lambda *a, **k: samples.pop(0))
 
     def value(name: str, partition: int) -> float | None:
         labels = {"group": "g", "topic": "t", "partition": str(partition)}
@@ -103,8 +105,8 @@ def test_monitor_thread_keeps_sampling_after_errors_and_stops(
         calls.append(1)
         raise RuntimeError("broker away")
 
-    monkeypatch.setattr(lag, "admin_client", lambda settings: object())
-    monkeypatch.setattr(lag, "describe", failing)
+    monkeypatch.setattr(lag_monitor, "admin_client", lambda settings: object())
+    monkeypatch.setattr(lag_monitor, "describe", failing)
     monitor = LagMonitor(Settings(), Metrics(), ["g"], ["t"], interval_s=0.01).start()
     try:
         deadline = time.monotonic() + 5
