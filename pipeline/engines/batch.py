@@ -12,48 +12,40 @@ before it) is delivered, so at-least-once holds across crashes.
 
 from __future__ import annotations
 
-import functools
 import logging
 import signal
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_any
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
 from pipeline.batching.scheduler import BatchPolicy, Flush, Scheduler
 from pipeline.config import Settings
-from pipeline.engines.flow import Backpressure
+from pipeline.engines.enrichment import Enricher
+from pipeline.engines.flow import Backpressure, FlowControl
 from pipeline.engines.offsets import ConsumedBatch, OffsetTracker
+from pipeline.engines.publisher import Publisher
 from pipeline.engines.topology import Stage, consumed_topics, downstream
 from pipeline.engines.transactions import Transactions
 from pipeline.kafka import (
-    RecordRejected,
     consume_batch,
     consumer_config,
-    produce,
     producer_config,
-    record_error,
 )
 from pipeline.models import LoadedModel, ModelLoadError
 from pipeline.serving import (
-    Deferred,
     Job,
     Origin,
     Outcome,
     Pipeline,
     Publication,
-    Record,
     Running,
 )
 
 log = logging.getLogger(__name__)
-# Feature-source round trips in flight at once for requests the caches could not enrich.
-ENRICH_THREADS = 4
 
 
 class BatchEngine:
@@ -100,15 +92,14 @@ class BatchEngine:
         self.txn = (
             Transactions(self.producer, self.consumer, interval_s) if self.transactional else None
         )
-        self._priority_hold = False
-        # The assignment as the rebalance callbacks last gave it: Consumer.assignment() is a
-        # round trip to librdkafka's group thread (~1 ms under load), too dear per batch.
-        self._assignment: list[TopicPartition] = []
-        # Records whose delivery report was an error, to produce again or replace (`_resend`).
-        self._failed: list[tuple[ConsumedBatch, Origin, Record, bool, KafkaError]] = []
         after = downstream(settings, self.stage, pipeline.registry.names)
-        self.backpressure = (
-            Backpressure(settings, *after, pipeline.metrics.paused_partitions) if after else None
+        self.backpressure = Backpressure(settings, *after) if after else None
+        self.out = Publisher(self.producer, pipeline, self.backpressure, self.transactional)
+        self.flow = FlowControl(
+            self.consumer,
+            settings.priority_topic if self.stage.admits else None,
+            self.backpressure,
+            pipeline.metrics.paused_partitions,
         )
         # Gateway and respond handle a consumed batch at once; fused and infer go through
         # the batcher (`_step`).
@@ -126,11 +117,11 @@ class BatchEngine:
                 self._preload()
         # Fused: a request whose features only the cold source has waits for them on a
         # thread, not in the loop, so the requests behind it (and the device) do not wait.
-        self._enricher: ThreadPoolExecutor | None = None
-        self._enriching: list[tuple[Future[Any], Deferred, ConsumedBatch]] = []
-        self._deferred = 0
-        if self.stage == Stage.FUSED and pipeline.features is not None:
-            self._enricher = ThreadPoolExecutor(ENRICH_THREADS, thread_name_prefix="sluice-enrich")
+        self.enricher = (
+            Enricher(pipeline)
+            if self.stage == Stage.FUSED and pipeline.features is not None
+            else None
+        )
 
     def _policy(self, model: LoadedModel) -> BatchPolicy:
         s = self.settings
@@ -184,9 +175,7 @@ class BatchEngine:
         s = self.settings
         try:
             while not self.stop_event.is_set():
-                if self.backpressure is not None:
-                    self.backpressure.update(self.consumer)
-                self._prioritize()
+                self.flow.update()
                 if self.scheduler is not None:
                     self._step()
                     continue
@@ -196,7 +185,7 @@ class BatchEngine:
                 elif self.txn is not None:
                     self._commit()  # idle: do not hold answers back
                 self.producer.poll(0)
-                self._resend()
+                self.out.resend()
                 self.tracker.settle()
         finally:
             self._finish()
@@ -212,11 +201,14 @@ class BatchEngine:
         """
         sched = self.scheduler
         assert sched is not None
-        room = sched.max_pending - sched.pending - self._deferred
+        enricher = self.enricher
+        room = (
+            sched.max_pending - sched.pending - (enricher.deferred if enricher is not None else 0)
+        )
         messages = []
         if room > 0:
             wait_s = 0.0 if self.running else self._wait_s()
-            if self._enriching:
+            if enricher:
                 wait_s = min(wait_s, 0.001)  # a fetch may finish any moment
             if sched.pending:
                 # A batch is filling: librdkafka returns once it could be full, or when the
@@ -228,9 +220,9 @@ class BatchEngine:
                 messages = consume_batch(self.consumer, n, wait_s)
         if messages:
             self._enqueue(messages)
-        if self._enriching:
+        if enricher:
             if room <= 0 and not self.running:  # full, nothing to compute: wait for a fetch
-                wait_any([f for f, _, _ in self._enriching], 0.005, FIRST_COMPLETED)
+                enricher.wait(0.005)
             self._admit_enriched()
         started = self._start_due()
         self._collect(keep=started)
@@ -240,13 +232,13 @@ class BatchEngine:
                 and not started
                 and not self.running
                 and not sched.pending
-                and not self._enriching
+                and not enricher
             )
             if self.txn.due(idle):
                 self._commit()
         self.producer.poll(0)
         if not self.transactional:
-            self._resend()
+            self.out.resend()
             self.tracker.settle()
 
     def _wait_s(self) -> float:
@@ -262,17 +254,13 @@ class BatchEngine:
         if not consumed:
             return
         batch = self.tracker.open(consumed)
-        if self._enricher is None:
+        if self.enricher is None:
             self._schedule(self.pipeline.admit_many(origins), batch)
             return
         admitted, deferred = self.pipeline.admit_cached(origins)
         self._schedule(admitted, batch)
         if deferred is not None:
-            # Held (offsets not stored) until admitted and answered.
-            batch.held += deferred.count
-            self._deferred += deferred.count
-            future = self._enricher.submit(self.pipeline.fetch_features, deferred)
-            self._enriching.append((future, deferred, batch))
+            self.enricher.defer(deferred, batch)
 
     def _schedule(self, admitted: list[Job | Publication], batch: ConsumedBatch) -> None:
         """Publish the rejected records; hand the jobs to the batcher."""
@@ -288,16 +276,9 @@ class BatchEngine:
 
     def _admit_enriched(self, wait: bool = False) -> None:
         """Admit the deferred requests whose features have come (all, waiting, with ``wait``)."""
-        still: list[tuple[Future[Any], Deferred, ConsumedBatch]] = []
-        for future, deferred, batch in self._enriching:
-            if not (wait or future.done()):
-                still.append((future, deferred, batch))
-                continue
-            admitted = self.pipeline.admit_fetched(deferred, future.result())
-            self._deferred -= deferred.count
-            batch.held -= deferred.count
-            self._schedule(admitted, batch)
-        self._enriching = still
+        if self.enricher is not None:
+            for admitted, batch in self.enricher.ready(wait):
+                self._schedule(admitted, batch)
 
     def _start_due(self, force: bool = False) -> int:
         """Start every batch the batcher says is due; returns how many were started."""
@@ -345,7 +326,7 @@ class BatchEngine:
         if self.txn is not None:
             self.txn.begin()
         for origin, records in publications:
-            self._send(records, owner[id(origin)], origin)
+            self.out.send(records, owner[id(origin)], origin)
         for o in outcomes:  # answered: its offsets may be stored once delivered
             o.job.owner.held -= 1
 
@@ -353,73 +334,7 @@ class BatchEngine:
         if self.txn is not None:
             self.txn.begin()  # a batch may finish after the last one was committed
         for origin, records in publications:
-            self._send(records, batch, origin)
-
-    def _send(
-        self,
-        records: list[Record],
-        batch: ConsumedBatch | None,
-        origin: Origin,
-        replacing: bool = False,
-    ) -> None:
-        """Produce ``origin``'s records counted against ``batch`` (in the open transaction,
-        exactly-once). A record the producer refuses for itself is replaced at once
-        (`Pipeline.undeliverable`); ``replacing`` marks such replacements."""
-        bp = self.backpressure
-        for r in records:
-            if bp is not None and r.topic in bp.downstream:
-                bp.sent += 1  # counted before produce: an estimate errs on the high side
-            try:
-                if batch is None or self.transactional:
-                    produce(self.producer, r.topic, r.value, r.key, r.headers)
-                    continue
-                batch.outstanding += 1
-                report = functools.partial(self._delivered, batch, origin, r, replacing)
-                try:
-                    produce(self.producer, r.topic, r.value, r.key, r.headers, report)
-                except RecordRejected:
-                    batch.outstanding -= 1
-                    raise
-            except RecordRejected as exc:
-                if bp is not None and r.topic in bp.downstream:
-                    bp.delivered += 1  # never produced: no longer in flight
-                self._send(self.pipeline.undeliverable(origin, r, exc.code, exc.message, replacing),
-                           batch, origin, replacing=True)  # fmt: skip
-
-    def _delivered(
-        self,
-        batch: ConsumedBatch,
-        origin: Origin,
-        record: Record,
-        replacing: bool,
-        err: KafkaError | None,
-        _msg: Any,
-    ) -> None:
-        batch.outstanding -= 1
-        bp = self.backpressure
-        if bp is not None and record.topic in bp.downstream:
-            bp.delivered += 1  # or failed: a record produced again counts as sent again
-        if err is not None:
-            batch.held += 1  # its offsets wait until the record is produced again or replaced
-            self._failed.append((batch, origin, record, replacing, err))
-
-    def _resend(self) -> None:
-        """Deal with the records whose delivery failed: a record the broker refused for itself
-        is replaced (`Pipeline.undeliverable`); one that failed for the broker's reasons
-        (librdkafka retried it for message.timeout.ms) is produced again."""
-        while self._failed:
-            failed, self._failed = self._failed, []
-            for batch, origin, record, replacing, err in failed:
-                batch.held -= 1
-                code = record_error(err)
-                if code is None:
-                    log.warning("delivery to %s failed, producing again: %s", record.topic, err)
-                    self._send([record], batch, origin, replacing)
-                else:
-                    replacements = self.pipeline.undeliverable(
-                        origin, record, code, err.str(), replacing
-                    )
-                    self._send(replacements, batch, origin, replacing=True)
+            self.out.send(records, batch, origin)
 
     def _drain(self) -> None:
         """Run and publish everything held (before partitions move, and at the end)."""
@@ -471,7 +386,7 @@ class BatchEngine:
             return
         batch = self.tracker.open(consumed)
         for origin, records in self.process(origins):
-            self._send(records, batch, origin)  # not transactional here (handled above)
+            self.out.send(records, batch, origin)  # not transactional here (handled above)
 
     def _handle_transaction(self, consumed: list[Any], origins: list[Origin]) -> None:
         """Gateway and respond stages under exactly-once: a consumed batch's records and
@@ -480,7 +395,7 @@ class BatchEngine:
         self.txn.begin()
         try:
             for origin, records in self.process(origins):
-                self._send(records, None, origin)
+                self.out.send(records, None, origin)
             self.txn.add({(m.topic(), m.partition()): m.offset() for m in consumed})
             if self.txn.due():
                 self._commit(settle=False)
@@ -498,42 +413,9 @@ class BatchEngine:
         if self.backpressure is not None:  # committed: delivered downstream
             self.backpressure.delivered = self.backpressure.sent
 
-    def _prioritize(self) -> None:
-        """Serve the priority topic first: while it has a backlog, the rest waits in Kafka.
-
-        Reads only librdkafka's cached high watermarks and positions (no broker round trip).
-        """
-        if not self.stage.admits:
-            return
-        if self.backpressure is not None and self.backpressure.paused:
-            self._priority_hold = False  # all paused; resuming resumes all
-            return
-        priority = self.settings.priority_topic
-        assignment = self._assignment
-        urgent = [tp for tp in assignment if tp.topic == priority]
-        backlog = 0
-        if urgent:
-            for tp in self.consumer.position(urgent):
-                low, high = self.consumer.get_watermark_offsets(tp, cached=True)
-                # Before the first record of a partition is consumed its position is unknown:
-                # count from the low watermark until then.
-                position = tp.offset if tp.offset >= 0 else low
-                if high > position >= 0:
-                    backlog += high - position
-        want = backlog > 0
-        if want != self._priority_hold:
-            normal = [tp for tp in assignment if tp.topic != priority]
-            if normal:
-                (self.consumer.pause if want else self.consumer.resume)(normal)
-            self._priority_hold = want
-
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._assignment = list(partitions)
         self._feature_tables(partitions, assigned=True)
-        if self.backpressure is not None and self.backpressure.paused:
-            consumer.pause(partitions)
-        elif self._priority_hold:
-            consumer.pause([tp for tp in partitions if tp.topic != self.settings.priority_topic])
+        self.flow.assigned(partitions)
 
     def _feature_tables(self, partitions: list[TopicPartition], assigned: bool) -> None:
         """The L2 feature table follows the requests topic's partitions: restored from its
@@ -546,7 +428,7 @@ class BatchEngine:
             (features.assign if assigned else features.revoke)(ps)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._assignment = []
+        self.flow.revoked()
         self._admit_enriched(wait=True)  # their fetches fill the tables about to close
         self._feature_tables(partitions, assigned=False)
         self._drain()  # answer what the batcher holds before the partitions move
@@ -554,29 +436,17 @@ class BatchEngine:
             self._commit()  # before the partitions move to another worker
             return
         # Publish and store what was consumed before the partitions move to another worker.
-        self._flush()
+        self.out.flush()
         self.tracker.settle()
         try:
             consumer.commit(asynchronous=False)
         except Exception as exc:  # noqa: BLE001 - nothing stored yet is fine
             log.debug("commit on revoke: %s", exc)
 
-    def _flush(self, timeout_s: float = 30.0) -> int:
-        """Deliver everything produced, failed deliveries included (produced again or
-        replaced); returns how many records are still undelivered after ``timeout_s``."""
-        deadline = time.monotonic() + timeout_s
-        remaining = self.producer.flush(timeout_s)
-        while self._failed and time.monotonic() < deadline:
-            self._resend()
-            remaining = self.producer.flush(max(0.0, deadline - time.monotonic()))
-        return remaining + len(self._failed)
-
     def stop(self) -> None:
         self.stop_event.set()
 
     def _finish(self) -> None:
-        if self.backpressure is not None:
-            self.backpressure.close()
         try:
             self._drain()
         except Exception as exc:  # noqa: BLE001 - unanswered: consumed again on restart
@@ -586,15 +456,15 @@ class BatchEngine:
                 self._commit()
             except Exception as exc:  # noqa: BLE001 - aborted: consumed again on restart
                 log.warning("final transaction: %s", exc)
-        remaining = self.producer.flush(30) if self.transactional else self._flush()
+        remaining = self.producer.flush(30) if self.transactional else self.out.flush()
         if remaining == 0 and not self.transactional:
             try:
                 self.tracker.settle()
                 self.consumer.commit(asynchronous=False)
             except Exception as exc:  # noqa: BLE001
                 log.debug("final commit: %s", exc)
-        if self._enricher is not None:
-            self._enricher.shutdown(wait=False)
+        if self.enricher is not None:
+            self.enricher.close()
         self.consumer.close()
 
 

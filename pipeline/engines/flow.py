@@ -1,15 +1,19 @@
-"""Lag-based backpressure: pause consuming while the next stage is too far behind.
+"""Flow control: what the engine's consumer reads, and what waits in Kafka.
 
-In split mode each stage publishes to the next stage's topic. When the next stage's consumer
-group lags (end offsets minus committed offsets, over its topics) by more than the high-water
-mark, the upstream stage pauses its partitions, so that work waits in Kafka instead of
-piling up downstream; it resumes once the lag falls below the low-water mark (hysteresis, no
-flapping). In fused mode nothing is needed: the engine only consumes as fast as it answers.
+Two reasons to wait, one owner of pause and resume (`FlowControl`):
 
-The broker is asked at most once per interval, but the decision is taken on every loop: the
-lag read then, plus what this process has produced downstream that the read could not have
-seen (not yet delivered when it started). So the lag passes the high-water mark by at most
-one consumed batch, however fast the stage forwards between two reads.
+- **Backpressure** (split mode): when the next stage's consumer group lags (end offsets
+  minus committed offsets over its topics, `pipeline.kafka.lag.describe`) by more than the
+  high-water mark, the stage pauses all its partitions, so that work waits in Kafka instead of
+  piling up downstream; it resumes below the low-water mark (hysteresis, no flapping). The
+  broker is asked at most once per interval, but the decision is taken on every loop: the lag
+  read then, plus what this process has produced downstream that the read could not have
+  seen (not yet delivered when it started). So the lag passes the high-water mark by at most
+  one consumed batch, however fast the stage forwards between two reads.
+- **Priority**: while the priority topic has a backlog, the stage's other partitions wait.
+  This reads only librdkafka's cached high watermarks and positions (no broker round trip).
+
+In fused mode there is no backpressure: the engine only consumes as fast as it answers.
 """
 
 from __future__ import annotations
@@ -18,60 +22,50 @@ import logging
 import time
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import TopicPartition
 
 from pipeline.config import Settings
-from pipeline.kafka import consumer_config, high_watermark
+from pipeline.kafka.lag import admin_client, describe
 
 log = logging.getLogger(__name__)
 
 
 class Backpressure:
-    """Pauses and resumes an upstream consumer on the downstream group's offset lag."""
+    """Decides from the downstream group's offset lag whether the stage should wait."""
 
-    def __init__(
-        self, settings: Settings, group: str, topics: list[str], paused_gauge: Any = None
-    ) -> None:
+    def __init__(self, settings: Settings, group: str, topics: list[str]) -> None:
+        self.settings = settings
         self.high = settings.backpressure_high_water
         self.low = settings.backpressure_low_water
         self.interval_s = settings.backpressure_interval_s
+        self.group = group
         self.topics = topics
-        self.paused = False
-        self.paused_gauge = paused_gauge
-        # A consumer with the downstream group's id that never joins it: it only reads the
-        # group's committed offsets.
-        self._probe = Consumer(consumer_config(settings, group, **{"enable.auto.commit": False}))
-        self._partitions: list[TopicPartition] = []
-        self._next_check = 0.0
         self.downstream = frozenset(topics)
+        self.paused = False
+        self._admin: Any = None
+        self._next_check = 0.0
         # Records this process produced to ``downstream``, and how many of them are
-        # delivered; ``_lag`` is the last read plus those undelivered when it started.
+        # delivered (or failed); the estimate is the last read plus those undelivered when
+        # it started.
         self.sent = 0
         self.delivered = 0
         self._read_lag = 0
         self._unseen_from = 0  # ``delivered`` when the last read started
 
     def lag(self) -> int:
-        if not self._partitions:
-            md = self._probe.list_topics(timeout=10).topics
-            self._partitions = [
-                TopicPartition(t, p) for t in self.topics if t in md for p in md[t].partitions
-            ]
-        committed = self._probe.committed(self._partitions, timeout=10)
-        total = 0
-        for tp in committed:
-            end = high_watermark(self._probe, tp.topic, tp.partition)
-            start = tp.offset if tp.offset >= 0 else 0
-            total += max(0, end - start)
-        return total
+        """The downstream group's offset lag now, read from the broker."""
+        if self._admin is None:
+            self._admin = admin_client(self.settings)
+        rows = describe(self.settings, [self.group], self.topics, self._admin, time_lag=False)
+        return sum(r.lag for r in rows)
 
     def estimate(self) -> int:
         """The downstream lag now: the last read, plus what was produced since that the read
         could not count (everything not delivered when it started)."""
         return self._read_lag + self.sent - self._unseen_from
 
-    def update(self, consumer: Consumer) -> None:
-        """Read the downstream lag (at most once per interval); pause or resume on it."""
+    def update(self) -> bool:
+        """Read the downstream lag (at most once per interval); returns whether to wait."""
         now = time.monotonic()
         if now >= self._next_check:
             self._next_check = now + self.interval_s
@@ -88,21 +82,74 @@ class Backpressure:
         elif self.paused and lag < self.low:
             self.paused = False
             log.info("downstream lag %d < %d: resuming", lag, self.low)
-        else:
-            return
-        self.apply(consumer)
+        return self.paused
 
-    def apply(self, consumer: Consumer) -> None:
-        """Bring the consumer's current assignment in line with the decision."""
-        assignment = consumer.assignment()
-        if not assignment:
-            return
-        if self.paused:
-            consumer.pause(assignment)
-        else:
-            consumer.resume(assignment)
-        if self.paused_gauge is not None:
-            self.paused_gauge.set(len(assignment) if self.paused else 0)
 
-    def close(self) -> None:
-        self._probe.close()
+class FlowControl:
+    """The one owner of the consumer's paused partitions, for backpressure and priority."""
+
+    def __init__(
+        self,
+        consumer: Any,
+        priority_topic: str | None,
+        backpressure: Backpressure | None,
+        paused_gauge: Any = None,
+    ) -> None:
+        self.consumer = consumer
+        self.priority_topic = priority_topic  # None: this stage reads no requests
+        self.backpressure = backpressure
+        self.paused_gauge = paused_gauge
+        # The assignment as the rebalance callbacks last gave it: Consumer.assignment() is a
+        # round trip to librdkafka's group thread (~1 ms under load), too dear per batch.
+        self.assignment: list[TopicPartition] = []
+        self.paused: set[tuple[str, int]] = set()
+
+    def assigned(self, partitions: list[TopicPartition]) -> None:
+        """New partitions start unpaused: pause at once those the decision holds."""
+        self.assignment = list(partitions)
+        self.paused = set()
+        self._apply(self._wanted(read_lag=False))
+
+    def revoked(self) -> None:
+        self.assignment = []
+        self.paused = set()
+
+    def update(self) -> None:
+        """Decide, and pause or resume the partitions whose state changes."""
+        self._apply(self._wanted(read_lag=True))
+
+    def _wanted(self, read_lag: bool) -> set[tuple[str, int]]:
+        bp = self.backpressure
+        if bp is not None and (bp.update() if read_lag else bp.paused):
+            return {(tp.topic, tp.partition) for tp in self.assignment}
+        if self.priority_topic is not None and self._priority_backlog() > 0:
+            return {
+                (tp.topic, tp.partition)
+                for tp in self.assignment
+                if tp.topic != self.priority_topic
+            }
+        return set()
+
+    def _priority_backlog(self) -> int:
+        urgent = [tp for tp in self.assignment if tp.topic == self.priority_topic]
+        backlog = 0
+        if urgent:
+            for tp in self.consumer.position(urgent):
+                low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+                # Before the first record of a partition is consumed its position is unknown:
+                # count from the low watermark until then.
+                position = tp.offset if tp.offset >= 0 else low
+                if high > position >= 0:
+                    backlog += high - position
+        return backlog
+
+    def _apply(self, wanted: set[tuple[str, int]]) -> None:
+        pause = wanted - self.paused
+        resume = self.paused - wanted
+        if pause:
+            self.consumer.pause([TopicPartition(t, p) for t, p in pause])
+        if resume:
+            self.consumer.resume([TopicPartition(t, p) for t, p in resume])
+        self.paused = wanted
+        if self.paused_gauge is not None and (pause or resume):
+            self.paused_gauge.set(len(wanted))

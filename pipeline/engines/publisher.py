@@ -1,0 +1,115 @@
+"""Publishing a consumed batch's records: each produced counted against its batch, a record
+the producer or the broker refuses for itself replaced (`Pipeline.undeliverable`), one that
+failed for the broker's reasons produced again. The loop asks it to `Publisher.send`, to
+`Publisher.resend` what failed on every turn, and to `Publisher.flush` before partitions
+move and at the end."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from typing import Any
+
+from confluent_kafka import KafkaError
+
+from pipeline.engines.flow import Backpressure
+from pipeline.engines.offsets import ConsumedBatch
+from pipeline.kafka import RecordRejected, produce, record_error
+from pipeline.serving import Origin, Pipeline, Record
+
+log = logging.getLogger(__name__)
+
+
+class Publisher:
+    """The engine's producer, with the bookkeeping of what it has in flight."""
+
+    def __init__(
+        self,
+        producer: Any,
+        pipeline: Pipeline,
+        backpressure: Backpressure | None,
+        transactional: bool,
+    ) -> None:
+        self.producer = producer
+        self.pipeline = pipeline
+        self.backpressure = backpressure
+        self.transactional = transactional
+        # Records whose delivery report was an error, to produce again or replace (`resend`).
+        self._failed: list[tuple[ConsumedBatch, Origin, Record, bool, KafkaError]] = []
+
+    def send(
+        self,
+        records: list[Record],
+        batch: ConsumedBatch | None,
+        origin: Origin,
+        replacing: bool = False,
+    ) -> None:
+        """Produce ``origin``'s records counted against ``batch`` (in the open transaction,
+        exactly-once). A record the producer refuses for itself is replaced at once
+        (`Pipeline.undeliverable`); ``replacing`` marks such replacements."""
+        bp = self.backpressure
+        for r in records:
+            if bp is not None and r.topic in bp.downstream:
+                bp.sent += 1  # counted before produce: an estimate errs on the high side
+            try:
+                if batch is None or self.transactional:
+                    produce(self.producer, r.topic, r.value, r.key, r.headers)
+                    continue
+                batch.outstanding += 1
+                report = functools.partial(self._delivered, batch, origin, r, replacing)
+                try:
+                    produce(self.producer, r.topic, r.value, r.key, r.headers, report)
+                except RecordRejected:
+                    batch.outstanding -= 1
+                    raise
+            except RecordRejected as exc:
+                if bp is not None and r.topic in bp.downstream:
+                    bp.delivered += 1  # never produced: no longer in flight
+                self.send(self.pipeline.undeliverable(origin, r, exc.code, exc.message, replacing),
+                           batch, origin, replacing=True)  # fmt: skip
+
+    def _delivered(
+        self,
+        batch: ConsumedBatch,
+        origin: Origin,
+        record: Record,
+        replacing: bool,
+        err: KafkaError | None,
+        _msg: Any,
+    ) -> None:
+        batch.outstanding -= 1
+        bp = self.backpressure
+        if bp is not None and record.topic in bp.downstream:
+            bp.delivered += 1  # or failed: a record produced again counts as sent again
+        if err is not None:
+            batch.held += 1  # its offsets wait until the record is produced again or replaced
+            self._failed.append((batch, origin, record, replacing, err))
+
+    def resend(self) -> None:
+        """Deal with the records whose delivery failed: a record the broker refused for itself
+        is replaced (`Pipeline.undeliverable`); one that failed for the broker's reasons
+        (librdkafka retried it for message.timeout.ms) is produced again."""
+        while self._failed:
+            failed, self._failed = self._failed, []
+            for batch, origin, record, replacing, err in failed:
+                batch.held -= 1
+                code = record_error(err)
+                if code is None:
+                    log.warning("delivery to %s failed, producing again: %s", record.topic, err)
+                    self.send([record], batch, origin, replacing)
+                else:
+                    replacements = self.pipeline.undeliverable(
+                        origin, record, code, err.str(), replacing
+                    )
+                    self.send(replacements, batch, origin, replacing=True)
+
+    def flush(self, timeout_s: float = 30.0) -> int:
+        """Deliver everything produced, failed deliveries included (produced again or
+        replaced); returns how many records are still undelivered after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        remaining = self.producer.flush(timeout_s)
+        while self._failed and time.monotonic() < deadline:
+            self.resend()
+            remaining = self.producer.flush(max(0.0, deadline - time.monotonic()))
+        return remaining + len(self._failed)
