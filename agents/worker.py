@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 def build(settings: Settings, mode: str, stage: str | None = None) -> tuple[SluiceApp, Any]:
     """The faust app for ``mode`` (and ``stage`` in split mode), with its agents wired."""
     # faust is imported here, not at the top: the batch engine runs without it.
-    from agents import gateway, infer, naive, prefetch, respond
+    from agents import gateway, infer, naive, respond, tables
     from agents.app import create_app, faust_sink
     from agents.infer import InferStage
 
@@ -36,10 +36,12 @@ def build(settings: Settings, mode: str, stage: str | None = None) -> tuple[Slui
         raise SystemExit(f"no models in {settings.models_path}; run `sluice model init-demo`")
     metrics = make_metrics(settings.metrics_enabled)
     app = create_app(settings, stage if mode == "split" and stage else mode)
-    tables = per_stage_settings(settings, Stage.of(mode, stage)) if mode == Mode.SPLIT else settings
-    pipeline = Pipeline(tables, registry, faust_sink(app), metrics)
+    stage_settings = (
+        per_stage_settings(settings, Stage.of(mode, stage)) if mode == Mode.SPLIT else settings
+    )
+    pipeline = Pipeline(stage_settings, registry, faust_sink(app), metrics)
     if mode == "fused" or stage == "gateway":
-        prefetch.register(app, pipeline)  # the feature tables follow the partitions
+        tables.register(app, pipeline)  # the feature tables follow the partitions
     stage_obj: InferStage | None = None
     if mode == "fused":
         registry.load_all()

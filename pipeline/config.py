@@ -67,7 +67,7 @@ class Settings:
     max_payload_bytes: int = 1_048_576
     max_elements_per_tensor: int = 1_048_576
     default_ttl_ms: int = 0
-    response_topic: str | None = None
+    responses_topic_name: str | None = None
     # Where a request's `reply_to` may send its answer: comma-separated fnmatch patterns (the
     # default matches none of Kafka's internal topics). The pipeline's own topics are refused
     # whatever they match.
@@ -263,7 +263,7 @@ class Settings:
         return f"{self.topic_prefix}.features-changelog"
 
     @property
-    def features_l2_path(self) -> Path:
+    def l2_tables_path(self) -> Path:
         """This worker's L2 RocksDB stores (distinct per worker slot: RocksDB locks them)."""
         if self.feature_l2_path is not None:
             return self.feature_l2_path
@@ -306,7 +306,7 @@ class Settings:
 
     @property
     def responses_topic(self) -> str:
-        return self.response_topic or f"{self.topic_prefix}.responses"
+        return self.responses_topic_name or f"{self.topic_prefix}.responses"
 
     @property
     def dlq_topic(self) -> str:

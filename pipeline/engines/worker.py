@@ -85,7 +85,7 @@ def per_stage_settings(settings: Settings, stage: Stage) -> Settings:
     (RocksDB locks a store to one process)."""
     if stage == Stage.FUSED:
         return settings
-    path = settings.features_l2_path
+    path = settings.l2_tables_path
     return settings.replace(feature_l2_path=path.with_name(f"{path.name}-{stage}"))
 
 

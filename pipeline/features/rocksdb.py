@@ -15,7 +15,6 @@ goes to the changelog, so the topic stays bounded too. Entries carry an absolute
 from __future__ import annotations
 
 import logging
-import shutil
 import struct
 import threading
 import time
@@ -158,10 +157,6 @@ class RocksDBTier(Tier):
     @changelog_offset.setter
     def changelog_offset(self, offset: int) -> None:
         self._db[_OFFSET] = offset.to_bytes(8, "big")
-
-    def expires_at(self, key: str) -> float | None:
-        raw = self._db.get(_DATA + key.encode())
-        return None if raw is None else float(_HEADER.unpack_from(raw)[0])
 
     # -- internals --------------------------------------------------------------------------
 
@@ -313,11 +308,6 @@ class PartitionedTables:
         self.revoke(list(self._stores))
         if self.changelog is not None:
             self.changelog.close()
-
-    def destroy(self) -> None:
-        """Close and delete the local files (the changelog still holds the data)."""
-        self.close()
-        shutil.rmtree(self.root, ignore_errors=True)
 
     def _tombstone(self, partition: int) -> Callable[[str], None]:
         def evicted(key: str) -> None:

@@ -123,7 +123,7 @@ class FeatureStore:
                 ensure_changelog(settings, settings.features_changelog_topic)
                 changelog = Changelog(settings, settings.features_changelog_topic)
             l2 = PartitionedTables(
-                settings.features_l2_path,
+                settings.l2_tables_path,
                 max(1, settings.feature_l2_max_bytes // settings.partitions),
                 settings.feature_l2_ttl_s,
                 changelog,
@@ -265,24 +265,13 @@ class FeatureStore:
             self._specs[k] = FeatureSpec.of(model)
         return self._specs[k]
 
-    def enrich(
-        self, request: codec.Request, model: LoadedModel, partition: int, session: str
-    ) -> codec.Request:
-        """The request with its model's feature input filled from the store by its key.
-
-        Raises `codec.RequestError` (``unknown_key``) when the key is missing or unknown.
-        """
-        result = self.enrich_many([(request, model, partition, session)])[0]
-        if isinstance(result, codec.RequestError):
-            raise result
-        return result
-
     def enrich_many(
         self, entries: Sequence[tuple[codec.Request, LoadedModel, int, str]]
     ) -> list[codec.Request | codec.RequestError]:
-        """`enrich` for a consumed batch, in order: each entry ``(request, model, partition,
-        session)`` becomes its enriched request or the `codec.RequestError` it fails with.
-        The batch's cache misses share one source round trip (`lookup_many`)."""
+        """A consumed batch's requests with their model's feature input filled from the store
+        by key, in order: each entry ``(request, model, partition, session)`` becomes its
+        enriched request or the `codec.RequestError` (``unknown_key``) it fails with. The
+        batch's cache misses share one source round trip (`lookup_many`)."""
         out, misses = self.enrich_cached(entries)
         try:
             values = self.fetch(misses) if misses else {}

@@ -119,10 +119,6 @@ class GraphRunner:
         self._eager: set[tuple[Any, ...]] = set()
         self._pool: Any = None  # one memory pool for all of this model's graphs
 
-    @property
-    def captured(self) -> int:
-        return len(self._graphs)
-
     def __call__(self, inputs: list[torch.Tensor]) -> Any:
         key = tuple((tuple(t.shape), t.dtype) for t in inputs)
         entry = self._graphs.get(key)

@@ -10,7 +10,6 @@ from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pipeline.kafka import record_error
-from pipeline.protocol.codec import RequestError
 from pipeline.serving.admission import Admission
 from pipeline.serving.records import Job, Origin, Outcome, Publication, Record
 
@@ -44,9 +43,6 @@ class Publishing(Admission):
 
     async def respond_record(self, origin: Origin) -> None:
         await self.publish([self.respond_result_records(origin)])
-
-    async def reject(self, origin: Origin, error: RequestError, stage: str) -> None:
-        await self.publish([(origin, self.reject_records(origin, error, stage))])
 
     async def publish(self, publications: Sequence[Publication]) -> None:
         """Send every record through the sink; ack each source once its records are in."""

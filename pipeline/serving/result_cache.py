@@ -55,8 +55,8 @@ class ResultCache:
         ttl = settings.result_cache_ttl_s
         l2 = None
         if settings.result_cache_l2_max_bytes:
-            path = Path(settings.features_l2_path).parent / (
-                Path(settings.features_l2_path).name + "-results"
+            path = Path(settings.l2_tables_path).parent / (
+                Path(settings.l2_tables_path).name + "-results"
             )
             l2 = RocksDBTier(path, settings.result_cache_l2_max_bytes, ttl)
         return cls(MemoryTier(settings.result_cache_l1_max_bytes, ttl), l2, ttl, metrics)

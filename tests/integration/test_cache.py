@@ -214,7 +214,7 @@ def test_table_survives_a_restart_through_its_changelog(
         finally:
             first.stop()
         # The disk is lost and the cold source forgets the keys: only the changelog has them.
-        shutil.rmtree(first.settings.features_l2_path)
+        shutil.rmtree(first.settings.l2_tables_path)
         source = FileSource(tmp_path / "features")
         source.delete_many([*keys, "user-30"])
         source.close()

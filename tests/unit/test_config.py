@@ -41,7 +41,10 @@ def test_defaults(tmp_path: Path) -> None:
 
 def test_derived_names_follow_overrides(tmp_path: Path) -> None:
     s = Settings(
-        cache_dir=tmp_path, topic_prefix="t-1.x", model_dir=tmp_path / "m", response_topic="answers"
+        cache_dir=tmp_path,
+        topic_prefix="t-1.x",
+        model_dir=tmp_path / "m",
+        responses_topic_name="answers",
     )
     assert s.models_path == tmp_path / "m"
     assert s.responses_topic == "answers"
@@ -200,7 +203,7 @@ def test_to_env_round_trips_through_from_env(tmp_path: Path) -> None:
         max_delay_s=0.0125,
         max_inflight=100,
         default_ttl_ms=2500,
-        response_topic="rt.out",
+        responses_topic_name="rt.out",
         security_protocol="SASL_SSL",
         sasl_mechanism="PLAIN",
         sasl_username="u",

@@ -286,7 +286,7 @@ def test_a_reply_to_off_the_allowlist_is_refused_and_answered_on_the_default_top
 
 
 def test_response_topic_setting(demo_dir: Path, tmp_path: Path) -> None:
-    e = make_env(demo_dir, tmp_path, response_topic="answers")
+    e = make_env(demo_dir, tmp_path, responses_topic_name="answers")
     run(lambda: fused(e, [origin(request())]))
     assert [s.topic for s in e.sink.sent] == ["answers"]
 
