@@ -219,6 +219,10 @@ class Settings:
             raise SettingsError(
                 f"sasl_mechanism is required with security_protocol={self.security_protocol}"
             )
+        # What the engine cannot do is refused here, never silently ignored.
+        from pipeline.engines import capabilities
+
+        capabilities.check(self)
 
     def _check_caches(self) -> None:
         if self.feature_source is not None:

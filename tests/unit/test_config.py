@@ -281,3 +281,13 @@ def test_reply_to_must_match_the_allowlist_and_never_name_the_pipelines_own_topi
     wide = Settings(topic_prefix="sl", reply_to_topics="*")
     assert wide.reply_to_allowed("anything") and not wide.reply_to_allowed("sl.requests")
     assert not Settings(reply_to_topics="").reply_to_allowed("x.replies")
+
+
+def test_an_engine_refuses_what_it_cannot_do_naming_both_sides() -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings(engine="faust", delivery="exactly_once")
+    message = str(info.value)
+    assert "SLUICE_ENGINE=faust" in message and "SLUICE_DELIVERY=exactly_once" in message
+    assert "SLUICE_ENGINE=batch" in message
+    assert Settings(engine="batch", delivery="exactly_once").delivery == "exactly_once"
+    assert Settings.from_env({"SLUICE_ENGINE": "faust"}).engine == "faust"
