@@ -283,7 +283,7 @@ def test_a_failing_handler_does_not_stop_later_batches() -> None:
             await asyncio.wait_for(b.put(1), 1)
             await asyncio.wait_for(second.wait(), 1)
             assert handled == [[1]]
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pytest.fail("the batcher stopped handling batches after a handler raised")
         finally:
             task = b._task
