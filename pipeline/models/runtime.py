@@ -17,6 +17,7 @@ import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,18 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+
+class Precision(StrEnum):
+    """The dtype a model computes in: fp16/bf16 on CUDA, int8 (dynamic quantisation of
+    Linear layers) on CPU."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+    INT8 = "int8"
+
+
+PRECISIONS = tuple(p.value for p in Precision)
 _FLOAT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_POOL_BYTES = 256 * 1024 * 1024
 

@@ -10,6 +10,7 @@ import base64
 import hashlib
 import math
 import time
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -17,40 +18,47 @@ import numpy as np
 
 from pipeline.errors import SluiceError
 
-# Reason codes: the `reason` of a DLQ record and the `error.code` of an error response.
-MALFORMED = "malformed"
-SCHEMA = "schema"
-OVERSIZE = "oversize"
-UNKNOWN_MODEL = "unknown_model"
-UNKNOWN_VERSION = "unknown_version"
-BAD_SHAPE = "bad_shape"
-BAD_DTYPE = "bad_dtype"
-EXPIRED = "expired"
-MODEL_ERROR = "model_error"
-DELIVERY_FAILED = "delivery_failed"
-# A model takes features by key and the feature store has none for the request's key.
-UNKNOWN_KEY = "unknown_key"
-# The feature store's cold source failed (unreachable, timed out): the request can be replayed.
-FEATURE_UNAVAILABLE = "feature_unavailable"
-# A record the worker made for the request (its answer, say) is larger than the producer or
-# the topic accepts. `DELIVERY_FAILED` is the other record-tied produce failure: a topic that
-# does not exist, is invalid or is not writable.
-RECORD_TOO_LARGE = "record_too_large"
-REASONS = (
-    MALFORMED,
-    SCHEMA,
-    OVERSIZE,
-    UNKNOWN_MODEL,
-    UNKNOWN_VERSION,
-    BAD_SHAPE,
-    BAD_DTYPE,
-    EXPIRED,
-    MODEL_ERROR,
-    DELIVERY_FAILED,
-    UNKNOWN_KEY,
-    FEATURE_UNAVAILABLE,
-    RECORD_TOO_LARGE,
-)
+
+class Reason(StrEnum):
+    """Why a request ended without outputs: the ``reason`` of its DLQ record and the
+    ``error.code`` of its answer."""
+
+    MALFORMED = "malformed"
+    SCHEMA = "schema"
+    OVERSIZE = "oversize"
+    UNKNOWN_MODEL = "unknown_model"
+    UNKNOWN_VERSION = "unknown_version"
+    BAD_SHAPE = "bad_shape"
+    BAD_DTYPE = "bad_dtype"
+    EXPIRED = "expired"
+    MODEL_ERROR = "model_error"
+    # A record the worker made for the request is refused by its topic: the topic does not
+    # exist, is invalid or is not writable.
+    DELIVERY_FAILED = "delivery_failed"
+    # A model takes features by key and the feature store has none for the request's key.
+    UNKNOWN_KEY = "unknown_key"
+    # The feature store's cold source failed (unreachable, timed out): it can be replayed.
+    FEATURE_UNAVAILABLE = "feature_unavailable"
+    # A record the worker made for the request (its answer, say) is larger than the
+    # producer or its topic accepts.
+    RECORD_TOO_LARGE = "record_too_large"
+
+
+# The members by their short names, as the code writes them (`codec.MALFORMED`).
+MALFORMED = Reason.MALFORMED
+SCHEMA = Reason.SCHEMA
+OVERSIZE = Reason.OVERSIZE
+UNKNOWN_MODEL = Reason.UNKNOWN_MODEL
+UNKNOWN_VERSION = Reason.UNKNOWN_VERSION
+BAD_SHAPE = Reason.BAD_SHAPE
+BAD_DTYPE = Reason.BAD_DTYPE
+EXPIRED = Reason.EXPIRED
+MODEL_ERROR = Reason.MODEL_ERROR
+DELIVERY_FAILED = Reason.DELIVERY_FAILED
+UNKNOWN_KEY = Reason.UNKNOWN_KEY
+FEATURE_UNAVAILABLE = Reason.FEATURE_UNAVAILABLE
+RECORD_TOO_LARGE = Reason.RECORD_TOO_LARGE
+REASONS = tuple(r.value for r in Reason)
 
 DTYPES: dict[str, Any] = {
     "BOOL": np.bool_,
@@ -75,8 +83,17 @@ CORRELATION_HEADERS = ("correlation-id", "traceparent", "tracestate", "content-t
 # The `content-type` header picks the wire format; JSON when absent. MessagePack carries the
 # same fields (the same schema), and a tensor's `data` may then be raw little-endian bytes.
 CONTENT_TYPE_HEADER = "content-type"
-JSON = "application/json"
-MSGPACK = "application/msgpack"
+
+
+class Format(StrEnum):
+    """A record's wire format, as its ``content-type`` header names it."""
+
+    JSON = "application/json"
+    MSGPACK = "application/msgpack"
+
+
+JSON = Format.JSON
+MSGPACK = Format.MSGPACK
 _MSGPACK_NAMES = {b"application/msgpack", b"application/x-msgpack"}
 
 
