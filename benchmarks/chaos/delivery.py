@@ -34,6 +34,10 @@ from pipeline.ops.broker import LocalBroker, free_port
 # -- crash ----------------------------------------------------------------------------------
 
 
+# How long a restarted worker may take to answer its first request.
+SERVE_WAIT_S = 120.0
+
+
 def crash(
     settings: Settings,
     work: Path,
@@ -42,8 +46,9 @@ def crash(
     rate: float = 1000.0,
     kill_every_s: float = 10.0,
 ) -> dict[str, Any]:
-    """A fused worker killed with SIGKILL every ``kill_every_s`` during a paced run and
-    restarted right after each kill: every request must be answered.
+    """A fused worker killed with SIGKILL during a paced run (about every ``kill_every_s``
+    of sending, at least twice, each time once it serves) and restarted right after each
+    kill: every request must be answered.
 
     At-least-once may publish a response more than once (``duplicates_seen``, by a
     read_committed reader), and the client resolves each id once (``client_resolved_once``);
@@ -70,17 +75,27 @@ def crash(
             start = time.monotonic()
             sender.start()
             try:
-                while True:
-                    sender.join(timeout=kill_every_s)
-                    if not sender.is_alive():
-                        break
+                # Kills come at even shares of the requests sent (not of wall time), at
+                # least two, each once the worker it hits has served: on a busy machine a
+                # restart can take longer than a kill interval, and a kill timed by the
+                # clock could hit a worker still starting, which would test nothing.
+                wanted = max(2, round(n / (rate * kill_every_s)) - 1)
+                for k in range(1, wanted + 1):
+                    threshold = n * k // (wanted + 1)
+                    while len(sender.futures) < threshold and sender.is_alive():
+                        sender.join(timeout=0.1)
                     if not current[0].alive():
                         unexpected += 1
                         dead_logs.append(current[0].logs()[-3000:])
                     current[0].kill()
                     kills.append((round(time.monotonic() - start, 1), len(resolved)))
                     current[0] = Workers(settings, "fused", work / "logs" / f"w{len(kills)}")
-                    current[0].start()
+                    try:
+                        current[0].start().wait_ready(client, SERVE_WAIT_S)
+                    except RuntimeError as exc:  # exited (counted above next turn) or stuck
+                        if current[0].alive():
+                            unexpected += 1
+                            dead_logs.append(str(exc)[-3000:])
             finally:
                 sender.join(timeout=120)
             responses = answers(sender.futures, 240)
