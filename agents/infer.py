@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from agents.app import origins, raw_topic
-from pipeline.batching.scheduler import Batcher
+from pipeline.batching.batcher import Batcher
 from pipeline.serving import Job, Outcome, Pipeline
 
 

@@ -33,6 +33,7 @@ from pipeline.kafka import (
     producer_config,
     topic_reader,
 )
+from pipeline.kafka.produce import produce
 from pipeline.models import ModelRegistry
 from pipeline.ops import procs
 from pipeline.protocol import codec
@@ -157,12 +158,7 @@ def relay(settings: Settings) -> None:
         while not stop.is_set():
             for m in consume_batch(consumer, 1000, 0.05):
                 if m.error() is None:
-                    while True:
-                        try:
-                            producer.produce(settings.responses_topic, m.value(), m.key())
-                            break
-                        except BufferError:
-                            producer.poll(0.01)
+                    produce(producer, settings.responses_topic, m.value(), m.key())
             producer.poll(0)
     finally:
         producer.flush(10)
@@ -404,12 +400,7 @@ def _produce(
             # that keep to the schedule, without a system call per request.
             time.sleep(due - now)
         key, value = load.request(seq, "r")
-        while True:
-            try:
-                producer.produce(topic, value, key, headers=headers)
-                break
-            except BufferError:
-                producer.poll(0.005)
+        produce(producer, topic, value, key, headers)
         sent[seq] = due if rate else time.perf_counter()
         if seq % 256 == 0:
             producer.poll(0)

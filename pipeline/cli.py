@@ -287,7 +287,7 @@ def bench(
     from benchmarks import bench as bench_mod
 
     if scenario != "pipeline":
-        module = importlib.import_module(f"pipeline.bench_{scenario}")
+        module = importlib.import_module(f"benchmarks.bench_{scenario}")
         extra: dict[str, Any] = {"workers": workers} if scenario == "gpu" else {}
         if n is not None:
             extra["requests"] = n

@@ -30,6 +30,7 @@ from benchmarks.harness import TopicReader, Workers, demo_request
 from pipeline.client import Client
 from pipeline.config import Settings
 from pipeline.kafka import producer_config
+from pipeline.kafka.produce import produce
 from pipeline.models import ModelConfig, ModelRegistry, TensorSpec, init_demo, save_model
 from pipeline.protocol import codec
 
@@ -121,14 +122,8 @@ def _garbage(
                 v += 1
                 continue
             key = None if g % 3 else f"k-{g}".encode()
-            while True:
-                try:
-                    producer.produce(
-                        settings.requests_topic, items[g].value, key, on_delivery=delivered(g)
-                    )
-                    break
-                except BufferError:
-                    producer.poll(0.05)
+            produce(producer, settings.requests_topic, items[g].value, key,
+                    on_delivery=delivered(g))  # fmt: skip
             producer.poll(0)
             g += 1
         bad.check("produce_failed", producer.flush(60) == 0 and not failed, failed[:3])

@@ -28,6 +28,7 @@ from pipeline.client import Client
 from pipeline.config import Settings
 from pipeline.kafka import consume_batch, producer_config, topic_reader
 from pipeline.kafka import lag as lag_mod
+from pipeline.kafka.produce import produce
 from pipeline.models import DEMO_LABELS, ModelConfig, ModelRegistry, TensorSpec, save_model
 from pipeline.protocol import codec
 
@@ -169,12 +170,7 @@ def overload(
                     if delay > 0:
                         time.sleep(delay)
                 value = b'{"id":"o-%d"' % i + bodies[i % _VARIANTS]
-                while True:
-                    try:
-                        producer.produce(settings.requests_topic, value, b"o-%d" % i)
-                        break
-                    except BufferError:
-                        producer.poll(0.01)
+                produce(producer, settings.requests_topic, value, b"o-%d" % i)
                 producer.poll(0)
             undelivered = producer.flush(60)
             offered_s = time.monotonic() - start
@@ -292,12 +288,7 @@ class _SeqReader:
 
 
 def _send(producer: Producer, topic: str, key: bytes, value: bytes) -> None:
-    while True:
-        try:
-            producer.produce(topic, value, key)
-            return
-        except BufferError:
-            producer.poll(0.005)
+    produce(producer, topic, value, key)
 
 
 def soak(

@@ -1,6 +1,6 @@
 """compose/ is consistent with itself and with the code: services, mounts, ports, Prometheus
 scrape targets and alert rules, Grafana provisioning, and the metric names that the alert
-rules and the dashboard query (every one must be exported by ``pipeline.metrics``).
+rules and the dashboard query (every one must be exported by ``pipeline.observability.metrics``).
 
 No Docker needed: the files are parsed, not run. ``promtool`` (Debian package
 ``prometheus``, installed by ``make sysdeps``) also checks the rules, their unit tests
@@ -135,7 +135,7 @@ def _listeners(value: str) -> dict[str, tuple[str, int]]:
 
 
 def _exported_series() -> set[str]:
-    """Every series name pipeline.metrics exports, with the suffixes Prometheus sees."""
+    """Every series name our metrics export, with the suffixes Prometheus sees."""
     registry = CollectorRegistry()
     Metrics(registry)
     return _series_names(registry.collect())

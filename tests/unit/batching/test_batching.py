@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from pipeline.batching.batcher import Batcher
 from pipeline.batching.scheduler import (
     EWMA_ALPHA,
-    Batcher,
     BatchPolicy,
     Scheduler,
     bucket_for,
