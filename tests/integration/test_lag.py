@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from pipeline.cli import main as cli_main
 from pipeline.config import Settings
 from pipeline.kafka import consumer_config, ensure_topics, lag, producer_config
+from pipeline.observability.lag_monitor import LagMonitor
 from pipeline.observability.metrics import Metrics
 from tests.integration.conftest import make_settings
 
@@ -79,7 +80,7 @@ def test_list_groups_by_prefix(lagging: tuple[Settings, str, str]) -> None:
 def test_monitor_exports_the_group(lagging: tuple[Settings, str, str]) -> None:
     settings, topic, group = lagging
     registry = CollectorRegistry()
-    monitor = lag.LagMonitor(settings, Metrics(registry), [group], [topic])
+    monitor = LagMonitor(settings, Metrics(registry), [group], [topic])
     monitor.sample()
 
     def value(name: str, partition: int) -> float | None:
