@@ -4,10 +4,11 @@ faust delivers one event at a time through several asyncio hops and sends each r
 with its own future; that caps a worker at a few thousand requests/s. Here one loop takes
 whatever the consumer has, runs the same `Pipeline` calls on the whole batch, and hands the
 records to librdkafka's producer. Where a model runs (fused and infer stages), admitted
-requests go to the batcher's per-model queues (`pipeline.batching.scheduler.Scheduler`), and a batch
-it flushes computes on the device while the loop consumes and decodes the next records.
-Offsets are stored only once everything published for a consumed batch (and every one
-before it) is delivered, so at-least-once holds across crashes.
+requests go to the device side (`engines/compute.py`), and a batch it flushes computes on
+the device while the loop consumes and decodes the next records. Offsets are stored only once
+everything published for a consumed batch (and every one before it) is delivered
+(`engines/offsets.py`), or committed with the records in Kafka transactions
+(`engines/transactions.py`).
 """
 
 from __future__ import annotations
@@ -16,15 +17,13 @@ import logging
 import signal
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
-from pipeline.batching.scheduler import BatchPolicy, Flush, Scheduler
 from pipeline.config import Settings
-from pipeline.engines.enrichment import Enricher
+from pipeline.engines.compute import Compute
 from pipeline.engines.flow import Backpressure, FlowControl
 from pipeline.engines.offsets import ConsumedBatch, OffsetTracker
 from pipeline.engines.publisher import Publisher
@@ -35,14 +34,12 @@ from pipeline.kafka import (
     consumer_config,
     producer_config,
 )
-from pipeline.models import LoadedModel, ModelLoadError
 from pipeline.serving import (
     Job,
     Origin,
     Outcome,
     Pipeline,
     Publication,
-    Running,
 )
 
 log = logging.getLogger(__name__)
@@ -57,36 +54,7 @@ class BatchEngine:
         self.pipeline = pipeline
         self.stop_event = threading.Event()
         self.transactional = settings.delivery == "exactly_once"
-        group = settings.group_id(stage)
-        offsets = (
-            # Offsets go into each batch's transaction.
-            {"enable.auto.commit": False, "isolation.level": "read_committed"}
-            if self.transactional
-            # Offsets are stored once a batch is delivered and committed in the background.
-            else {"enable.auto.offset.store": False, "enable.auto.commit": True,
-                  "auto.commit.interval.ms": 1000}
-        )  # fmt: skip
-        self.consumer = Consumer(
-            consumer_config(
-                settings,
-                group,
-                **offsets,
-                **{
-                    "session.timeout.ms": settings.session_timeout_ms,
-                    "heartbeat.interval.ms": max(100, settings.session_timeout_ms // 3),
-                    # Bounds what waits in this process: the rest waits in Kafka.
-                    "queued.max.messages.kbytes": 16384,
-                },
-            )
-        )
-        extra: dict[str, Any] = {}
-        if self.transactional:
-            # Stable per worker slot: a restarted worker fences its predecessor at once
-            # (init_transactions aborts the open transaction) instead of waiting for the
-            # broker to time it out, which holds the group's offsets until then.
-            extra["transactional.id"] = f"{group}-{settings.worker_id}"
-            extra["transaction.timeout.ms"] = 10_000
-        self.producer = Producer(producer_config(settings, **extra))
+        self.consumer, self.producer = _clients(settings, self.stage, self.transactional)
         self.tracker = OffsetTracker(self.consumer)
         interval_s = settings.transaction_interval_ms / 1000.0
         self.txn = (
@@ -106,41 +74,19 @@ class BatchEngine:
         self.process: Callable[[list[Origin]], list[Publication]] = (
             self._respond if self.stage == Stage.RESPOND else self._gateway
         )
-        # Fused and infer stages batch per model (pipeline/batching/) and keep up to
-        # max_batches_in_flight batches on the device while they consume the next records.
-        # Each job's ``owner`` is the `ConsumedBatch` it was consumed in.
-        self.scheduler: Scheduler[LoadedModel, Job] | None = None
-        self.running: deque[tuple[Running, int]] = deque()
-        if self.stage.computes:
-            self.scheduler = Scheduler(self._policy, time.time, settings.max_inflight)
-            if settings.preload_models:
-                self._preload()
-        # Fused: a request whose features only the cold source has waits for them on a
-        # thread, not in the loop, so the requests behind it (and the device) do not wait.
-        self.enricher = (
-            Enricher(pipeline)
-            if self.stage == Stage.FUSED and pipeline.features is not None
+        # Fused and infer stages batch per model and keep batches on the device while they
+        # consume the next records (engines/compute.py).
+        self.compute = (
+            Compute(
+                settings,
+                pipeline,
+                self.stage == Stage.FUSED and pipeline.features is not None,
+                self._answer,
+                self._publish,
+            )
+            if self.stage.computes
             else None
         )
-
-    def _policy(self, model: LoadedModel) -> BatchPolicy:
-        s = self.settings
-        policy = model.policy(s.max_delay_s, s.default_ttl_ms / 1000.0 or None)
-        assert self.scheduler is not None
-        for bucket, seconds in model.batch_time_s.items():  # measured at warm-up
-            self.scheduler.observe(model, bucket, seconds)
-        return policy
-
-    def _preload(self) -> None:
-        """Load (and warm up) every model now; one that fails is counted, the rest serve."""
-        registry = self.pipeline.registry
-        for name in registry.names:
-            for version in registry.versions(name):
-                try:
-                    registry.resolve(name, version)
-                except ModelLoadError as exc:
-                    self.pipeline.metrics.model_load_failures.labels(name).inc()
-                    log.error("%s", exc)
 
     def topics(self) -> list[str]:
         return consumed_topics(self.settings, self.stage, self.pipeline.registry.names)
@@ -176,8 +122,8 @@ class BatchEngine:
         try:
             while not self.stop_event.is_set():
                 self.flow.update()
-                if self.scheduler is not None:
-                    self._step()
+                if self.compute is not None:
+                    self._step(self.compute)
                     continue
                 messages = self._next_batch(s.max_batch_size, s.max_delay_s)
                 if messages:
@@ -192,128 +138,34 @@ class BatchEngine:
 
     # -- the batched infer path (fused and infer stages) -------------------------------------
 
-    def _step(self) -> None:
-        """Consume what is there, start the batches that are due, publish finished ones.
-
-        A batch started here stays on the device while the next step consumes and decodes;
-        that step collects it (or earlier, once it is done), so the device is fed while the
-        CPU works.
-        """
-        sched = self.scheduler
-        assert sched is not None
-        enricher = self.enricher
-        room = (
-            sched.max_pending - sched.pending - (enricher.deferred if enricher is not None else 0)
-        )
+    def _step(self, compute: Compute) -> None:
+        """Consume what there is room for, let the device side advance, commit when due."""
+        room = compute.room
         messages = []
         if room > 0:
-            wait_s = 0.0 if self.running else self._wait_s()
-            if enricher:
-                wait_s = min(wait_s, 0.001)  # a fetch may finish any moment
-            if sched.pending:
+            wait_s = compute.wait_s()
+            pending = compute.scheduler.pending
+            if pending:
                 # A batch is filling: librdkafka returns once it could be full, or when the
                 # batcher's next flush is due.
-                n = max(1, min(room, self.settings.max_batch_size - sched.pending))
+                n = max(1, min(room, self.settings.max_batch_size - pending))
                 messages = self.consumer.consume(n, wait_s)
             else:  # nothing waits: return on the first record
                 n = min(room, self.settings.max_batch_size)
                 messages = consume_batch(self.consumer, n, wait_s)
         if messages:
-            self._enqueue(messages)
-        if enricher:
-            if room <= 0 and not self.running:  # full, nothing to compute: wait for a fetch
-                enricher.wait(0.005)
-            self._admit_enriched()
-        started = self._start_due()
-        self._collect(keep=started)
-        if self.txn is not None:
-            idle = (
-                not messages
-                and not started
-                and not self.running
-                and not sched.pending
-                and not enricher
-            )
-            if self.txn.due(idle):
-                self._commit()
+            origins, consumed = self._decode(messages)
+            if consumed:
+                compute.admit(origins, self.tracker.open(consumed))
+        started = compute.advance(room)
+        if self.txn is not None and self.txn.due(
+            idle=not messages and not started and not compute.busy
+        ):
+            self._commit()
         self.producer.poll(0)
         if not self.transactional:
             self.out.resend()
             self.tracker.settle()
-
-    def _wait_s(self) -> float:
-        """How long the consumer may wait: until the batcher's next flush, at most 0.1 s."""
-        assert self.scheduler is not None
-        due = self.scheduler.next_deadline()
-        if due is None:
-            return 0.1
-        return min(0.1, max(0.0, due - time.time()))
-
-    def _enqueue(self, messages: list[Any]) -> None:
-        origins, consumed = self._decode(messages)
-        if not consumed:
-            return
-        batch = self.tracker.open(consumed)
-        if self.enricher is None:
-            self._schedule(self.pipeline.admit_many(origins), batch)
-            return
-        admitted, deferred = self.pipeline.admit_cached(origins)
-        self._schedule(admitted, batch)
-        if deferred is not None:
-            self.enricher.defer(deferred, batch)
-
-    def _schedule(self, admitted: list[Job | Publication], batch: ConsumedBatch) -> None:
-        """Publish the rejected records; hand the jobs to the batcher."""
-        assert self.scheduler is not None
-        jobs = [a for a in admitted if isinstance(a, Job)]
-        self._publish([a for a in admitted if not isinstance(a, Job)], batch)
-        batch.held += len(jobs)
-        add = self.scheduler.add
-        for job in jobs:
-            job.owner = batch
-            deadline_s = job.deadline_ms / 1000.0 if job.deadline_ms is not None else None
-            add(job.model, job, deadline_s, job.origin.timestamp_ms / 1000.0)
-
-    def _admit_enriched(self, wait: bool = False) -> None:
-        """Admit the deferred requests whose features have come (all, waiting, with ``wait``)."""
-        if self.enricher is not None:
-            for admitted, batch in self.enricher.ready(wait):
-                self._schedule(admitted, batch)
-
-    def _start_due(self, force: bool = False) -> int:
-        """Start every batch the batcher says is due; returns how many were started."""
-        sched = self.scheduler
-        assert sched is not None
-        started = 0
-        while True:
-            flush = sched.poll(force=force)
-            if flush is None and sched.full:
-                flush = sched.poll(force=True)  # at capacity: make room
-            if flush is None:
-                return started
-            self._start(flush)
-            started += bool(flush.items)
-            # Bounded: the oldest batch is collected before another would exceed the limit.
-            while len(self.running) > self.settings.max_batches_in_flight:
-                self._collect_one()
-
-    def _start(self, flush: Flush[LoadedModel, Job]) -> None:
-        if flush.expired:
-            self._answer(self.pipeline.expired_outcomes(flush.expired))
-        if flush.items:
-            self.running.append((self.pipeline.start(flush.items), flush.bucket))
-
-    def _collect(self, keep: int = 0) -> None:
-        """Publish finished batches, in order; leave the ``keep`` newest while they compute."""
-        while self.running and (len(self.running) > keep or self.running[0][0].done()):
-            self._collect_one()
-
-    def _collect_one(self) -> None:
-        running, bucket = self.running.popleft()
-        outcomes = self.pipeline.finish(running)
-        if running.pending is not None and self.scheduler is not None:
-            self.scheduler.observe(running.jobs[0].model, bucket, running.pending.elapsed_s)
-        self._answer(outcomes)
 
     def _answer(self, outcomes: list[Outcome]) -> None:
         """Publish outcomes, each counted against the consumed batch its job came in."""
@@ -337,12 +189,9 @@ class BatchEngine:
             self.out.send(records, batch, origin)
 
     def _drain(self) -> None:
-        """Run and publish everything held (before partitions move, and at the end)."""
-        if self.scheduler is None:
-            return
-        self._admit_enriched(wait=True)
-        self._start_due(force=True)
-        self._collect()
+        """Answer everything the device side holds (before partitions move, at the end)."""
+        if self.compute is not None:
+            self.compute.drain()
 
     def _next_batch(self, max_batch_size: int, max_delay_s: float) -> list[Any]:
         """Up to ``max_batch_size`` records, waiting at most ``max_delay_s`` after the first."""
@@ -429,7 +278,8 @@ class BatchEngine:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.flow.revoked()
-        self._admit_enriched(wait=True)  # their fetches fill the tables about to close
+        if self.compute is not None:  # their fetches fill the tables about to close
+            self.compute.admit_fetched(wait=True)
         self._feature_tables(partitions, assigned=False)
         self._drain()  # answer what the batcher holds before the partitions move
         if self.txn is not None:
@@ -463,9 +313,44 @@ class BatchEngine:
                 self.consumer.commit(asynchronous=False)
             except Exception as exc:  # noqa: BLE001
                 log.debug("final commit: %s", exc)
-        if self.enricher is not None:
-            self.enricher.close()
+        if self.compute is not None:
+            self.compute.close()
         self.consumer.close()
+
+
+def _clients(settings: Settings, stage: Stage, transactional: bool) -> tuple[Any, Any]:
+    """The engine's consumer and producer, configured for its delivery guarantee."""
+    group = settings.group_id(stage)
+    offsets = (
+        # Offsets go into each batch's transaction.
+        {"enable.auto.commit": False, "isolation.level": "read_committed"}
+        if transactional
+        # Offsets are stored once a batch is delivered and committed in the background.
+        else {"enable.auto.offset.store": False, "enable.auto.commit": True,
+              "auto.commit.interval.ms": 1000}
+    )  # fmt: skip
+    consumer = Consumer(
+        consumer_config(
+            settings,
+            group,
+            **offsets,
+            **{
+                "session.timeout.ms": settings.session_timeout_ms,
+                "heartbeat.interval.ms": max(100, settings.session_timeout_ms // 3),
+                # Bounds what waits in this process: the rest waits in Kafka.
+                "queued.max.messages.kbytes": 16384,
+            },
+        )
+    )
+    extra: dict[str, Any] = {}
+    if transactional:
+        # Stable per worker slot: a restarted worker fences its predecessor at once
+        # (init_transactions aborts the open transaction) instead of waiting for the
+        # broker to time it out, which holds the group's offsets until then.
+        extra["transactional.id"] = f"{group}-{settings.worker_id}"
+        extra["transaction.timeout.ms"] = 10_000
+    producer = Producer(producer_config(settings, **extra))
+    return consumer, producer
 
 
 def install_signal_handlers(engine: BatchEngine) -> None:
