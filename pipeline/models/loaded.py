@@ -1,13 +1,11 @@
-"""A model loaded onto its device: request tensors checked against its inputs, host
-batches stacked into pinned buffers, submitted to the device and split back per request."""
+"""A model loaded onto its device: batches (stacked by `pipeline.models.inputs`) submitted
+to the device, on its streams, and split back per request; warm-up over every bucket shape."""
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +15,10 @@ from torch import nn
 
 from pipeline.batching.scheduler import (
     BatchPolicy,
-    bucket_for,
     default_buckets,
-    pad_sequences,
 )
-from pipeline.models.config import ModelConfig, TensorSpec
+from pipeline.models.config import ModelConfig
+from pipeline.models.inputs import HostBatch, Inputs, torch_dtype, with_length
 from pipeline.models.loaders import load_module
 from pipeline.models.runtime import (
     DeviceStreams,
@@ -31,13 +28,8 @@ from pipeline.models.runtime import (
     apply_precision,
 )
 from pipeline.protocol.codec import (
-    BAD_DTYPE,
-    BAD_SHAPE,
     DTYPES,
-    OVERSIZE,
-    RequestError,
     Tensor,
-    tensor_to_array,
 )
 
 log = logging.getLogger(__name__)
@@ -45,33 +37,6 @@ log = logging.getLogger(__name__)
 
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@dataclass
-class HostBatch:
-    """A batch's inputs in pooled host buffers, padded to its buckets (mask included)."""
-
-    tensors: list[torch.Tensor]
-    n: int
-    pool: TensorPool
-    # Numpy views of the real rows of each client input (what clients sent, padded).
-    arrays: list[np.ndarray] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.arrays)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self.arrays[i]
-
-    def release(self) -> None:
-        """Return the buffers to the pool (once)."""
-        tensors, self.tensors = self.tensors, []
-        for t in tensors:
-            self.pool.give(t)
-
-
-def _torch_dtype(datatype: str) -> torch.dtype:
-    return torch.from_numpy(np.empty(0, dtype=DTYPES[datatype])).dtype
 
 
 class LoadedModel:
@@ -104,11 +69,7 @@ class LoadedModel:
             self.max_batch_size = min(self.max_batch_size, cfg.batch_buckets[-1])
         self.batch_buckets = cfg.batch_buckets or default_buckets(self.max_batch_size)
         self.seq_buckets = cfg.seq_buckets
-        # What clients send: every input but the attention mask, which is made here.
-        self.client_inputs = tuple(s for s in cfg.inputs if s.name != cfg.mask_input)
-        self._client_index = {s.name: i for i, s in enumerate(self.client_inputs)}
-        self._dtypes = [_torch_dtype(s.datatype) for s in cfg.inputs]
-        self._out_dtypes = [_torch_dtype(s.datatype) for s in cfg.outputs]
+        self._out_dtypes = [torch_dtype(s.datatype) for s in cfg.outputs]
         module = load_module(cfg, path, device)
         label = f"model {name}:{version}"
         self.module, self.input_dtype = apply_precision(module, cfg.precision, device, label)
@@ -122,6 +83,8 @@ class LoadedModel:
             else:
                 log.warning("%s: cuda_graphs needs CUDA; running eagerly on %s", label, device)
         self.pool = pool or TensorPool(pin=device.type == "cuda")
+        self.inputs = Inputs(label, cfg, self.batch_buckets, self.seq_buckets, self.pool)
+        self.client_inputs = self.inputs.client_inputs
         self.streams = streams or DeviceStreams(device)
         # Measured at warm-up, seconds per batch bucket (at the longest sequence bucket).
         self.batch_time_s: dict[int, float] = {}
@@ -129,11 +92,8 @@ class LoadedModel:
 
     def shapes(self) -> list[tuple[int, int | None]]:
         """Every (batch bucket, sequence bucket) shape a batch of this model can have."""
-        seqs: Sequence[int | None] = self.seq_buckets if self._variable() else (None,)
+        seqs: Sequence[int | None] = self.seq_buckets if self.inputs.variable else (None,)
         return [(b, s) for b in self.batch_buckets for s in seqs]
-
-    def _variable(self) -> bool:
-        return any(s.variable_axis is not None for s in self.client_inputs)
 
     def policy(self, max_delay_s: float, default_ttl_s: float | None = None) -> BatchPolicy:
         """How the batcher flushes this model: its config's values over the settings'."""
@@ -145,129 +105,12 @@ class LoadedModel:
     def inputs_from_request(
         self, tensors: list[Tensor], max_elements: int, flat: bool = False
     ) -> list[Any]:
-        """Check a request's tensors against this model's inputs; return one array per input.
-
-        Each tensor's shape is the model's per-example shape, optionally with a leading 1; a
-        variable (-1) dimension takes any length up to the largest sequence bucket. With
-        ``flat``, a fixed-shape input may come back as the request's own flat list of numbers
-        or raw bytes (already checked): `stack_inputs` converts a whole batch at once, which
-        is far cheaper than one numpy conversion per request.
-        """
-        by_name = {t.name: t for t in tensors}
-        if len(by_name) != len(tensors):
-            raise RequestError(BAD_SHAPE, "inputs must have distinct names, got "
-                               f"{[t.name for t in tensors]}")  # fmt: skip
-        arrays: list[Any] = []
-        for spec in self.client_inputs:
-            tensor = by_name.pop(spec.name, None)
-            if tensor is None:
-                raise RequestError(
-                    BAD_SHAPE,
-                    f"model {self.name}:{self.version} needs input "
-                    f"{spec.name!r}, got {[t.name for t in tensors]}",
-                )
-            if tensor.datatype != spec.datatype:
-                raise RequestError(
-                    BAD_DTYPE, f"input {spec.name!r} must be {spec.datatype}, got {tensor.datatype}"
-                )
-            shape = tuple(tensor.shape)
-            if spec.variable_axis is not None:
-                example = self._variable_shape(spec, shape)
-                arrays.append(tensor_to_array(tensor, max_elements).reshape(example))
-                continue
-            if shape != spec.shape and shape != (1, *spec.shape):
-                raise RequestError(
-                    BAD_SHAPE,
-                    f"input {spec.name!r} must have shape {list(spec.shape)}, got {list(shape)}",
-                )
-            data = tensor.data
-            if flat and isinstance(data, bytes):
-                arrays.append(_checked_bytes(tensor, spec, max_elements))
-            elif (
-                flat
-                and spec.datatype in _FAST_DATATYPES
-                and isinstance(data, list)
-                and _flat_numbers(data, shape)
-            ):
-                arrays.append(data)
-            elif flat:
-                arrays.append(tensor_to_array(tensor, max_elements).reshape(-1))
-            else:
-                arrays.append(tensor_to_array(tensor, max_elements).reshape(spec.shape))
-        if by_name:
-            raise RequestError(
-                BAD_SHAPE,
-                f"unexpected inputs {sorted(by_name)} for model {self.name}:{self.version}",
-            )
-        return arrays
-
-    def _variable_shape(self, spec: TensorSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The example shape of a variable-length tensor, or `RequestError` naming it."""
-        if len(shape) == len(spec.shape) + 1 and shape[0] == 1:
-            shape = shape[1:]
-        limit = self.seq_buckets[-1]
-        ok = len(shape) == len(spec.shape) and all(
-            (1 <= d <= limit) if w == -1 else d == w for d, w in zip(shape, spec.shape, strict=True)
-        )
-        if not ok:
-            raise RequestError(
-                BAD_SHAPE,
-                f"input {spec.name!r} must have shape {list(spec.shape)} with -1 in 1..{limit}, "
-                f"got {list(shape)}",
-            )
-        return shape
+        """Check a request's tensors against this model's inputs (`Inputs.from_request`)."""
+        return self.inputs.from_request(tensors, max_elements, flat)
 
     def stack_inputs(self, rows: Sequence[Sequence[Any]]) -> HostBatch:
-        """A batch in pooled host buffers from each request's inputs (arrays, lists or bytes).
-
-        The batch is padded to its batch-size bucket, and variable-length inputs to their
-        sequence bucket, with the attention mask filled in ``mask_input``.
-        """
-        n = len(rows)
-        bucket = bucket_for(n, self.batch_buckets)
-        seq_len = None
-        if self._variable():
-            longest = max(
-                r[self._client_index[s.name]].shape[s.variable_axis]
-                for s in self.client_inputs
-                if s.variable_axis is not None
-                for r in rows
-            )
-            seq_len = bucket_for(longest, self.seq_buckets)
-        batch = HostBatch([], n, self.pool)
-        mask: np.ndarray | None = None
-        try:
-            for spec, dtype in zip(self.config.inputs, self._dtypes, strict=True):
-                if spec.name == self.config.mask_input:
-                    batch.tensors.append(torch.empty(0))  # filled below
-                    continue
-                axis = spec.variable_axis
-                shape = spec.shape if axis is None else _with(spec.shape, axis, seq_len)
-                buf = self.pool.take((bucket, *shape), dtype)
-                batch.tensors.append(buf)
-                view = buf.numpy()
-                column = [r[self._client_index[spec.name]] for r in rows]
-                if axis is not None:
-                    assert seq_len is not None
-                    _, row_mask = pad_sequences(column, (seq_len,), spec.pad, axis, out=view)
-                    mask = row_mask if mask is None else mask
-                    continue
-                _fill(view, column, spec)
-            if self.config.mask_input is not None:
-                i = [s.name for s in self.config.inputs].index(self.config.mask_input)
-                assert mask is not None and seq_len is not None
-                buf = self.pool.take((bucket, seq_len), self._dtypes[i])
-                buf.numpy()[...] = mask
-                batch.tensors[i] = buf
-            batch.arrays = [
-                batch.tensors[i].numpy()[:n]
-                for i, s in enumerate(self.config.inputs)
-                if s.name != self.config.mask_input
-            ]
-        except BaseException:
-            batch.release()
-            raise
-        return batch
+        """A batch in pooled host buffers, padded to its buckets (`Inputs.stack`)."""
+        return self.inputs.stack(rows)
 
     def submit(self, batch: HostBatch) -> Pending:
         """Start a batch; `Pending.result` returns one numpy array per output (real rows).
@@ -357,7 +200,7 @@ class LoadedModel:
                 np.zeros(
                     spec.shape
                     if seq_len is None
-                    else _with(spec.shape, spec.variable_axis, seq_len),
+                    else with_length(spec.shape, spec.variable_axis, seq_len),
                     dtype=DTYPES[spec.datatype],
                 )  # fmt: skip
                 for spec in self.client_inputs
@@ -370,53 +213,6 @@ class LoadedModel:
             self.batch_time_s[bucket] = max(known, pending.elapsed_s)
 
 
-def _with(shape: tuple[int, ...], axis: int | None, length: int | None) -> tuple[int, ...]:
-    if axis is None or length is None:
-        return shape
-    return (*shape[:axis], length, *shape[axis + 1 :])
-
-
-def _fill(view: np.ndarray, column: list[Any], spec: TensorSpec) -> None:
-    """Write a fixed-shape input's rows (arrays, flat lists, raw bytes) into ``view``."""
-    n = len(column)
-    dst = view[:n].reshape(n, -1)
-    dtype = np.dtype(DTYPES[spec.datatype])
-    if all(type(c) is bytes for c in column):
-        dst[...] = np.frombuffer(b"".join(column), dtype=dtype.newbyteorder("<")).reshape(n, -1)
-    else:
-        le = dtype.newbyteorder("<")
-        rows = [np.frombuffer(c, dtype=le) if type(c) is bytes else c for c in column]
-        with np.errstate(over="ignore"):
-            dst[...] = np.array(rows, dtype=dtype).reshape(n, -1)
-    view[n:] = 0
-    if dtype.kind == "f" and not np.isfinite(dst).all():
-        # JSON holds no infinity: a value beyond the datatype's range overflowed.
-        # One request alone is answered bad_dtype; a batch is bisected to find it.
-        if n == 1:
-            raise RequestError(
-                BAD_DTYPE, f"input {spec.name!r}: data out of range for {spec.datatype}"
-            )
-        raise ValueError(f"input {spec.name!r}: values out of range in the batch")
-
-
-def _checked_bytes(tensor: Tensor, spec: TensorSpec, max_elements: int) -> bytes:
-    """A raw little-endian payload of the right size, kept as bytes until the batch stacks."""
-    assert isinstance(tensor.data, bytes)
-    expected = math.prod(spec.shape)
-    if expected > max_elements:
-        raise RequestError(
-            OVERSIZE, f"input {tensor.name!r} has {expected} elements, limit is {max_elements}"
-        )
-    size = expected * np.dtype(DTYPES[spec.datatype]).itemsize
-    if len(tensor.data) != size:
-        raise RequestError(
-            BAD_SHAPE,
-            f"input {tensor.name!r}: shape {tensor.shape} of {tensor.datatype} needs "
-            f"{size} bytes, data has {len(tensor.data)}",
-        )
-    return tensor.data
-
-
 def _compile(module: nn.Module, shapes: list[tuple[int, int | None]]) -> nn.Module:
     """torch.compile with one static graph per bucket shape (warm-up compiles them all)."""
     import torch._dynamo.config as dynamo_config
@@ -427,17 +223,3 @@ def _compile(module: nn.Module, shapes: list[tuple[int, int | None]]) -> nn.Modu
         if isinstance(current, int) and current < len(shapes) + 8:
             setattr(dynamo_config, name, len(shapes) + 8)
     return torch.compile(module, dynamic=False)  # type: ignore[return-value]
-
-
-_FAST_DATATYPES = frozenset({"FP32", "FP64"})
-
-
-def _flat_numbers(data: list[Any], shape: tuple[int, ...]) -> bool:
-    """A flat list of exactly prod(shape) ints and floats (JSON has no NaN or infinity)."""
-    if len(data) != math.prod(shape):
-        return False
-    for v in data:
-        t = type(v)
-        if t is not float and t is not int:
-            return False
-    return True
