@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from pipeline.client import Client
 from pipeline.kafka import ensure_topics, pipeline_topics
 from pipeline.models import init_demo
@@ -15,10 +17,13 @@ from pipeline.ops.dlq import replay
 from tests.integration.conftest import demo_request, make_settings
 
 
-def test_replay_after_the_missing_model_is_added(bootstrap: str, tmp_path, start_workers) -> None:
+@pytest.mark.parametrize("engine", ["batch", "faust"])
+def test_replay_after_the_missing_model_is_added(
+    engine: str, bootstrap: str, tmp_path, start_workers
+) -> None:
     models = tmp_path / "models"
     init_demo(models)
-    settings = make_settings(bootstrap, models)
+    settings = make_settings(bootstrap, models, engine=engine)
     ensure_topics(settings, pipeline_topics(settings, ["demo", "later"]))
     with Client(settings) as client:
         workers = start_workers(settings, "fused")

@@ -46,7 +46,10 @@ def test_1000_requests_give_1000_correct_responses(
     assert max(batch_sizes) <= settings.max_batch_size
 
 
-def test_reply_to_version_and_headers(settings, client: Client, start_workers, bootstrap) -> None:
+@pytest.mark.parametrize("engine", ["batch", "faust"])
+def test_reply_to_version_and_headers(
+    engine: str, settings, client: Client, start_workers, bootstrap
+) -> None:
     from confluent_kafka import Consumer, TopicPartition
 
     from pipeline.kafka import consumer_config, ensure_topics
@@ -54,6 +57,7 @@ def test_reply_to_version_and_headers(settings, client: Client, start_workers, b
 
     reply_topic = settings.topic_prefix + ".replies"
     ensure_topics(settings, [reply_topic], partitions=1)
+    settings = settings.replace(engine=engine)
     workers = start_workers(settings, "fused")
     workers.wait_ready(client)
     consumer = Consumer(consumer_config(settings, "reply-reader"))
@@ -81,10 +85,12 @@ def test_reply_to_version_and_headers(settings, client: Client, start_workers, b
         consumer.close()
 
 
-@pytest.mark.parametrize("mode", ["fused", "split"])
+@pytest.mark.parametrize(("engine", "mode"), [("batch", "fused"), ("batch", "split"),
+                                              ("faust", "fused")])  # fmt: skip
 def test_msgpack_requests_with_raw_tensors(
-    mode: str, settings, start_workers, registry: ModelRegistry
+    engine: str, mode: str, settings, start_workers, registry: ModelRegistry
 ) -> None:
+    settings = settings.replace(engine=engine)
     from pipeline.protocol import codec
 
     with Client(settings, fmt=codec.MSGPACK) as mp_client:
