@@ -297,6 +297,8 @@ class BatchEngine:
         self.stop_event.set()
 
     def _finish(self) -> None:
+        if self.backpressure is not None:
+            self.backpressure.close()
         try:
             self._drain()
         except Exception as exc:  # noqa: BLE001 - unanswered: consumed again on restart

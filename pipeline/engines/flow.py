@@ -3,7 +3,7 @@
 Two reasons to wait, one owner of pause and resume (`FlowControl`):
 
 - **Backpressure** (split mode): when the next stage's consumer group lags (end offsets
-  minus committed offsets over its topics, `pipeline.kafka.lag.describe`) by more than the
+  minus committed offsets over its topics, counted as `pipeline.kafka.lag` does) by more than the
   high-water mark, the stage pauses all its partitions, so that work waits in Kafka instead of
   piling up downstream; it resumes below the low-water mark (hysteresis, no flapping). The
   broker is asked at most once per interval, but the decision is taken on every loop: the lag
@@ -22,10 +22,11 @@ import logging
 import time
 from typing import Any
 
-from confluent_kafka import TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 
 from pipeline.config import Settings
-from pipeline.kafka.lag import admin_client, describe
+from pipeline.kafka import consumer_config
+from pipeline.kafka.lag import _position
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ class Backpressure:
         self.topics = topics
         self.downstream = frozenset(topics)
         self.paused = False
-        self._admin: Any = None
+        self._probe: Any = None
+        self._partitions: list[TopicPartition] = []
         self._next_check = 0.0
         # Records this process produced to ``downstream``, and how many of them are
         # delivered (or failed); the estimate is the last read plus those undelivered when
@@ -53,11 +55,27 @@ class Backpressure:
         self._unseen_from = 0  # ``delivered`` when the last read started
 
     def lag(self) -> int:
-        """The downstream group's offset lag now, read from the broker."""
-        if self._admin is None:
-            self._admin = admin_client(self.settings)
-        rows = describe(self.settings, [self.group], self.topics, self._admin, time_lag=False)
-        return sum(r.lag for r in rows)
+        """The downstream group's offset lag now, read from the broker: end offsets minus
+        its committed offsets (an uncommitted partition counts from its log start), through
+        a consumer with the group's id that never joins it."""
+        if self._probe is None:
+            self._probe = Consumer(
+                consumer_config(self.settings, self.group, **{"enable.auto.commit": False})
+            )
+            md = self._probe.list_topics(timeout=10).topics
+            self._partitions = [
+                TopicPartition(t, p) for t in self.topics if t in md for p in md[t].partitions
+            ]
+        total = 0
+        for tp in self._probe.committed(self._partitions, timeout=10):
+            low, high = self._probe.get_watermark_offsets(tp, timeout=10)
+            committed = tp.offset if tp.offset >= 0 else None
+            total += max(0, high - _position(committed, low))
+        return total
+
+    def close(self) -> None:
+        if self._probe is not None:
+            self._probe.close()
 
     def estimate(self) -> int:
         """The downstream lag now: the last read, plus what was produced since that the read
