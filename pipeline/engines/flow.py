@@ -26,7 +26,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from pipeline.config import Settings
 from pipeline.kafka import consumer_config
-from pipeline.kafka.lag import _position
+from pipeline.kafka.lag import consumed_from
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class Backpressure:
         for tp in self._probe.committed(self._partitions, timeout=10):
             low, high = self._probe.get_watermark_offsets(tp, timeout=10)
             committed = tp.offset if tp.offset >= 0 else None
-            total += max(0, high - _position(committed, low))
+            total += max(0, high - consumed_from(committed, low))
         return total
 
     def close(self) -> None:

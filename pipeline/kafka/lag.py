@@ -55,7 +55,7 @@ class PartitionLag:
     @property
     def position(self) -> int:
         """Where the group resumes: its committed offset, or the log start."""
-        return _position(self.committed, self.start)
+        return consumed_from(self.committed, self.start)
 
 
 def admin_client(settings: Settings) -> AdminClient:
@@ -114,14 +114,16 @@ def describe(
         if marks is None:
             continue  # the topic is gone, or its leader is unknown for now
         start, end = marks
-        lag = max(0, end - _position(offset, start))
+        lag = max(0, end - consumed_from(offset, start))
         rows.append(PartitionLag(group, topic, partition, offset, start, end, lag, 0.0))
     if not time_lag:
         return rows
     return _with_time_lag(settings, rows, time.time() if now_s is None else now_s)
 
 
-def _position(committed: int | None, start: int) -> int:
+def consumed_from(committed: int | None, start: int) -> int:
+    """Where a group reads a partition from: its committed offset, or the log start when it
+    has committed nothing (sluice's consumers begin at ``earliest``). Lag counts from here."""
     return start if committed is None else max(committed, start)
 
 
