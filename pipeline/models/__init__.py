@@ -1,11 +1,13 @@
 """Models: config (`config`), built-in architectures (`architectures`), one loader per
-weights format (`loaders`), a model on its device (`loaded`: inputs, host batches,
-submission), the device runtime (`runtime`), the versioned registry (`registry`), the demo
-model (`demo`) and the GPU bench's architectures (`zoo`)."""
+format (`formats`: builtin, export, onnx, huggingface, handler), inputs and how requests
+become them (`inputs`; `text`, `images`, `records`), a model on its device (`loaded`), the
+device runtime (`runtime`), the versioned registry (`registry`), `sluice model import`
+(`importer`), the demo models (`demo`) and the GPU bench's architectures (`zoo`)."""
 
 from pipeline.models.architectures import ARCHITECTURES, MLP, ConcatMLP
 from pipeline.models.config import FORMATS, ModelConfig, ModelLoadError, TensorSpec
 from pipeline.models.demo import DEMO_FEATURES, DEMO_LABELS, demo_config, init_demo, save_model
+from pipeline.models.formats import Handler
 from pipeline.models.loaded import HostBatch, LoadedModel, pick_device
 from pipeline.models.registry import ModelRegistry
 
@@ -14,6 +16,7 @@ __all__ = [
     "DEMO_FEATURES",
     "DEMO_LABELS",
     "FORMATS",
+    "Handler",
     "MLP",
     "ConcatMLP",
     "HostBatch",

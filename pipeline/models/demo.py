@@ -25,7 +25,7 @@ def save_model(
     """Save a module in the config's format under ``<model_dir>/<name>/<version>``."""
     path = Path(model_dir) / name / version
     path.mkdir(parents=True, exist_ok=True)
-    weights = path / FORMATS[config.format]
+    weights = path / str(FORMATS[config.format])
     if config.format == "safetensors":
         from safetensors.torch import save_file
 

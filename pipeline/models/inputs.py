@@ -1,6 +1,12 @@
 """A model's inputs: request tensors checked against its input specs (datatype, shape,
 variable lengths up to the largest sequence bucket), and batches stacked into pooled host
-buffers, padded to their buckets, with the attention mask filled in."""
+buffers, padded to their buckets, with the attention mask filled in.
+
+A model whose requests carry text, images or records rather than its tensors has a
+preparer (`pipeline.models.text`, `images`, `records`): admission checks each request's
+value cheaply, and the batch is prepared (tokenized, decoded) a batch at a time when it
+starts, into the same pooled buffers. A handler model's batches are the requests' values,
+handed to the handler as they are."""
 
 from __future__ import annotations
 
@@ -8,7 +14,8 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -43,6 +50,10 @@ class HostBatch:
     pool: TensorPool
     # Numpy views of the real rows of each client input (what clients sent, padded).
     arrays: list[np.ndarray] = field(default_factory=list)
+    # Per-row notes from preparing the batch, e.g. ``truncated`` (bool per row).
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+    # A handler model's batch: each request's inputs by name, as the handler takes them.
+    requests: list[dict[str, Any]] | None = None
 
     def __len__(self) -> int:
         return len(self.arrays)
@@ -61,6 +72,33 @@ def torch_dtype(datatype: str) -> torch.dtype:
     return torch.from_numpy(np.empty(0, dtype=DTYPES[datatype])).dtype
 
 
+class Preparer(Protocol):
+    """How requests that carry text, images or records become a model's input tensors."""
+
+    client_inputs: tuple[TensorSpec, ...]
+
+    def prepare(self, rows: Sequence[Any]) -> tuple[list[np.ndarray], dict[str, Any]]: ...
+
+    def example(self, seq_len: int | None) -> list[Any]: ...
+
+
+def preparer_for(config: ModelConfig, path: Path, seq_buckets: Sequence[int]) -> Any:
+    """The preparer a config asks for (text, image, fields), or None."""
+    if config.text is not None:
+        from pipeline.models.text import TextInputs
+
+        return TextInputs(config, path, seq_buckets)
+    if config.image is not None:
+        from pipeline.models.images import ImageInputs
+
+        return ImageInputs(config)
+    if config.fields:
+        from pipeline.models.records import RecordInputs
+
+        return RecordInputs(config)
+    return None
+
+
 class Inputs:
     """A model's inputs as clients send them: request tensors checked against the model's
     specs, and a batch of requests stacked into pooled host buffers, padded to its buckets."""
@@ -72,21 +110,38 @@ class Inputs:
         batch_buckets: Sequence[int],
         seq_buckets: Sequence[int],
         pool: TensorPool,
+        path: Path | None = None,
     ) -> None:
         self.name, self.version = label.split(":", 1)
         self.config = config
         self.batch_buckets = batch_buckets
         self.seq_buckets = seq_buckets
         self.pool = pool
-        # What clients send: every input but the attention mask, which is made here.
-        self.client_inputs = tuple(s for s in config.inputs if s.name != config.mask_input)
+        self.handler = config.format == "handler"
+        self.preparer = preparer_for(config, path or Path("."), seq_buckets)
+        # What clients send: every input but the attention mask, which is made here; or
+        # what the preparer takes (text, an image, a record's fields).
+        self.client_inputs = (
+            self.preparer.client_inputs
+            if self.preparer is not None
+            else tuple(s for s in config.inputs if s.name != config.mask_input)
+        )
         self._client_index = {s.name: i for i, s in enumerate(self.client_inputs)}
         self._dtypes = [torch_dtype(s.datatype) for s in config.inputs]
 
     @property
     def variable(self) -> bool:
         """Whether some input takes a variable length (padded to a sequence bucket)."""
-        return any(s.variable_axis is not None for s in self.client_inputs)
+        return any(s.variable_axis is not None for s in self.config.inputs)
+
+    def example(self, seq_len: int | None) -> list[Any]:
+        """One request's inputs for warm-up, at sequence bucket ``seq_len``."""
+        if self.preparer is not None:
+            return self.preparer.example(seq_len)
+        return [
+            np.zeros(with_length(s.shape, s.variable_axis, seq_len), dtype=DTYPES[s.datatype])
+            for s in self.client_inputs
+        ]
 
     def from_request(
         self, tensors: list[Tensor], max_elements: int, flat: bool = False
@@ -99,10 +154,18 @@ class Inputs:
         or raw bytes (already checked): `stack` converts a whole batch at once, which
         is far cheaper than one numpy conversion per request.
         """
+        if self.preparer is not None and self.config.fields:
+            return self.preparer.check(tensors)  # type: ignore[no-any-return]
         by_name = {t.name: t for t in tensors}
         if len(by_name) != len(tensors):
             raise RequestError(BAD_SHAPE, "inputs must have distinct names, got "
                                f"{[t.name for t in tensors]}")  # fmt: skip
+        if self.preparer is not None:
+            [spec] = self.client_inputs
+            self._expect_only(by_name, spec.name)
+            return [self.preparer.check(by_name[spec.name])]
+        if self.handler:
+            return [self._handler_inputs(by_name, max_elements)]
         arrays: list[Any] = []
         for spec in self.client_inputs:
             tensor = by_name.pop(spec.name, None)
@@ -147,6 +210,47 @@ class Inputs:
             )
         return arrays
 
+    def _expect_only(self, by_name: dict[str, Tensor], name: str) -> None:
+        if name not in by_name:
+            raise RequestError(BAD_SHAPE, f"model {self.name}:{self.version} needs input "
+                               f"{name!r}, got {sorted(by_name)}")  # fmt: skip
+        if len(by_name) > 1:
+            raise RequestError(BAD_SHAPE, f"unexpected inputs {sorted(set(by_name) - {name})} "
+                               f"for model {self.name}:{self.version}")  # fmt: skip
+
+    def _handler_inputs(self, by_name: dict[str, Tensor], max_elements: int) -> dict[str, Any]:
+        """A handler's request: numbers as arrays of the input's shape, BYTES as a list of
+        strings (bytes where they are not UTF-8)."""
+        missing = [s.name for s in self.client_inputs if s.name not in by_name]
+        extra = sorted(set(by_name) - {s.name for s in self.client_inputs})
+        if missing or extra:
+            raise RequestError(BAD_SHAPE, f"model {self.name}:{self.version} takes inputs "
+                               f"{[s.name for s in self.client_inputs]}, got "
+                               f"{sorted(by_name)}")  # fmt: skip
+        values: dict[str, Any] = {}
+        for spec in self.client_inputs:
+            tensor = by_name[spec.name]
+            if tensor.datatype != spec.datatype:
+                raise RequestError(BAD_DTYPE, f"input {spec.name!r} must be {spec.datatype}, "
+                                   f"got {tensor.datatype}")  # fmt: skip
+            if spec.datatype == "BYTES":
+                items = [tensor.data] if isinstance(tensor.data, bytes) else tensor.data
+                if len(items) > max_elements or math.prod(tensor.shape) != len(items):
+                    raise RequestError(BAD_SHAPE, f"input {spec.name!r}: shape "
+                                       f"{tensor.shape} for {len(items)} values")  # fmt: skip
+                values[spec.name] = [_text_or_bytes(v) for v in items]
+                continue
+            array = tensor_to_array(tensor, max_elements)
+            shape = tuple(array.shape)
+            if spec.variable_axis is not None:
+                values[spec.name] = array.reshape(self._variable_shape(spec, shape))
+            elif shape in (spec.shape, (1, *spec.shape)):
+                values[spec.name] = array.reshape(spec.shape)
+            else:
+                raise RequestError(BAD_SHAPE, f"input {spec.name!r} must have shape "
+                                   f"{list(spec.shape)}, got {list(shape)}")  # fmt: skip
+        return values
+
     def _variable_shape(self, spec: TensorSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The example shape of a variable-length tensor, or `RequestError` naming it."""
         if len(shape) == len(spec.shape) + 1 and shape[0] == 1:
@@ -170,6 +274,10 @@ class Inputs:
         sequence bucket, with the attention mask filled in ``mask_input``.
         """
         n = len(rows)
+        if self.handler:
+            return HostBatch([], n, self.pool, requests=[r[0] for r in rows])
+        if self.preparer is not None:
+            return self._stack_prepared(rows)
         bucket = bucket_for(n, self.batch_buckets)
         seq_len = None
         if self.variable:
@@ -214,6 +322,36 @@ class Inputs:
             batch.release()
             raise
         return batch
+
+    def _stack_prepared(self, rows: Sequence[Sequence[Any]]) -> HostBatch:
+        """A batch the preparer makes (tokenized, decoded), copied into pooled buffers
+        padded to the batch bucket."""
+        n = len(rows)
+        values = rows if self.config.fields else [r[0] for r in rows]
+        arrays, extras = self.preparer.prepare(values)
+        bucket = bucket_for(n, self.batch_buckets)
+        batch = HostBatch([], n, self.pool, extras=extras)
+        try:
+            for array, dtype in zip(arrays, self._dtypes, strict=True):
+                buf = self.pool.take((bucket, *array.shape[1:]), dtype)
+                batch.tensors.append(buf)
+                view = buf.numpy()
+                view[:n] = array
+                view[n:] = 0
+            batch.arrays = [t.numpy()[:n] for t in batch.tensors]
+        except BaseException:
+            batch.release()
+            raise
+        return batch
+
+
+def _text_or_bytes(value: Any) -> Any:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value
+    return value if isinstance(value, str) else str(value)
 
 
 def with_length(shape: tuple[int, ...], axis: int | None, length: int | None) -> tuple[int, ...]:

@@ -18,8 +18,9 @@ from pipeline.batching.scheduler import (
     default_buckets,
 )
 from pipeline.models.config import ModelConfig
-from pipeline.models.inputs import HostBatch, Inputs, torch_dtype, with_length
-from pipeline.models.loaders import load_module
+from pipeline.models.formats import load_module
+from pipeline.models.formats.handler import run as run_handler
+from pipeline.models.inputs import HostBatch, Inputs, torch_dtype
 from pipeline.models.runtime import (
     DeviceStreams,
     GraphRunner,
@@ -27,10 +28,7 @@ from pipeline.models.runtime import (
     TensorPool,
     apply_precision,
 )
-from pipeline.protocol.codec import (
-    DTYPES,
-    Tensor,
-)
+from pipeline.protocol.codec import Tensor
 
 log = logging.getLogger(__name__)
 
@@ -70,20 +68,34 @@ class LoadedModel:
         self.batch_buckets = cfg.batch_buckets or default_buckets(self.max_batch_size)
         self.seq_buckets = cfg.seq_buckets
         self._out_dtypes = [torch_dtype(s.datatype) for s in cfg.outputs]
-        module = load_module(cfg, path, device)
         label = f"model {name}:{version}"
-        self.module, self.input_dtype = apply_precision(module, cfg.precision, device, label)
-        if cfg.compile:
-            self.module = _compile(self.module, self.shapes())
-        # One CUDA graph per bucket shape, captured at warm-up: a batch is one launch.
-        self.graphs: GraphRunner | None = None
-        if cfg.cuda_graphs:
-            if device.type == "cuda":
-                self.graphs = GraphRunner(self.module, label)
-            else:
-                log.warning("%s: cuda_graphs needs CUDA; running eagerly on %s", label, device)
         self.pool = pool or TensorPool(pin=device.type == "cuda")
-        self.inputs = Inputs(label, cfg, self.batch_buckets, self.seq_buckets, self.pool)
+        # The preparer (a tokenizer, say) first: a config it cannot serve fails before the
+        # weights are read.
+        self.inputs = Inputs(label, cfg, self.batch_buckets, self.seq_buckets, self.pool, path)
+        module = load_module(cfg, path, device)
+        self.input_dtype: torch.dtype | None = None
+        self.graphs: GraphRunner | None = None
+        if isinstance(module, nn.Module):
+            self.module, self.input_dtype = apply_precision(module, cfg.precision, device, label)
+            if cfg.compile:
+                self.module = _compile(self.module, self.shapes())
+            # One CUDA graph per bucket shape, captured at warm-up: a batch is one launch.
+            if cfg.cuda_graphs:
+                if device.type == "cuda":
+                    self.graphs = GraphRunner(self.module, label)
+                else:
+                    log.warning("%s: cuda_graphs needs CUDA; running eagerly on %s", label,
+                                device)  # fmt: skip
+        else:  # ONNX Runtime, a handler: their own runtimes
+            self.module = module
+            for option in ("compile", "cuda_graphs"):
+                if getattr(cfg, option):
+                    log.warning("%s: %s applies to torch modules; %s ignores it", label, option,
+                                cfg.format)  # fmt: skip
+            if cfg.precision != "fp32":
+                log.warning("%s: precision %s applies to torch modules; export the %s model in "
+                            "the precision wanted", label, cfg.precision, cfg.format)  # fmt: skip
         self.client_inputs = self.inputs.client_inputs
         self.streams = streams or DeviceStreams(device)
         # Measured at warm-up, seconds per batch bucket (at the longest sequence bucket).
@@ -124,6 +136,11 @@ class LoadedModel:
         meanwhile. On CPU the same steps run at once.
         """
         n = batch.n
+        if batch.requests is not None:  # a handler: its own pre-, post-processing and device
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                arrays = run_handler(self.module, batch.requests)  # type: ignore[arg-type]
+            return Pending.done(arrays, n, time.perf_counter() - t0)
         with torch.inference_mode():
             if self.streams.compute is not None:
                 return self._submit_cuda(batch)
@@ -133,7 +150,7 @@ class LoadedModel:
         inputs = {t.untyped_storage().data_ptr() for t in batch.tensors}
         # A model may hand back (a view of) its input, whose buffer is reused: copy that.
         outs = [o.clone() if o.untyped_storage().data_ptr() in inputs else o for o in outs]
-        return Pending(outs, n, batch.release, elapsed_s=elapsed)
+        return Pending(outs, n, batch.release, elapsed_s=elapsed, extras=batch.extras)
 
     def _submit_cuda(self, batch: HostBatch) -> Pending:
         copy, compute = self.streams.copy, self.streams.compute
@@ -161,7 +178,7 @@ class LoadedModel:
                 host.append(h)
             done = torch.cuda.Event(enable_timing=True)
             done.record(compute)
-        return Pending(host, batch.n, batch.release, self.pool, start, done)
+        return Pending(host, batch.n, batch.release, self.pool, start, done, extras=batch.extras)
 
     def _outputs(self, out: Any, n: int) -> list[torch.Tensor]:
         """The real rows of each output, in the datatype its config names."""
@@ -182,7 +199,7 @@ class LoadedModel:
         """
         if isinstance(batch, HostBatch):
             return self.submit(batch).result()
-        arrays = [np.asarray(a) for a in batch]
+        arrays = [a if isinstance(a, list) else np.asarray(a) for a in batch]
         n = len(arrays[0]) if arrays else 0
         step = min(self.max_batch_size, self.batch_buckets[-1])
         parts = []
@@ -194,18 +211,19 @@ class LoadedModel:
         return [np.concatenate(p) for p in zip(*parts, strict=True)]
 
     def warm_up(self) -> None:
-        """Run every (batch bucket x sequence bucket) shape once, and time it once more."""
-        for bucket, seq_len in self.shapes():
-            row = [
-                np.zeros(
-                    spec.shape
-                    if seq_len is None
-                    else with_length(spec.shape, spec.variable_axis, seq_len),
-                    dtype=DTYPES[spec.datatype],
-                )  # fmt: skip
-                for spec in self.client_inputs
-            ]
-            rows = [row] * bucket
+        """Run every (batch bucket x sequence bucket) shape once, and time it once more.
+
+        An eager model on the CPU captures and compiles nothing per shape: there the shortest
+        sequence bucket stands for the others (MiniLM on 2 cores: 7 s instead of 38 s), and
+        the batcher learns the longer ones' times from real batches. A handler warms itself
+        up in its ``load``."""
+        if self.inputs.handler:
+            return
+        shapes = self.shapes()
+        if self.device.type == "cpu" and not self.config.compile and self.inputs.variable:
+            shapes = [(b, s) for b, s in shapes if s == self.seq_buckets[0]]
+        for bucket, seq_len in shapes:
+            rows = [self.inputs.example(seq_len)] * bucket
             self.submit(self.stack_inputs(rows)).result()
             pending = self.submit(self.stack_inputs(rows))
             pending.result()

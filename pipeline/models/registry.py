@@ -1,11 +1,17 @@
 """Versioned models from a model directory, loaded by real loading code.
 
-Layout: ``<model_dir>/<name>/<version>/config.json`` beside one weights file:
+Layout: ``<model_dir>/<name>/<version>/config.json`` beside what its format reads:
 
 - ``model.safetensors`` (format ``safetensors``): weights for a built-in architecture;
 - ``model.pt`` (format ``state_dict``): the same, read with ``torch.load(weights_only=True)``
   so that no untrusted pickle is ever executed;
-- ``model.ts`` (format ``torchscript``): a TorchScript module, no architecture needed.
+- ``model.ts`` (format ``torchscript``): a TorchScript module, no architecture needed;
+- ``model.pt2`` (format ``export``): a ``torch.export`` program;
+- ``model.onnx`` (format ``onnx``): an ONNX graph, run by onnxruntime;
+- the files of a Hugging Face directory (format ``huggingface``);
+- a handler's own files (format ``handler``), read by the operator's class.
+
+`sluice model import` writes such a directory from an artifact (`pipeline.models.importer`).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from pathlib import Path
 import torch
 
 from pipeline.models.config import ModelConfig, ModelLoadError
+from pipeline.models.formats import artifact
 from pipeline.models.loaded import LoadedModel, pick_device
 from pipeline.models.runtime import (
     DEFAULT_POOL_BYTES,
@@ -159,7 +166,7 @@ class ModelRegistry:
                     max_batch_size=self.max_batch_size,
                 )  # fmt: skip
                 if not cuda:  # a CPU model is refused before it runs
-                    model.memory_bytes = memory_bytes(model.module)
+                    model.memory_bytes = _host_bytes(model)
                     self._check_budget(model)
                 model.warm_up()
             if isinstance(meter, CudaMemoryMeter):
@@ -207,6 +214,19 @@ class ModelRegistry:
                 except ModelLoadError as exc:
                     log.error("%s", exc)
         return loaded
+
+
+def _host_bytes(model: LoadedModel) -> int:
+    """What a CPU model holds: a torch module's parameters and buffers, else the size of
+    the artifact its runtime read (an ONNX graph)."""
+    if isinstance(model.module, torch.nn.Module):
+        return memory_bytes(model.module)
+    source = artifact(model.config, model.path)
+    if source is None or not source.is_file():
+        return 0
+    return source.stat().st_size + sum(
+        f.stat().st_size for f in source.parent.glob(source.name + "*.data")
+    )
 
 
 def _version_key(version: str) -> tuple[int, int | str]:

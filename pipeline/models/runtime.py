@@ -187,8 +187,11 @@ class Pending:
         start: Any = None,
         done: Any = None,
         elapsed_s: float = 0.0,
+        extras: dict[str, np.ndarray] | None = None,
     ) -> None:
         self._outputs = outputs
+        # Per-row notes from preparing the batch (``truncated``, say), for the answers.
+        self.extras = extras or {}
         self.n = n
         self._release = release
         self._pool = pool  # set when ``outputs`` are pooled host buffers
@@ -196,6 +199,13 @@ class Pending:
         self._done = done
         self.elapsed_s = elapsed_s
         self._result: list[np.ndarray] | None = None
+
+    @classmethod
+    def done(cls, arrays: list[np.ndarray], n: int, elapsed_s: float) -> Pending:
+        """A batch already computed (a handler's), its outputs numpy arrays."""
+        pending = cls([], n, lambda: None, elapsed_s=elapsed_s)
+        pending._result = arrays
+        return pending
 
     def ready(self) -> bool:
         """True once ``result`` will not block."""

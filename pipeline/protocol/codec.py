@@ -24,16 +24,20 @@ from pipeline.protocol.dlq import (  # noqa: F401 - handed on as codec.X
 )
 from pipeline.protocol.reasons import (  # noqa: F401 - handed on as codec.X
     BAD_DTYPE,
+    BAD_FIELD,
+    BAD_IMAGE,
     BAD_SHAPE,
     DELIVERY_FAILED,
     EXPIRED,
     FEATURE_UNAVAILABLE,
+    INVALID_UTF8,
     MALFORMED,
     MODEL_ERROR,
     OVERSIZE,
     REASONS,
     RECORD_TOO_LARGE,
     SCHEMA,
+    TEXT_TOO_LONG,
     UNKNOWN_KEY,
     UNKNOWN_MODEL,
     UNKNOWN_VERSION,
@@ -118,6 +122,9 @@ class Response(msgspec.Struct, omit_defaults=True):
     outputs: list[Tensor] | None = None
     error: ErrorInfo | None = None
     timings: Timings | None = None
+    # Notes on how the request was served, e.g. {"truncated": true} when its text was cut
+    # to the model's maximum length.
+    parameters: dict[str, Any] | None = None
 
 
 class ResultRecord(msgspec.Struct, omit_defaults=True):
@@ -135,6 +142,7 @@ class ResultRecord(msgspec.Struct, omit_defaults=True):
     started_ms: float = 0.0
     inference_ms: float = 0.0
     batch_size: int = 0
+    parameters: dict[str, Any] | None = None
 
 
 class _Probe(msgspec.Struct):

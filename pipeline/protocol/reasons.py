@@ -30,6 +30,13 @@ class Reason(StrEnum):
     # A record the worker made for the request (its answer, say) is larger than the
     # producer or its topic accepts.
     RECORD_TOO_LARGE = "record_too_large"
+    # Inputs prepared on the worker: text that is not UTF-8, text longer than the model's
+    # maximum with truncation off, an image that cannot be decoded, a record's field
+    # missing, unexpected or of the wrong type (the message names the field).
+    INVALID_UTF8 = "invalid_utf8"
+    TEXT_TOO_LONG = "text_too_long"
+    BAD_IMAGE = "bad_image"
+    BAD_FIELD = "bad_field"
 
 
 # The members by their short names, as the code writes them (`codec.MALFORMED`).
@@ -46,6 +53,10 @@ DELIVERY_FAILED = Reason.DELIVERY_FAILED
 UNKNOWN_KEY = Reason.UNKNOWN_KEY
 FEATURE_UNAVAILABLE = Reason.FEATURE_UNAVAILABLE
 RECORD_TOO_LARGE = Reason.RECORD_TOO_LARGE
+INVALID_UTF8 = Reason.INVALID_UTF8
+TEXT_TOO_LONG = Reason.TEXT_TOO_LONG
+BAD_IMAGE = Reason.BAD_IMAGE
+BAD_FIELD = Reason.BAD_FIELD
 REASONS = tuple(r.value for r in Reason)
 
 

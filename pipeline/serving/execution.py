@@ -90,7 +90,9 @@ class Execution(Responses):
             except Exception:  # noqa: BLE001 - bisected below
                 log.debug("batch of %d failed; bisecting", len(running.jobs), exc_info=True)
             else:
-                return self._outcomes(running.jobs, outputs, running.pending.elapsed_s)
+                return self._outcomes(
+                    running.jobs, outputs, running.pending.elapsed_s, running.pending.extras
+                )
         return self._run_bisect(running.jobs)
 
     def _run_bisect(self, jobs: list[Job]) -> list[Outcome]:
@@ -129,10 +131,14 @@ class Execution(Responses):
         finally:
             if batch is not None:
                 batch.release()
-        return self._outcomes(jobs, outputs, time.perf_counter() - t0)
+        return self._outcomes(jobs, outputs, time.perf_counter() - t0, batch.extras)
 
     def _outcomes(
-        self, jobs: list[Job], outputs: list[np.ndarray], elapsed_s: float
+        self,
+        jobs: list[Job],
+        outputs: list[np.ndarray],
+        elapsed_s: float,
+        extras: dict[str, np.ndarray] | None = None,
     ) -> list[Outcome]:
         model = jobs[0].model
         self.metrics.batch_size.labels(model.name).observe(len(jobs))
@@ -149,10 +155,12 @@ class Execution(Responses):
             np.maximum(now_ms() - produced, 0.0) / 1000.0
         )
         ms, n = elapsed_s * 1000, len(jobs)
+        truncated = extras.get("truncated") if extras else None
         return [
-            Outcome(job, [o[i] for o in outputs], None, ms, n, outputs, i)
+            Outcome(job, [o[i] for o in outputs], None, ms, n, outputs, i,
+                    {"truncated": True} if truncated is not None and truncated[i] else None)
             for i, job in enumerate(jobs)
-        ]
+        ]  # fmt: skip
 
 
 def is_transient(exc: BaseException) -> bool:

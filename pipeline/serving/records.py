@@ -90,6 +90,8 @@ class Outcome:
     batch_size: int = 0
     batch_outputs: list[np.ndarray] | None = None
     row: int = 0
+    # Notes for the answer's ``parameters`` (``truncated``, say).
+    parameters: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)

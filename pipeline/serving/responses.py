@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
@@ -21,9 +21,6 @@ from pipeline.serving.records import (
     now_ms,
 )
 from pipeline.serving.rejections import Rejections
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +87,7 @@ class Responses(Rejections):
         """Split mode, respond stage: postprocess one results-topic record into a response."""
         try:
             result = codec.decode_result(origin.value or b"")
-            arrays = [codec.tensor_to_array(t, 1 << 62)[None] for t in result.outputs]
+            arrays = [_result_array(t) for t in result.outputs]
         except (RequestError, ValueError) as exc:
             error = (
                 exc if isinstance(exc, RequestError) else RequestError(codec.MALFORMED, str(exc))
@@ -124,6 +121,7 @@ class Responses(Rejections):
             started_ms=job.started_ms,
             inference_ms=outcome.inference_ms,
             batch_size=outcome.batch_size,
+            parameters=outcome.parameters,
         )
 
     def _responses(
@@ -133,9 +131,13 @@ class Responses(Rejections):
         config = self.registry.config(model, version)
         n = len(metas)
         binary = [m.fmt == codec.MSGPACK for m in metas]
-        raw = []
+        raw: list[tuple[str, Any, list[int], Any, np.ndarray | None]] = []
         for spec, out in zip(config.outputs, outputs, strict=False):
             flat = out.reshape(n, -1)
+            if out.dtype == np.object_:  # BYTES (a handler's strings): lists in both formats
+                strings = [[_text(v) for v in row] for row in flat.tolist()]
+                raw.append((spec.name, "BYTES", list(out.shape[1:]), strings, None))
+                continue
             # Lists for JSON, little-endian bytes for MessagePack: each made once per batch.
             lists = flat.tolist() if not all(binary) else None
             le = np.ascontiguousarray(flat, flat.dtype.newbyteorder("<")) if any(binary) else None
@@ -147,9 +149,10 @@ class Responses(Rejections):
         values = []
         for i, meta in enumerate(metas):
             tensors = [
-                Tensor(name, dt, shape, le[i].tobytes() if binary[i] else lists[i])  # type: ignore[index]
+                Tensor(name, dt, shape, le[i].tobytes() if binary[i] and le is not None
+                       else lists[i])  # type: ignore[index]
                 for name, dt, shape, lists, le in raw
-            ]
+            ]  # fmt: skip
             if top is not None:
                 labels, scores = top[i]
                 k = len(labels)
@@ -167,6 +170,7 @@ class Responses(Rejections):
                     total_ms=round(done - meta.produced_ms, 3),
                     batch_size=meta.batch_size,
                 ),
+                parameters=meta.parameters,
             )
             values.append(codec.encode(response, meta.fmt))
         self._count_many(model, version, "ok", [m.produced_ms for m in metas])
@@ -211,6 +215,19 @@ class Responses(Rejections):
             job.result_key, job.model.name, job.model.version,
             list(zip(names, rows, strict=False)),
         )  # fmt: skip
+
+
+def _result_array(tensor: Tensor) -> np.ndarray:
+    """A results-topic output as one row (BYTES outputs as strings)."""
+    if tensor.datatype == "BYTES" and isinstance(tensor.data, list):
+        return np.array(tensor.data, dtype=object).reshape(1, *tensor.shape)
+    return codec.tensor_to_array(tensor, 1 << 62)[None]
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
 
 
 def _groups(outcomes: Sequence[Outcome]) -> list[list[Outcome]]:

@@ -278,7 +278,7 @@ def test_missing_weights_raise_model_load_error(demo_dir: Path, tmp_path: Path) 
     "config",
     [
         "{not json",
-        json.dumps({"format": "onnx", "inputs": [], "outputs": []}),
+        json.dumps({"format": "tensorflow", "inputs": [], "outputs": []}),
         json.dumps({"format": "safetensors", "arch": "vgg", "inputs": [], "outputs": []}),
         json.dumps({"format": "safetensors", "arch": "mlp", "outputs": []}),
         json.dumps(

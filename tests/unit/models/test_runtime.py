@@ -226,10 +226,12 @@ def test_a_sequence_beyond_the_largest_bucket_is_refused(
     assert "unexpected inputs ['mask']" in info.value.message
 
 
-def test_warm_up_covers_every_bucket_shape(tmp_path: Path, masked_arch: type[MaskedMean]) -> None:
+def test_warm_up_covers_every_batch_bucket(tmp_path: Path, masked_arch: type[MaskedMean]) -> None:
     save_seq(tmp_path)
     model = ModelRegistry(tmp_path, device=CPU).resolve("seq")
-    assert set(masked_arch.seen) == {(1, 4), (1, 8), (4, 4), (4, 8)}
+    # An eager CPU model: each batch bucket at the shortest sequence bucket (nothing is
+    # compiled or captured per shape; a compiled one, or one on CUDA, warms every shape).
+    assert set(masked_arch.seen) == {(1, 4), (4, 4)}
     assert model.shapes() == [(1, 4), (1, 8), (4, 4), (4, 8)]
     assert set(model.batch_time_s) == {1, 4}  # seeds the batcher's estimates
     assert all(t > 0 for t in model.batch_time_s.values())
