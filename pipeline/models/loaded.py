@@ -191,7 +191,7 @@ class LoadedModel:
             result.append(o.contiguous())
         return result
 
-    def run(self, batch: HostBatch | Sequence[np.ndarray]) -> list[np.ndarray]:
+    def run(self, batch: HostBatch | Sequence[Any]) -> list[np.ndarray]:
         """Run one batch; return one array per output.
 
         ``batch`` is a `HostBatch`, or one stacked array per client input (any number of

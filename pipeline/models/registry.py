@@ -224,9 +224,7 @@ def _host_bytes(model: LoadedModel) -> int:
     source = artifact(model.config, model.path)
     if source is None or not source.is_file():
         return 0
-    return source.stat().st_size + sum(
-        f.stat().st_size for f in source.parent.glob(source.name + "*.data")
-    )
+    return source.stat().st_size + sum(f.stat().st_size for f in source.parent.glob("*.data"))
 
 
 def _version_key(version: str) -> tuple[int, int | str]:
