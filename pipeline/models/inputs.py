@@ -127,7 +127,8 @@ class Inputs:
             else tuple(s for s in config.inputs if s.name != config.mask_input)
         )
         self._client_index = {s.name: i for i, s in enumerate(self.client_inputs)}
-        self._dtypes = [torch_dtype(s.datatype) for s in config.inputs]
+        # A handler's inputs (BYTES among them) are never stacked into tensors.
+        self._dtypes = [] if self.handler else [torch_dtype(s.datatype) for s in config.inputs]
 
     @property
     def variable(self) -> bool:

@@ -67,7 +67,9 @@ class LoadedModel:
             self.max_batch_size = min(self.max_batch_size, cfg.batch_buckets[-1])
         self.batch_buckets = cfg.batch_buckets or default_buckets(self.max_batch_size)
         self.seq_buckets = cfg.seq_buckets
-        self._out_dtypes = [torch_dtype(s.datatype) for s in cfg.outputs]
+        # A handler's outputs (BYTES among them) are its own arrays, never torch tensors.
+        handler = cfg.format == "handler"
+        self._out_dtypes = [] if handler else [torch_dtype(s.datatype) for s in cfg.outputs]
         label = f"model {name}:{version}"
         self.pool = pool or TensorPool(pin=device.type == "cuda")
         # The preparer (a tokenizer, say) first: a config it cannot serve fails before the
