@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from pipeline.models import DEMO_TEXTS, LoadedModel, ModelRegistry
 from pipeline.ops import procs
 from pipeline.protocol import codec
 
-MODES = ("fused", "split", "naive", "relay")
+MODES = ("fused", "split", "naive", "relay", "per-message")
 VARIANTS = 64
 PAYLOADS = {"json": codec.JSON, "msgpack": codec.MSGPACK}
 
@@ -205,6 +206,7 @@ def run(
     tolerance: tuple[float, float] = (1e-4, 1e-5),
     partitions: int | None = None,
     answers: list[np.ndarray] | None = None,
+    spawn: Callable[[Settings, Path], list[Any]] | None = None,
 ) -> dict[str, Any]:
     """Start the pipeline in ``mode`` on fresh topics, drive ``requests`` through it, stop it.
 
@@ -214,7 +216,8 @@ def run(
     also runs the broker, every partition more costs the broker CPU on each fetch and
     produce (measured in benchmarks/README.md). The topics are deleted afterwards. When
     ``answers`` is a list, each request variant's first output as answered through Kafka is
-    appended to it (NaN where none was answered).
+    appended to it (NaN where none was answered). ``spawn`` starts the processes that serve
+    the run instead of ``mode``'s (a peer, say), given the run's settings and log folder.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -238,7 +241,7 @@ def run(
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="sluice-bench-"))
     try:
         summary, tally = _drive(settings, mode, requests, rate, progress, log_dir, timeout_s,
-                                workers, load, tolerance)  # fmt: skip
+                                workers, load, tolerance, spawn)  # fmt: skip
         if answers is not None:
             answers.extend(tally.by_variant(len(load.payloads)))
     finally:
@@ -258,8 +261,12 @@ def _drive(
     workers: int,
     load: Load,
     tolerance: tuple[float, float],
+    spawn: Callable[[Settings, Path], list[Any]] | None = None,
 ) -> tuple[dict[str, Any], Tally]:
-    processes = procs.spawn_workers(settings, mode, log_dir, count=workers)
+    if spawn is not None:
+        processes = spawn(settings, log_dir)
+    else:
+        processes = procs.spawn_workers(settings, mode, log_dir, count=workers)
     try:
         reader = _Reader(settings, requests, load, check=mode != "relay")
         # One producer for probes and load: its connection and idempotent-producer id are

@@ -218,8 +218,19 @@ def _run_split_supervisor(settings: Settings) -> None:
 
 
 @main.command(hidden=True)
-def relay() -> None:
-    """Bare consume-to-produce loop (the bench's ceiling)."""
+@click.option(
+    "--per-message",
+    "model_name",
+    default=None,
+    help="Answer each request with this model, one message at a time (a peer).",
+)
+def relay(model_name: str | None) -> None:
+    """Bare consume-to-produce loop (the bench's ceiling), or a per-message model peer."""
+    if model_name is not None:
+        from benchmarks.bench_models import per_message
+
+        per_message(_settings(), model_name)
+        return
     from benchmarks.bench import relay as run_relay
 
     run_relay(_settings())
@@ -334,11 +345,12 @@ def dlq_replay(
 )
 @click.option(
     "--scenario",
-    type=click.Choice(["pipeline", "gpu", "prefetch"]),
+    type=click.Choice(["pipeline", "gpu", "prefetch", "models"]),
     default="pipeline",
     show_default=True,
     help="pipeline: --mode through a fresh pipeline; gpu: models on the accelerator, bare "
-    "vs through Kafka; prefetch: the feature tiers and the prefetcher on a replayed trace.",
+    "vs through Kafka; prefetch: the feature tiers and the prefetcher on a replayed trace; "
+    "models: MiniLM text in, embeddings out, vs a per-message peer and the bare model.",
 )
 def bench(
     mode: str,
