@@ -74,7 +74,8 @@ class LoadedModel:
         self.pool = pool or TensorPool(pin=device.type == "cuda")
         # The preparer (a tokenizer, say) first: a config it cannot serve fails before the
         # weights are read.
-        self.inputs = Inputs(label, cfg, self.batch_buckets, self.seq_buckets, self.pool, path)
+        self.inputs = Inputs(f"{name}:{version}", cfg, self.batch_buckets, self.seq_buckets,
+                             self.pool, path)  # fmt: skip
         module = load_module(cfg, path, device)
         self.input_dtype: torch.dtype | None = None
         self.graphs: GraphRunner | None = None
