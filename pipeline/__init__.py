@@ -14,12 +14,13 @@ if TYPE_CHECKING:
     from pipeline.config import Settings, SettingsError
     from pipeline.errors import SluiceError
     from pipeline.kafka.produce import RecordRejected
-    from pipeline.models import ModelLoadError
+    from pipeline.models import Handler, ModelLoadError
     from pipeline.protocol.codec import Request, RequestError, Response, Tensor
 
 _EXPORTS = {
     "AsyncClient": "pipeline.client",
     "Client": "pipeline.client",
+    "Handler": "pipeline.models",
     "ModelLoadError": "pipeline.models",
     "RecordRejected": "pipeline.kafka.produce",
     "Request": "pipeline.protocol.codec",
@@ -35,6 +36,7 @@ _EXPORTS = {
 __all__ = [
     "AsyncClient",
     "Client",
+    "Handler",
     "ModelLoadError",
     "RecordRejected",
     "Request",

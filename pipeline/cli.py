@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -419,6 +420,9 @@ def demo(n: int | None, rate: float | None, mode: str, model_name: str) -> None:
     n = n or (1200 if text else 3000)
     rate = rate or (120.0 if text else 1000.0)
     settings = _settings()
+    if text and "SLUICE_TORCH_THREADS" not in os.environ:
+        # A 22M-parameter encoder uses every core (the default of 1 suits small models).
+        settings = settings.replace(torch_threads=os.cpu_count() or 1)
     local = None
     if not settings.bootstrap:
         local = _local_broker(settings)

@@ -72,7 +72,8 @@ def test_bench_cli_prints_json_last(settings) -> None:
 
 
 def test_demo_starts_and_stops_its_own_broker(tmp_path: Path) -> None:
-    """The main job from a bare cache: broker, topics, demo model, worker, load, summary."""
+    """The main job from a bare cache: broker, topics, MiniLM, worker, text events,
+    embeddings, the nearest-neighbour check and the summary."""
     cache = tmp_path / "cache"
     cache.mkdir()
     real_cache = Path(os.environ.get("SLUICE_CACHE_DIR") or default_cache_dir())
@@ -81,7 +82,7 @@ def test_demo_starts_and_stops_its_own_broker(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
     env["SLUICE_CACHE_DIR"] = str(cache)
     out = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "demo", "--requests", "500", "--rate", "500"],
+        [sys.executable, "-m", "pipeline.cli", "demo", "--requests", "300", "--rate", "150"],
         env=env,
         capture_output=True,
         text=True,
@@ -90,8 +91,12 @@ def test_demo_starts_and_stops_its_own_broker(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
     summary = json.loads(lines[-1])
-    assert summary["answered"] == summary["sent"] == 500
+    assert summary["answered"] == summary["sent"] == 300
+    assert summary["wrong_outputs"] == 0
     assert "kafka: stopped" in out.stdout
-    assert (cache / "models" / "demo" / "1" / "model.safetensors").exists()
+    assert (cache / "models" / "minilm" / "1" / "hf" / "model.safetensors").exists()
+    # Every demo sentence was answered, and the embeddings group them by topic.
+    check = next(line for line in lines if "own topic" in line)
+    assert int(check.split("/")[0]) >= 28, check
     state = cache / "broker" / "state.json"
     assert not state.exists(), "the demo left its broker running"

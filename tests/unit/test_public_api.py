@@ -12,6 +12,7 @@ from pipeline.errors import SluiceError
 PUBLIC = [
     "AsyncClient",
     "Client",
+    "Handler",
     "ModelLoadError",
     "RecordRejected",
     "Request",
