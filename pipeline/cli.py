@@ -369,7 +369,7 @@ def bench(
 
     if scenario != "pipeline":
         module = importlib.import_module(f"benchmarks.bench_{scenario}")
-        extra: dict[str, Any] = {"workers": workers} if scenario == "gpu" else {}
+        extra: dict[str, Any] = {"workers": workers} if scenario in ("gpu", "models") else {}
         if n is not None:
             extra["requests"] = n
         result = module.run(_settings(), rate=rate, progress=not no_progress, **extra)

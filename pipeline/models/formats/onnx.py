@@ -72,9 +72,12 @@ class OnnxModule:
         graph_outputs = [o.name for o in self.session.get_outputs()]
         wanted_out = [s.name for s in config.outputs]
         absent = [n for n in wanted_out if n not in graph_outputs]
-        if absent:
+        if not absent:
+            self._output_names = wanted_out
+        elif len(graph_outputs) == len(wanted_out):  # named otherwise: taken in order
+            self._output_names = graph_outputs
+        else:
             raise ModelLoadError(f"{file}: the graph has no outputs {absent} ({graph_outputs})")
-        self._output_names = wanted_out
         self._out_specs = config.outputs
         self._cuda = device.type == "cuda" and self.providers[0] != "CPUExecutionProvider"
 
@@ -97,14 +100,14 @@ class OnnxModule:
             binding.bind_input(name, "cuda", index, _np_type(t.dtype), list(t.shape), t.data_ptr())
         n = inputs[0].shape[0]
         outs: list[torch.Tensor | None] = []
-        for spec in self._out_specs:
+        for name, spec in zip(self._output_names, self._out_specs, strict=True):
             if -1 in spec.shape:  # a shape known only after the run: onnxruntime allocates
-                binding.bind_output(spec.name, "cuda", index)
+                binding.bind_output(name, "cuda", index)
                 outs.append(None)
                 continue
             out = torch.empty((n, *spec.shape), dtype=torch_dtype(spec.datatype),
                               device=self.device)  # fmt: skip
-            binding.bind_output(spec.name, "cuda", index, _np_type(out.dtype), list(out.shape),
+            binding.bind_output(name, "cuda", index, _np_type(out.dtype), list(out.shape),
                                 out.data_ptr())  # fmt: skip
             outs.append(out)
         # onnxruntime runs on its own stream: the inputs must be ready before it starts.

