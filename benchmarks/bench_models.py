@@ -205,12 +205,15 @@ def run_gpu(
         "models": {},
     }  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="sluice-gpu-text-") as tmp:
-        sources = Path(tmp) / "sources"
-        settings = settings.replace(model_dir=Path(tmp) / "models", max_batch_size=256)
+        sources, root = Path(tmp) / "sources", Path(tmp) / "models"
         wanted = os.environ.get("SLUICE_BENCH_MODELS")  # e.g. minilm-torch,bert-base-onnx
-        names = prepare_gpu_models(sources, settings.models_path, device,
+        names = prepare_gpu_models(sources, root, device,
                                    set(wanted.split(",")) if wanted else None)  # fmt: skip
         for name, info in names.items():
+            # Each variant alone in its model directory, loaded (and warmed up) by every
+            # worker before it joins the group: no worker loads a model inside the run.
+            settings = settings.replace(model_dir=root / name, max_batch_size=256,
+                                        preload_models=True)  # fmt: skip
             registry = ModelRegistry(settings.models_path, device)
             bare = bare_rps(registry.resolve(name), 5.0)
             del registry
@@ -230,11 +233,12 @@ def run_gpu(
 def prepare_gpu_models(
     sources: Path, model_dir: Path, device: torch.device, wanted: set[str] | None = None
 ) -> dict[str, Any]:
-    """``<model>-<runtime>`` versions: MiniLM (its packaged weights, or seeded random ones
-    of its architecture where the package is not installed: speed does not depend on the
-    values) and a BERT-base sequence classifier (bert-base-uncased's shape, seeded random
-    weights, MiniLM's tokenizer: the same vocabulary); fp16 with CUDA graphs through torch,
-    fp16 through ONNX Runtime's CUDA execution provider."""
+    """``<model>-<runtime>`` versions, each in ``<model_dir>/<model>-<runtime>/``: MiniLM
+    (its packaged weights, or seeded random ones of its architecture where the package is not
+    installed: speed does not depend on the values) and a BERT-base sequence classifier
+    (bert-base-uncased's shape, seeded random weights, MiniLM's tokenizer: the same
+    vocabulary); fp16 with CUDA graphs through torch, fp16 through ONNX Runtime's CUDA
+    execution provider."""
     import json
     import os
     import shutil
@@ -278,7 +282,7 @@ def prepare_gpu_models(
             name = f"{model}-{runtime}"
             if wanted is not None and name not in wanted:
                 continue
-            path, _ = import_model(source, model_dir, name, "1")
+            path, _ = import_model(source, model_dir / name, name, "1")
             config = json.loads((path / "config.json").read_text())
             config["text"]["max_length"] = 128
             config.update(GPU_OPTIONS)

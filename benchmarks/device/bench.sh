@@ -10,6 +10,9 @@ export SLUICE_CACHE_DIR=$PWD/.device SLUICE_MINILM_DIR=/tmp/sluice-device/minilm
 export SLUICE_MODEL_DIR=/tmp/sluice-device/models
 python -m pipeline.cli broker start
 trap 'python -m pipeline.cli broker stop' EXIT
-python -m pipeline.cli bench --scenario models --no-progress --workers "${WORKERS:-4}" \
-  ${REQUESTS:+--requests "$REQUESTS"} | tee "${OUT:-/tmp}/models-gpu.log"
-tail -1 "${OUT:-/tmp}/models-gpu.log" > "${OUT:-/tmp}/models-gpu.json"
+# WORKERS: one or more worker counts (e.g. "1 4"), one run each.
+for w in ${WORKERS:-4}; do
+  python -m pipeline.cli bench --scenario models --no-progress --workers "$w" \
+    ${REQUESTS:+--requests "$REQUESTS"} | tee "${OUT:-/tmp}/models-gpu-w$w.log"
+  tail -1 "${OUT:-/tmp}/models-gpu-w$w.log" > "${OUT:-/tmp}/models-gpu-w$w.json"
+done
