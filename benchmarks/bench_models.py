@@ -168,7 +168,8 @@ def run(
 
 
 def _brief(summary: dict[str, Any]) -> dict[str, Any]:
-    keys = ("sent", "answered", "outcomes", "wrong_outputs", "offered_rps", "throughput_rps",
+    keys = ("sent", "answered", "outcomes", "wrong_outputs", "offered_rps", "sent_rps",
+            "throughput_rps",
             "latency_ms", "mean_batch_size")  # fmt: skip
     return {k: summary.get(k) for k in keys}
 
