@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -92,7 +93,7 @@ class Load:
     @classmethod
     def _texts(cls, loaded: LoadedModel, fmt: str) -> Load:
         assert loaded.config.text is not None
-        texts = [DEMO_TEXTS[i % len(DEMO_TEXTS)][1] for i in range(VARIANTS)]
+        texts = [demo_text(i) for i in range(VARIANTS)]
         expected = loaded.run([texts])[0].reshape(VARIANTS, -1)
         payloads = []
         for text in texts:
@@ -107,6 +108,13 @@ class Load:
         if self.fmt == codec.MSGPACK:
             return request_id, codec.encode({"id": request_id.decode(), **payload}, codec.MSGPACK)
         return request_id, b'{"id":"' + request_id + b'",' + payload
+
+
+def demo_text(i: int) -> str:
+    """Text request ``i``: a demo sentence, said ``SLUICE_BENCH_TEXT_REPEAT`` times (1: about
+    12 tokens; 8: about 100, a paragraph)."""
+    repeat = int(os.environ.get("SLUICE_BENCH_TEXT_REPEAT", "1"))
+    return " ".join([DEMO_TEXTS[i % len(DEMO_TEXTS)][1]] * repeat)
 
 
 def random_input(

@@ -26,7 +26,7 @@ import torch
 
 from benchmarks import bench
 from pipeline.config import Settings
-from pipeline.models import DEMO_TEXTS, LoadedModel, ModelRegistry, init_minilm
+from pipeline.models import LoadedModel, ModelRegistry, init_minilm
 from pipeline.ops import procs
 from pipeline.protocol import codec
 
@@ -35,7 +35,7 @@ def bare_rps(model: LoadedModel, seconds: float) -> dict[str, Any]:
     """Texts per second of the model alone on one pre-tokenized batch of demo sentences, its
     inputs already on the device (through its CUDA graphs where it has them)."""
     size = min(model.max_batch_size, model.batch_buckets[-1])
-    rows = [[DEMO_TEXTS[i % len(DEMO_TEXTS)][1]] for i in range(size)]
+    rows = [[bench.demo_text(i)] for i in range(size)]
     batch = model.stack_inputs(rows)
     tensors = [t.to(model.device) for t in batch.tensors]
     if model.input_dtype is not None:
@@ -202,7 +202,9 @@ def run_gpu(
     n = requests or 60_000
     result: dict[str, Any] = {
         "scenario": "models", "device": torch.cuda.get_device_name(0), "workers": workers,
-        "requests": n, "payload": "msgpack", "texts": "the demo sentences (<= 16 tokens)",
+        "requests": n, "payload": "msgpack",
+        "texts": f"the demo sentences, each said {os.environ.get('SLUICE_BENCH_TEXT_REPEAT', '1')} "
+        "times",
         "models": {},
     }  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="sluice-gpu-text-") as tmp:
