@@ -60,10 +60,12 @@ class Compute:
         return bool(self.running or self.scheduler.pending or self.enricher)
 
     def wait_s(self) -> float:
-        """How long the consumer may wait for records: not at all while a batch computes,
-        else until the batcher's next flush (at most 0.1 s; 1 ms while a fetch is out)."""
+        """How long the consumer may wait for records: not at all while a batch computes on
+        the device (2 ms while batches are only being prepared on the preparation thread:
+        a loop that spun there would take a core from them), else until the batcher's next
+        flush (at most 0.1 s; 1 ms while a fetch is out)."""
         if self.running:
-            return 0.0
+            return 0.0 if any(r.started is None for r, _ in self.running) else 0.002
         due = self.scheduler.next_deadline()
         wait_s = 0.1 if due is None else min(0.1, max(0.0, due - time.time()))
         return min(wait_s, 0.001) if self.enricher else wait_s

@@ -7,12 +7,14 @@ import logging
 import random
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from pipeline.models import LoadedModel
+from pipeline.models.runtime import Pending
 from pipeline.protocol import codec
 from pipeline.protocol.codec import RequestError
 from pipeline.serving.records import Job, Outcome, Running, now_ms
@@ -26,6 +28,8 @@ log = logging.getLogger(__name__)
 
 class Execution(Responses):
     """Batches of admitted requests on their models."""
+
+    _prepare_pool: ThreadPoolExecutor | None = None
 
     # -- infer ----------------------------------------------------------------------------
 
@@ -67,23 +71,34 @@ class Execution(Responses):
         """Stack one model's jobs into pooled buffers and submit them to the device.
 
         Returns at once on CUDA (the engine decodes the next records meanwhile); `finish`
-        collects the outcomes. A failure here is kept for `finish`, which bisects.
+        collects the outcomes. A failure here is kept for `finish`, which bisects. A model
+        whose inputs are prepared on the worker (text, images, records) has its batches
+        prepared and submitted on one preparation thread, in order, off the engine's loop.
         """
         t = now_ms()
         for job in jobs:
             job.started_ms = t
         model = jobs[0].model
-        batch = None
-        try:
-            batch = model.stack_inputs([j.arrays for j in jobs])
-            return Running(jobs, model.submit(batch))
-        except Exception:  # noqa: BLE001 - finish() runs it again, bisected
-            if batch is not None:
-                batch.release()
-            return Running(jobs, None)
+        if model.inputs.preparer is not None:
+            return Running(jobs, None, self._preparation().submit(_submit, jobs))
+        return Running(jobs, _submit(jobs))
+
+    def _preparation(self) -> ThreadPoolExecutor:
+        pool = self._prepare_pool
+        if pool is None:
+            pool = ThreadPoolExecutor(1, thread_name_prefix="sluice-prepare")
+            self._prepare_pool = pool
+        return pool
+
+    def close_preparation(self) -> None:
+        pool = self._prepare_pool
+        if pool is not None:
+            pool.shutdown(wait=True)
+            self._prepare_pool = None
 
     def finish(self, running: Running) -> list[Outcome]:
         """Outcomes of a started batch; one that failed runs again bisected, with retries."""
+        running.settle()
         if running.pending is not None:
             try:
                 outputs = running.pending.result()
@@ -161,6 +176,19 @@ class Execution(Responses):
                     {"truncated": True} if truncated is not None and truncated[i] else None)
             for i, job in enumerate(jobs)
         ]  # fmt: skip
+
+
+def _submit(jobs: list[Job]) -> Pending | None:
+    """A batch stacked (prepared) and submitted; None if that failed (bisected later)."""
+    model = jobs[0].model
+    batch = None
+    try:
+        batch = model.stack_inputs([j.arrays for j in jobs])
+        return model.submit(batch)
+    except Exception:  # noqa: BLE001 - finish() runs it again, bisected
+        if batch is not None:
+            batch.release()
+        return None
 
 
 def is_transient(exc: BaseException) -> bool:

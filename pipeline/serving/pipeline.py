@@ -58,7 +58,8 @@ class Pipeline(Publishing):
             self.results = ResultCache.from_settings(settings, metrics)
 
     def close(self) -> None:
-        """Stop the prefetcher and close the caches' stores."""
+        """Stop the preparation thread and the prefetcher; close the caches' stores."""
+        self.close_preparation()
         if self.features is not None:
             self.features.close()
         if self.results is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -106,14 +107,29 @@ class Record:
 
 @dataclass(slots=True)
 class Running:
-    """One model's batch submitted to the device (``pending`` None: it failed to start)."""
+    """One model's batch submitted to the device (``pending`` None: it failed to start).
+
+    A batch whose inputs are prepared on the worker (tokenized, decoded) is prepared and
+    submitted on the preparation thread: ``started`` is that step's future, and ``pending``
+    is set from it once it is done."""
 
     jobs: list[Job]
     pending: Pending | None
+    started: Future[Pending | None] | None = None
 
     def done(self) -> bool:
-        """True once `Pipeline.finish` will not wait for the device."""
+        """True once `Pipeline.finish` will not wait for the device (or the preparation)."""
+        if self.started is not None:
+            if not self.started.done():
+                return False
+            self.settle()
         return self.pending is None or self.pending.ready()
+
+    def settle(self) -> None:
+        """Wait for the preparation step, if any, and take its pending batch."""
+        if self.started is not None:
+            started, self.started = self.started, None
+            self.pending = started.result()
 
 
 # Records to publish for one source record; the source is acked once all are delivered.
