@@ -71,15 +71,16 @@ class Execution(Responses):
         """Stack one model's jobs into pooled buffers and submit them to the device.
 
         Returns at once on CUDA (the engine decodes the next records meanwhile); `finish`
-        collects the outcomes. A failure here is kept for `finish`, which bisects. A model
-        whose inputs are prepared on the worker (text, images, records) has its batches
-        prepared and submitted on one preparation thread, in order, off the engine's loop.
+        collects the outcomes. A failure here is kept for `finish`, which bisects. On CUDA a
+        model whose inputs are prepared on the worker (text, images, records) has its
+        batches prepared and submitted on one preparation thread, in order, off the
+        engine's loop (`prepares_off_loop`).
         """
         t = now_ms()
         for job in jobs:
             job.started_ms = t
         model = jobs[0].model
-        if model.inputs.preparer is not None:
+        if prepares_off_loop(model):
             return Running(jobs, None, self._preparation().submit(_submit, jobs))
         return Running(jobs, _submit(jobs))
 
@@ -176,6 +177,14 @@ class Execution(Responses):
                     {"truncated": True} if truncated is not None and truncated[i] else None)
             for i, job in enumerate(jobs)
         ]  # fmt: skip
+
+
+def prepares_off_loop(model: LoadedModel) -> bool:
+    """Whether a model's batches are prepared on the preparation thread: inputs prepared on
+    the worker, on CUDA. On the CPU the model computes on the engine's loop itself, and a
+    thread beside it only competes for the same cores and the GIL (MiniLM on 2 cores: 173
+    texts/s and p50 289 ms at half load with the thread, 239/s and 48 ms without)."""
+    return model.inputs.preparer is not None and model.device.type == "cuda"
 
 
 def _submit(jobs: list[Job]) -> Pending | None:

@@ -1,4 +1,4 @@
-"""Batches whose inputs are prepared on the worker (text, images, records) are prepared and
+"""On CUDA, batches whose inputs are prepared on the worker (text, images, records) are prepared and
 submitted on the preparation thread, in order, and answered like any other; a bad row fails
 alone."""
 
@@ -16,7 +16,7 @@ from pipeline.config import Settings
 from pipeline.models import DEMO_FEATURES, LoadedModel, ModelRegistry, init_demo
 from pipeline.observability.metrics import Metrics
 from pipeline.protocol import codec
-from pipeline.serving import Origin, Pipeline, now_ms
+from pipeline.serving import Origin, Pipeline, execution, now_ms
 
 FIELDS = [f"f{i}" for i in range(DEMO_FEATURES)]
 
@@ -40,6 +40,8 @@ def _job(p: Pipeline, i: int, value: object = 0.5):  # type: ignore[no-untyped-d
 
 
 def test_prepared_batches_run_on_the_preparation_thread(pipeline: Pipeline, monkeypatch) -> None:
+    # On CUDA (here forced: the machine may have no GPU).
+    monkeypatch.setattr(execution, "prepares_off_loop", lambda model: True)
     threads: list[str] = []
     real = LoadedModel.stack_inputs
 
@@ -60,6 +62,13 @@ def test_prepared_batches_run_on_the_preparation_thread(pipeline: Pipeline, monk
         want = module(torch.full((1, DEMO_FEATURES), 0.5)).numpy()[0]
     assert np.allclose(outcomes[0].outputs[0], want, atol=1e-6)  # type: ignore[index]
     pipeline.close()
+
+
+def test_on_the_cpu_batches_are_prepared_inline(pipeline: Pipeline) -> None:
+    running = pipeline.start([_job(pipeline, 0)])
+    assert running.started is None and running.pending is not None
+    [outcome] = pipeline.finish(running)
+    assert outcome.error is None
 
 
 def test_a_bad_row_fails_alone(pipeline: Pipeline) -> None:
