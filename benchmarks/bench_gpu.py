@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,18 +165,26 @@ def bare_rps(registry: ModelRegistry, name: str, batch: int, seconds: float) -> 
         return graphs(args) if graphs is not None else loaded.module(*args)
 
     with torch.inference_mode():
-        for _ in range(3):
-            forward()
-        sync()
-        start, iterations = time.perf_counter(), 0
-        while True:
-            forward()
-            iterations += 1
-            if iterations % 5 == 0:
-                sync()
-                elapsed = time.perf_counter() - start
-                if elapsed >= seconds:
-                    return iterations * batch / elapsed
+        return examples_per_s(forward, batch, seconds, sync)
+
+
+def examples_per_s(
+    forward: Callable[[], Any], batch: int, seconds: float, sync: Callable[[], Any]
+) -> float:
+    """``batch`` examples per call of ``forward``, timed for ``seconds`` after three warm
+    calls; ``sync`` waits for the device (every fifth call, and at the end)."""
+    for _ in range(3):
+        forward()
+    sync()
+    start, iterations = time.perf_counter(), 0
+    while True:
+        forward()
+        iterations += 1
+        if iterations % 5 == 0:
+            sync()
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                return iterations * batch / elapsed
 
 
 class UtilSampler:

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from benchmarks import bench
+from benchmarks.bench_gpu import examples_per_s
 from pipeline.config import Settings
 from pipeline.models import LoadedModel, ModelRegistry, init_minilm
 from pipeline.ops import procs
@@ -40,33 +41,16 @@ def bare_rps(model: LoadedModel, seconds: float) -> dict[str, Any]:
     tensors = [t.to(model.device) for t in batch.tensors]
     if model.input_dtype is not None:
         tensors = [t.to(model.input_dtype) if t.is_floating_point() else t for t in tensors]
-    cuda = model.device.type == "cuda"
+    stream = model.streams.compute if model.device.type == "cuda" else None
+    sync = stream.synchronize if stream is not None else (lambda: None)
 
     def call() -> Any:
         return model.graphs(tensors) if model.graphs is not None else model.module(*tensors)
 
-    with torch.inference_mode():
-        if cuda:
-            with torch.cuda.stream(model.streams.compute):
-                return _timed(call, size, seconds, batch, tensors, model.streams.compute)
-        return _timed(call, size, seconds, batch, tensors, None)
-
-
-def _timed(call: Any, size: int, seconds: float, batch: Any, tensors: Any, stream: Any) -> dict:  # type: ignore[type-arg]
-    sync = stream.synchronize if stream is not None else (lambda: None)
-    for _ in range(3):
-        call()
-    sync()
-    start, done = time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
-        for _ in range(10 if stream is not None else 1):
-            call()
-            done += size
-        sync()
-    elapsed = time.perf_counter() - start
+    with torch.inference_mode(), torch.cuda.stream(stream) if stream is not None else nullcontext():
+        rate = examples_per_s(call, size, seconds, sync)
     batch.release()
-    return {"texts_per_s": round(done / elapsed, 1), "batch": size,
-            "seq_len": int(tensors[0].shape[1])}  # fmt: skip
+    return {"texts_per_s": round(rate, 1), "batch": size, "seq_len": int(tensors[0].shape[1])}
 
 
 def per_message(settings: Settings, model: str) -> None:
