@@ -31,6 +31,9 @@ from pipeline.kafka.lag import consumed_from
 log = logging.getLogger(__name__)
 
 
+_READ_TIMEOUT_S = 1.0
+
+
 class Backpressure:
     """Decides from the downstream group's offset lag whether the stage should wait."""
 
@@ -58,17 +61,21 @@ class Backpressure:
         """The downstream group's offset lag now, read from the broker: end offsets minus
         its committed offsets (an uncommitted partition counts from its log start), through
         a consumer with the group's id that never joins it."""
+        # Each broker call is bounded by _READ_TIMEOUT_S: the read runs on the engine's loop,
+        # and one that takes longer (a coordinator not yet ready on a fresh broker, say)
+        # raises, so the last read stands and the loop goes on consuming.
         if self._probe is None:
             self._probe = Consumer(
                 consumer_config(self.settings, self.group, **{"enable.auto.commit": False})
             )
-            md = self._probe.list_topics(timeout=10).topics
+        if not self._partitions:  # until the topics' metadata has been read once
+            md = self._probe.list_topics(timeout=_READ_TIMEOUT_S).topics
             self._partitions = [
                 TopicPartition(t, p) for t in self.topics if t in md for p in md[t].partitions
             ]
         total = 0
-        for tp in self._probe.committed(self._partitions, timeout=10):
-            low, high = self._probe.get_watermark_offsets(tp, timeout=10)
+        for tp in self._probe.committed(self._partitions, timeout=_READ_TIMEOUT_S):
+            low, high = self._probe.get_watermark_offsets(tp, timeout=_READ_TIMEOUT_S)
             committed = tp.offset if tp.offset >= 0 else None
             total += max(0, high - consumed_from(committed, low))
         return total
