@@ -31,8 +31,10 @@ def _local_broker(settings: Settings):  # type: ignore[no-untyped-def]
 @click.group()
 def main() -> None:
     """sluice: event-driven streaming inference on Kafka."""
+    level = os.environ.get("SLUICE_LOG_LEVEL", "WARNING").upper()
     logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+        level=getattr(logging, level, logging.WARNING),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
 
 

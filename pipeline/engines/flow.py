@@ -7,9 +7,11 @@ Two reasons to wait, one owner of pause and resume (`FlowControl`):
   high-water mark, the stage pauses all its partitions, so that work waits in Kafka instead of
   piling up downstream; it resumes below the low-water mark (hysteresis, no flapping). The
   broker is asked at most once per interval, but the decision is taken on every loop: the lag
-  read then, plus what this process has produced downstream that the read could not have
-  seen (not yet delivered when it started). So the lag passes the high-water mark by at most
-  one consumed batch, however fast the stage forwards between two reads.
+  read then, plus what this process has produced downstream since. Delivery reports give
+  each record's offset, so a record delivered while the read was under way counts once,
+  whether the read saw it or not. So the lag passes the high-water mark by at most one
+  consumed batch, however fast the stage forwards between two reads, and the stage never
+  pauses below it.
 - **Priority**: while the priority topic has a backlog, the stage's other partitions wait.
   This reads only librdkafka's cached high watermarks and positions (no broker round trip).
 
@@ -49,18 +51,34 @@ class Backpressure:
         self._probe: Any = None
         self._partitions: list[TopicPartition] = []
         self._next_check = 0.0
-        # Records this process produced to ``downstream``, and how many of them are
-        # delivered (or failed); the estimate is the last read plus those undelivered when
-        # it started.
+        # What this process produced to ``downstream`` (`Publisher` counts): ``sent`` before
+        # produce; of those, ``gone`` never reached the topic (refused, or failed: produced
+        # again counts as sent again), ``delivered`` reached it at a known offset, and
+        # ``landed`` reached it at an unknown one (a committed transaction).
         self.sent = 0
+        self.gone = 0
         self.delivered = 0
-        self._read_lag = 0
-        self._unseen_from = 0  # ``delivered`` when the last read started
+        self.landed = 0
+        self._ends: dict[tuple[str, int], int] = {}  # past our last delivered offset
+        self._counts: dict[tuple[str, int], int] = {}  # delivered, per partition
+        # The last read: per partition, its end offset and where the group consumes from.
+        self._read: dict[tuple[str, int], tuple[int, int]] = {}
+        self._landed_at_read = 0  # ``landed`` when the last read started
 
-    def lag(self) -> int:
-        """The downstream group's offset lag now, read from the broker: end offsets minus
-        its committed offsets (an uncommitted partition counts from its log start), through
-        a consumer with the group's id that never joins it."""
+    def record_delivered(self, topic: str, partition: int, offset: int) -> None:
+        key = (topic, partition)
+        self.delivered += 1
+        self._ends[key] = max(self._ends.get(key, 0), offset + 1)
+        self._counts[key] = self._counts.get(key, 0) + 1
+
+    def record_committed(self) -> None:
+        """A transaction committed: everything in flight is in the topic now."""
+        self.landed = self.sent - self.gone - self.delivered
+
+    def read(self) -> dict[tuple[str, int], tuple[int, int]]:
+        """The downstream group's position now, read from the broker: per partition, its end
+        offset and where the group consumes from (the committed offset, else the log
+        start), through a consumer with the group's id that never joins it."""
         # Each broker call is bounded by _READ_TIMEOUT_S: the read runs on the engine's loop,
         # and one that takes longer (a coordinator not yet ready on a fresh broker, say)
         # raises, so the last read stands and the loop goes on consuming.
@@ -73,31 +91,38 @@ class Backpressure:
             self._partitions = [
                 TopicPartition(t, p) for t in self.topics if t in md for p in md[t].partitions
             ]
-        total = 0
+        read = {}
         for tp in self._probe.committed(self._partitions, timeout=_READ_TIMEOUT_S):
             low, high = self._probe.get_watermark_offsets(tp, timeout=_READ_TIMEOUT_S)
             committed = tp.offset if tp.offset >= 0 else None
-            total += max(0, high - consumed_from(committed, low))
-        return total
+            read[(tp.topic, tp.partition)] = (high, consumed_from(committed, low))
+        return read
 
     def close(self) -> None:
         if self._probe is not None:
             self._probe.close()
 
     def estimate(self) -> int:
-        """The downstream lag now: the last read, plus what was produced since that the read
-        could not count (everything not delivered when it started)."""
-        return self._read_lag + self.sent - self._unseen_from
+        """The downstream lag now: the last read, with each partition's end moved up to past
+        the last record this process delivered there (a delivery the read may or may not
+        have seen counts once), plus what is in flight, plus what landed at an unknown
+        offset since the read started."""
+        lag = 0
+        for key, (high, start) in self._read.items():
+            lag += max(0, max(high, self._ends.get(key, 0)) - start)
+        lag += sum(n for key, n in self._counts.items() if key not in self._read)
+        in_flight = self.sent - self.gone - self.delivered - self.landed
+        return lag + in_flight + self.landed - self._landed_at_read
 
     def update(self) -> bool:
         """Read the downstream lag (at most once per interval); returns whether to wait."""
         now = time.monotonic()
         if now >= self._next_check:
             self._next_check = now + self.interval_s
-            delivered = self.delivered
+            landed = self.landed
             try:
-                self._read_lag = self.lag()
-                self._unseen_from = delivered
+                self._read = self.read()
+                self._landed_at_read = landed
             except Exception as exc:  # noqa: BLE001 - the last read stands until the broker answers
                 log.warning("backpressure: cannot read downstream lag: %s", exc)
         lag = self.estimate()

@@ -65,7 +65,7 @@ class Publisher:
                     raise
             except RecordRejected as exc:
                 if bp is not None and r.topic in bp.downstream:
-                    bp.delivered += 1  # never produced: no longer in flight
+                    bp.gone += 1  # never produced: no longer in flight
                 self.send(self.pipeline.undeliverable(origin, r, exc.code, exc.message, replacing),
                            batch, origin, replacing=True)  # fmt: skip
 
@@ -76,12 +76,15 @@ class Publisher:
         record: Record,
         replacing: bool,
         err: KafkaError | None,
-        _msg: Any,
+        msg: Any,
     ) -> None:
         batch.outstanding -= 1
         bp = self.backpressure
         if bp is not None and record.topic in bp.downstream:
-            bp.delivered += 1  # or failed: a record produced again counts as sent again
+            if err is None:
+                bp.record_delivered(msg.topic(), msg.partition(), msg.offset())
+            else:  # a record produced again counts as sent again
+                bp.gone += 1
         if err is not None:
             batch.held += 1  # its offsets wait until the record is produced again or replaced
             self._failed.append((batch, origin, record, replacing, err))
