@@ -259,8 +259,6 @@ class BatchEngine:
         if settle:
             self.tracker.settle(self.txn.add)
         self.txn.commit()
-        if self.backpressure is not None:  # committed: delivered downstream
-            self.backpressure.record_committed()
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._feature_tables(partitions, assigned=True)

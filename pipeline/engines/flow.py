@@ -7,11 +7,11 @@ Two reasons to wait, one owner of pause and resume (`FlowControl`):
   high-water mark, the stage pauses all its partitions, so that work waits in Kafka instead of
   piling up downstream; it resumes below the low-water mark (hysteresis, no flapping). The
   broker is asked at most once per interval, but the decision is taken on every loop: the lag
-  read then, plus what this process has produced downstream since. Delivery reports give
-  each record's offset, so a record delivered while the read was under way counts once,
-  whether the read saw it or not. So the lag passes the high-water mark by at most one
-  consumed batch, however fast the stage forwards between two reads, and the stage never
-  pauses below it.
+  read then, plus what this process has produced downstream since. A read is put to use
+  once every record produced before it started has its delivery report, whose offset says
+  whether the read counted it: so each record counts once, the lag passes the high-water
+  mark by at most one consumed batch however fast the stage forwards between two reads,
+  and the stage does not pause below it.
 - **Priority**: while the priority topic has a backlog, the stage's other partitions wait.
   This reads only librdkafka's cached high watermarks and positions (no broker round trip).
 
@@ -51,29 +51,29 @@ class Backpressure:
         self._probe: Any = None
         self._partitions: list[TopicPartition] = []
         self._next_check = 0.0
-        # What this process produced to ``downstream`` (`Publisher` counts): ``sent`` before
-        # produce; of those, ``gone`` never reached the topic (refused, or failed: produced
-        # again counts as sent again), ``delivered`` reached it at a known offset, and
-        # ``landed`` reached it at an unknown one (a committed transaction).
+        # Records this process produced to ``downstream`` (`Publisher` counts them): ``sent``
+        # before produce; of those, ``delivered`` are in the topic at a known offset and
+        # ``gone`` never reached it (refused, or failed: produced again counts as sent again).
         self.sent = 0
-        self.gone = 0
         self.delivered = 0
-        self.landed = 0
+        self.gone = 0
         self._ends: dict[tuple[str, int], int] = {}  # past our last delivered offset
         self._counts: dict[tuple[str, int], int] = {}  # delivered, per partition
-        # The last read: per partition, its end offset and where the group consumes from.
+        # The read in use: per partition, its end offset and where the group consumes from.
         self._read: dict[tuple[str, int], tuple[int, int]] = {}
-        self._landed_at_read = 0  # ``landed`` when the last read started
+        # A newer read, and ``sent`` when it started: it replaces the one in use once every
+        # record sent before it started is settled, so that none of them is in doubt.
+        self._pending: tuple[dict[tuple[str, int], tuple[int, int]], int] | None = None
 
-    def record_delivered(self, topic: str, partition: int, offset: int) -> None:
-        key = (topic, partition)
+    def report(self, err: Any, msg: Any) -> None:
+        """The delivery report of a record produced downstream."""
+        if err is not None:
+            self.gone += 1
+            return
+        key = (msg.topic(), msg.partition())
         self.delivered += 1
-        self._ends[key] = max(self._ends.get(key, 0), offset + 1)
+        self._ends[key] = max(self._ends.get(key, 0), msg.offset() + 1)
         self._counts[key] = self._counts.get(key, 0) + 1
-
-    def record_committed(self) -> None:
-        """A transaction committed: everything in flight is in the topic now."""
-        self.landed = self.sent - self.gone - self.delivered
 
     def read(self) -> dict[tuple[str, int], tuple[int, int]]:
         """The downstream group's position now, read from the broker: per partition, its end
@@ -103,28 +103,29 @@ class Backpressure:
             self._probe.close()
 
     def estimate(self) -> int:
-        """The downstream lag now: the last read, with each partition's end moved up to past
-        the last record this process delivered there (a delivery the read may or may not
-        have seen counts once), plus what is in flight, plus what landed at an unknown
-        offset since the read started."""
+        """The downstream lag now. The read in use started after every record still in
+        flight was sent, so those count in full; each partition's end moves up to past the
+        last record this process delivered there (whether the read saw it or not)."""
         lag = 0
-        for key, (high, start) in self._read.items():
-            lag += max(0, max(high, self._ends.get(key, 0)) - start)
+        for key, (end, start) in self._read.items():
+            lag += max(0, max(end, self._ends.get(key, 0)) - start)
         lag += sum(n for key, n in self._counts.items() if key not in self._read)
-        in_flight = self.sent - self.gone - self.delivered - self.landed
-        return lag + in_flight + self.landed - self._landed_at_read
+        return lag + self.sent - self.delivered - self.gone
 
     def update(self) -> bool:
         """Read the downstream lag (at most once per interval); returns whether to wait."""
+        if self._pending is not None and self.delivered + self.gone >= self._pending[1]:
+            self._read, self._pending = self._pending[0], None
         now = time.monotonic()
-        if now >= self._next_check:
+        if self._pending is None and now >= self._next_check:
             self._next_check = now + self.interval_s
-            landed = self.landed
+            sent = self.sent
             try:
-                self._read = self.read()
-                self._landed_at_read = landed
+                self._pending = (self.read(), sent)
             except Exception as exc:  # noqa: BLE001 - the last read stands until the broker answers
                 log.warning("backpressure: cannot read downstream lag: %s", exc)
+            if self._pending is not None and self.delivered + self.gone >= sent:
+                self._read, self._pending = self._pending[0], None
         lag = self.estimate()
         if not self.paused and lag > self.high:
             self.paused = True

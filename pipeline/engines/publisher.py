@@ -48,13 +48,14 @@ class Publisher:
         """Produce ``origin``'s records counted against ``batch`` (in the open transaction,
         exactly-once). A record the producer refuses for itself is replaced at once
         (`Pipeline.undeliverable`); ``replacing`` marks such replacements."""
-        bp = self.backpressure
         for r in records:
-            if bp is not None and r.topic in bp.downstream:
+            bp = self._counting(r.topic)
+            if bp is not None:
                 bp.sent += 1  # counted before produce: an estimate errs on the high side
             try:
                 if batch is None or self.transactional:
-                    produce(self.producer, r.topic, r.value, r.key, r.headers)
+                    report = bp.report if bp is not None else None
+                    produce(self.producer, r.topic, r.value, r.key, r.headers, report)
                     continue
                 batch.outstanding += 1
                 report = functools.partial(self._delivered, batch, origin, r, replacing)
@@ -64,10 +65,15 @@ class Publisher:
                     batch.outstanding -= 1
                     raise
             except RecordRejected as exc:
-                if bp is not None and r.topic in bp.downstream:
-                    bp.gone += 1  # never produced: no longer in flight
+                if bp is not None:
+                    bp.gone += 1  # never produced
                 self.send(self.pipeline.undeliverable(origin, r, exc.code, exc.message, replacing),
                            batch, origin, replacing=True)  # fmt: skip
+
+    def _counting(self, topic: str) -> Backpressure | None:
+        """The backpressure that counts records produced to ``topic``, if any."""
+        bp = self.backpressure
+        return bp if bp is not None and topic in bp.downstream else None
 
     def _delivered(
         self,
@@ -79,12 +85,9 @@ class Publisher:
         msg: Any,
     ) -> None:
         batch.outstanding -= 1
-        bp = self.backpressure
-        if bp is not None and record.topic in bp.downstream:
-            if err is None:
-                bp.record_delivered(msg.topic(), msg.partition(), msg.offset())
-            else:  # a record produced again counts as sent again
-                bp.gone += 1
+        bp = self._counting(record.topic)
+        if bp is not None:
+            bp.report(err, msg)  # a record produced again counts as sent again
         if err is not None:
             batch.held += 1  # its offsets wait until the record is produced again or replaced
             self._failed.append((batch, origin, record, replacing, err))
