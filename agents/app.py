@@ -107,4 +107,5 @@ def origin_of(event: Any, stream: Any) -> Origin:
         value=message.value,
         headers=list(headers or ()),
         ack=lambda: stream.ack(event),
+        key_bytes=len(message.key or b""),
     )

@@ -68,10 +68,14 @@ class Settings:
     max_elements_per_tensor: int = 1_048_576
     default_ttl_ms: int = 0
     responses_topic_name: str | None = None
-    # Where a request's `reply_to` may send its answer: comma-separated fnmatch patterns (the
-    # default matches none of Kafka's internal topics). The pipeline's own topics are refused
-    # whatever they match.
-    reply_to_topics: str = "*.replies,*.replies.*"
+    # Where a request's `reply_to` may send its answer, besides the responses topic:
+    # comma-separated fnmatch patterns; unset, ``<prefix>.replies`` and ``<prefix>.replies.*``.
+    # The pipeline's other topics are refused whatever they match.
+    reply_to_topics: str | None = None
+    # A request record's envelope: its key, and its headers (count and bytes together).
+    max_key_bytes: int = 16_384
+    max_headers: int = 64
+    max_header_bytes: int = 65_536
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0
     # False: the pipeline records into no-op metrics and serves nothing (to measure their cost).
@@ -153,6 +157,8 @@ class Settings:
         _require_int(self, "max_batch_size", minimum=1)
         _require_int(self, "max_inflight", minimum=1)
         _require_int(self, "max_payload_bytes", minimum=64)
+        for name in ("max_key_bytes", "max_headers", "max_header_bytes"):
+            _require_int(self, name, minimum=0)
         _require_int(self, "max_elements_per_tensor", minimum=1)
         _require_int(self, "default_ttl_ms", minimum=0)
         _require_int(self, "metrics_port", minimum=0, maximum=65535)
@@ -279,14 +285,22 @@ class Settings:
     def models_path(self) -> Path:
         return self.model_dir if self.model_dir is not None else self.cache_dir / "models"
 
+    @property
+    def reply_to_patterns(self) -> list[str]:
+        if self.reply_to_topics is None:
+            return [f"{self.topic_prefix}.replies", f"{self.topic_prefix}.replies.*"]
+        return [p.strip() for p in self.reply_to_topics.split(",") if p.strip()]
+
     def reply_to_allowed(self, topic: str) -> bool:
-        """Whether a request may name ``topic`` as its ``reply_to``."""
+        """Whether a request may name ``topic`` as its ``reply_to``: the responses topic, or
+        one the allowlist matches that is none of the pipeline's other topics."""
+        if topic == self.responses_topic:
+            return True
         own = (self.requests_topic, self.priority_topic, self.results_topic, self.dlq_topic,
                self.features_changelog_topic)  # fmt: skip
         if topic in own or topic.startswith(self.infer_topic("")):
             return False
-        patterns = [p.strip() for p in self.reply_to_topics.split(",") if p.strip()]
-        return any(fnmatch.fnmatchcase(topic, p) for p in patterns)
+        return any(fnmatch.fnmatchcase(topic, p) for p in self.reply_to_patterns)
 
     @property
     def max_record_bytes(self) -> int:

@@ -6,6 +6,7 @@ A `random.Random` seed makes every flood replay exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ class Garbage:
     value: bytes | None
     reasons: frozenset[str]
     answer_id: str | None = None
+    key: bytes | None = None  # the record's key and headers, where they are the garbage
+    headers: list[tuple[str, bytes]] | None = None
 
 
 class GarbageMaker:
@@ -52,6 +55,9 @@ class GarbageMaker:
             (self.random_bytes, 10),
             (self.unknown_model, 3),
             (self.expired, 3),
+            (self.forbidden_reply_to, 4),
+            (self.header_flood, 1),
+            (self.huge_key, 0.3),
         ]
 
     def make(self, n: int) -> list[Garbage]:
@@ -233,6 +239,35 @@ class GarbageMaker:
             return self._answered("unknown_model", body, frozenset({codec.UNKNOWN_MODEL}))
         body["version"] = str(self.rng.randint(3, 99))
         return self._answered("unknown_model", body, frozenset({codec.UNKNOWN_VERSION}))
+
+    def forbidden_reply_to(self) -> Garbage:
+        """A reply_to the worker must not write to: Kafka's own topics, the pipeline's other
+        topics, another team's, or names a stream of which would each create a topic."""
+        body = self._valid(self._id())
+        body["reply_to"] = self.rng.choice(
+            ["__consumer_offsets", "__transaction_state", "sluice.dlq", "sluice.requests",
+             "sluice.features-changelog", "other-team.replies", f"made-up-{self.n}"]
+        )  # fmt: skip
+        return self._answered("forbidden_reply_to", body, frozenset({codec.FORBIDDEN_REPLY_TO}))
+
+    def header_flood(self) -> Garbage:
+        """A valid request in a record with 1,000 headers (a correlation header among them,
+        repeated)."""
+        garbage = self._answered(
+            "header_flood", self._valid(self._id()), frozenset({codec.TOO_MANY_HEADERS})
+        )
+        names = ["x-flood", "traceparent"]
+        headers = [(names[i % 2], str(i).encode()) for i in range(1_000)]
+        return dataclasses.replace(garbage, headers=headers)
+
+    def huge_key(self) -> Garbage:
+        """A valid request in a record with a 1 MB key."""
+        garbage = self._answered(
+            "huge_key", self._valid(self._id()), frozenset({codec.KEY_TOO_LARGE})
+        )
+        return dataclasses.replace(
+            garbage, key=bytes(self.rng.getrandbits(8) for _ in range(16)) * 62_500
+        )
 
     def expired(self) -> Garbage:
         body = self._valid(self._id())

@@ -121,8 +121,9 @@ def _garbage(
                 futures.append(client.submit(demo_request(f"v-{v}", features[v])))
                 v += 1
                 continue
-            key = None if g % 3 else f"k-{g}".encode()
-            produce(producer, settings.requests_topic, items[g].value, key,
+            item = items[g]
+            key = item.key if item.key is not None else None if g % 3 else f"k-{g}".encode()
+            produce(producer, settings.requests_topic, item.value, key, item.headers,
                     on_delivery=delivered(g))  # fmt: skip
             producer.poll(0)
             g += 1

@@ -221,8 +221,14 @@ class BatchEngine:
             consumed.append(m)
             origins.append(
                 Origin(
-                    m.topic(), m.partition(), m.offset(), float(ts), m.value(), m.headers() or []
-                )
+                    m.topic(),
+                    m.partition(),
+                    m.offset(),
+                    float(ts),
+                    m.value(),
+                    m.headers() or [],
+                    key_bytes=len(m.key() or b""),
+                )  # fmt: skip
             )
         return origins, consumed
 

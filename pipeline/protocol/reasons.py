@@ -37,6 +37,11 @@ class Reason(StrEnum):
     TEXT_TOO_LONG = "text_too_long"
     BAD_IMAGE = "bad_image"
     BAD_FIELD = "bad_field"
+    # The record around the request: a ``reply_to`` outside the allowlist, a key or headers
+    # past their limits (max_key_bytes; max_headers, max_header_bytes).
+    FORBIDDEN_REPLY_TO = "forbidden_reply_to"
+    KEY_TOO_LARGE = "key_too_large"
+    TOO_MANY_HEADERS = "too_many_headers"
 
 
 # The members by their short names, as the code writes them (`codec.MALFORMED`).
@@ -57,6 +62,9 @@ INVALID_UTF8 = Reason.INVALID_UTF8
 TEXT_TOO_LONG = Reason.TEXT_TOO_LONG
 BAD_IMAGE = Reason.BAD_IMAGE
 BAD_FIELD = Reason.BAD_FIELD
+FORBIDDEN_REPLY_TO = Reason.FORBIDDEN_REPLY_TO
+KEY_TOO_LARGE = Reason.KEY_TOO_LARGE
+TOO_MANY_HEADERS = Reason.TOO_MANY_HEADERS
 REASONS = tuple(r.value for r in Reason)
 
 

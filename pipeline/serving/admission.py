@@ -55,11 +55,12 @@ class Admission(Execution):
             # A message never chooses where the worker writes: answered on the default topic.
             context["reply_to"] = None
             raise RequestError(
-                codec.SCHEMA,
-                f"reply_to {request.reply_to!r} is not an allowed reply topic "
-                f"(SLUICE_REPLY_TO_TOPICS={self.settings.reply_to_topics!r})",
+                codec.FORBIDDEN_REPLY_TO,
+                f"reply_to {request.reply_to!r} is not an allowed reply topic (the responses "
+                f"topic or SLUICE_REPLY_TO_TOPICS: {','.join(self.settings.reply_to_patterns)})",
                 **context,
             )
+        self._check_envelope(origin, context)
         try:
             model = self.registry.resolve(request.model, request.version)
         except RequestError as exc:
@@ -69,6 +70,25 @@ class Admission(Execution):
             raise RequestError(codec.MODEL_ERROR, str(exc), **context) from None
         context["version"] = model.version
         return request, model, context
+
+    def _check_envelope(self, origin: Origin, context: dict[str, Any]) -> None:
+        """The record's key and headers within their limits (`RequestError` if not)."""
+        s = self.settings
+        if origin.key_bytes > s.max_key_bytes:
+            raise RequestError(
+                codec.KEY_TOO_LARGE,
+                f"record key of {origin.key_bytes} bytes > {s.max_key_bytes} (max_key_bytes)",
+                **context,
+            )
+        count = len(origin.headers)
+        size = sum(len(k) + len(v or b"") for k, v in origin.headers) if count else 0
+        if count > s.max_headers or size > s.max_header_bytes:
+            raise RequestError(
+                codec.TOO_MANY_HEADERS,
+                f"{count} headers of {size} bytes (at most {s.max_headers} headers "
+                f"of {s.max_header_bytes} bytes: max_headers, max_header_bytes)",
+                **context,
+            )
 
     def _feature_entry(
         self, origin: Origin, request: codec.Request, model: LoadedModel

@@ -48,6 +48,7 @@ class Origin:
     value: bytes | None
     headers: Headers = field(default_factory=list)
     ack: Callable[[], Any] | None = None
+    key_bytes: int = 0  # the record key's size (the key itself is not kept)
 
     def header(self, name: str) -> bytes | None:
         for k, v in self.headers:
@@ -56,7 +57,12 @@ class Origin:
         return None
 
     def correlation_headers(self) -> Headers:
-        return [(k, v) for k, v in self.headers if k in codec.CORRELATION_HEADERS]
+        """The headers a response carries over: the first of each name, however many came."""
+        found: dict[str, Any] = {}
+        for k, v in self.headers:
+            if k in codec.CORRELATION_HEADERS and k not in found:
+                found[k] = v
+        return list(found.items())
 
 
 @dataclass(slots=True)

@@ -274,13 +274,16 @@ def test_bootstrap_servers_errors_clearly_without_a_cluster(
 
 def test_reply_to_must_match_the_allowlist_and_never_name_the_pipelines_own_topics() -> None:
     s = Settings(topic_prefix="sl")
-    assert s.reply_to_allowed("client-7.replies") and s.reply_to_allowed("a.replies.b")
+    for topic in ("sl.responses", "sl.replies", "sl.replies.client-7"):
+        assert s.reply_to_allowed(topic), topic
     for topic in ("__consumer_offsets", "__transaction_state", "evil", "sl.dlq",
-                  "sl.requests", "sl.infer.demo", "sl.results"):  # fmt: skip
+                  "sl.requests", "sl.infer.demo", "sl.results", "sl.features-changelog",
+                  "client-7.replies", "other.replies.x", "sl.repliesx"):  # fmt: skip
         assert not s.reply_to_allowed(topic), topic
     wide = Settings(topic_prefix="sl", reply_to_topics="*")
     assert wide.reply_to_allowed("anything") and not wide.reply_to_allowed("sl.requests")
-    assert not Settings(reply_to_topics="").reply_to_allowed("x.replies")
+    none = Settings(topic_prefix="sl", reply_to_topics="")
+    assert not none.reply_to_allowed("sl.replies") and none.reply_to_allowed("sl.responses")
 
 
 def test_an_engine_refuses_what_it_cannot_do_naming_both_sides() -> None:

@@ -288,11 +288,19 @@ def _warm_up(bootstrap: str, admin: Any, timeout_s: float) -> None:
     clients of its own that log nothing. Until then it answers both with
     COORDINATOR_LOAD_IN_PROGRESS, which the first worker's or client's librdkafka would print
     as a warning while it retries."""
-    from confluent_kafka import Consumer, Producer, TopicPartition
+    from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+    from confluent_kafka.admin import NewTopic
 
     quiet = {"bootstrap.servers": bootstrap, "log_level": 0}
+    created = admin.create_topics([NewTopic(WARM_UP_TOPIC, 1, 1)], operation_timeout=timeout_s)
+    for future in created.values():
+        try:
+            future.result()
+        except KafkaException as exc:  # left by a warm-up that was cut short
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
     producer = Producer({**quiet, "enable.idempotence": True})
-    producer.produce(WARM_UP_TOPIC, b"")  # auto-created
+    producer.produce(WARM_UP_TOPIC, b"")
     if producer.flush(timeout_s):
         raise BrokerError("the warm-up record was not delivered")
     consumer = Consumer({**quiet, "group.id": WARM_UP_TOPIC})
@@ -316,7 +324,8 @@ listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
 inter.broker.listener.name=PLAINTEXT
 log.dirs={data_dir}
 num.partitions=1
-auto.create.topics.enable=true
+# A topic exists because sluice or its operator created it, never because a client named it.
+auto.create.topics.enable=false
 offsets.topic.replication.factor=1
 offsets.topic.num.partitions=1
 transaction.state.log.replication.factor=1

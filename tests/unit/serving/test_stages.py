@@ -263,26 +263,57 @@ def test_named_version_is_used(env: Env) -> None:
 
 
 def test_reply_to_routes_the_response(env: Env) -> None:
-    run(lambda: fused(env, [origin(request("r9", reply_to="client-7.replies"))]))
+    run(lambda: fused(env, [origin(request("r9", reply_to="t.replies.client-7"))]))
     [sent] = env.sink.sent
-    assert sent.topic == "client-7.replies"
+    assert sent.topic == "t.replies.client-7"
     assert sent.key == b"r9"
     assert decode(sent).status == "ok"
     assert env.responses() == []
 
 
-@pytest.mark.parametrize("topic", ["__consumer_offsets", "elsewhere", "sluice.requests"])
+@pytest.mark.parametrize(
+    "topic",
+    ["__consumer_offsets", "elsewhere", "sluice.requests", "t.dlq", "t.features-changelog",
+     "other-team.replies", "t.replies-not"],
+)  # fmt: skip
 def test_a_reply_to_off_the_allowlist_is_refused_and_answered_on_the_default_topic(
     env: Env, topic: str
 ) -> None:
     run(lambda: fused(env, [origin(request("r8", reply_to=topic))]))
-    assert all(s.topic != topic for s in env.sink.sent)
+    assert sorted(s.topic for s in env.sink.sent) == ["t.dlq", "t.responses"]
     [sent] = env.responses()
     answer = decode(sent)
     assert answer.status == "error" and answer.error is not None
-    assert answer.error.code == "schema" and "not an allowed reply topic" in answer.error.message
+    assert answer.error.code == "forbidden_reply_to"
+    assert "not an allowed reply topic" in answer.error.message
     [dlq] = [s for s in env.sink.sent if s.topic.endswith(".dlq")]
-    assert codec.decode_dlq(dlq.value).reason == "schema"
+    assert codec.decode_dlq(dlq.value).reason == "forbidden_reply_to"
+    assert env.sample("sluice_dlq_total", reason="forbidden_reply_to") == 1
+
+
+@pytest.mark.parametrize(
+    ("key_bytes", "headers", "reason"),
+    [
+        (1_048_576, [], "key_too_large"),
+        (0, [("x-flood", b"1")] * 1_000, "too_many_headers"),
+        (0, [("big", b"x" * 70_000)], "too_many_headers"),
+        (0, [("traceparent", b"00-ab-cd-01")] * 1_000, "too_many_headers"),
+    ],
+)
+def test_a_key_or_headers_past_their_limits_are_refused_and_answered(
+    env: Env, key_bytes: int, headers: list[tuple[str, bytes]], reason: str
+) -> None:
+    bad = origin(request("e1"), headers=headers)
+    bad.key_bytes = key_bytes
+    run(lambda: fused(env, [bad, origin(request("e2"), offset=1)]))
+    answers = {decode(s).id: decode(s) for s in env.responses()}
+    assert answers["e2"].status == "ok"
+    error = answers["e1"].error
+    assert answers["e1"].status == "error" and error is not None and error.code == reason
+    [dlq] = [s for s in env.sink.sent if s.topic.endswith(".dlq")]
+    assert codec.decode_dlq(dlq.value).reason == reason
+    # However many came, an answer carries at most one header of each correlation name.
+    assert len(next(s for s in env.responses() if decode(s).id == "e1").headers) <= 1
 
 
 def test_response_topic_setting(demo_dir: Path, tmp_path: Path) -> None:
@@ -381,14 +412,14 @@ def test_bad_input_is_dead_lettered(
 
 
 def test_error_response_goes_to_reply_to(env: Env) -> None:
-    run(lambda: fused(env, [origin(request("u3", model="nope", reply_to="mine.replies"))]))
-    assert [s.topic for s in env.sink.sent] == ["t.dlq", "mine.replies"]
+    run(lambda: fused(env, [origin(request("u3", model="nope", reply_to="t.replies"))]))
+    assert [s.topic for s in env.sink.sent] == ["t.dlq", "t.replies"]
     assert decode(env.sink.sent[1]).error.code == "unknown_model"  # type: ignore[union-attr]
 
 
 def test_schema_error_is_answered_on_salvaged_reply_to(env: Env) -> None:
-    run(lambda: fused(env, [origin(request("s4", inputs=[], reply_to="mine.replies"))]))
-    assert [s.topic for s in env.sink.sent] == ["t.dlq", "mine.replies"]
+    run(lambda: fused(env, [origin(request("s4", inputs=[], reply_to="t.replies.a"))]))
+    assert [s.topic for s in env.sink.sent] == ["t.dlq", "t.replies.a"]
 
 
 # -- deadlines ------------------------------------------------------------------------------
