@@ -49,14 +49,16 @@ $(VENV)/.ok:
 # Debian packages: kcat (a third-party Kafka client for the end-to-end test); Java and Maven
 # fetch and run the broker; prometheus (and its promtool) scrapes a worker and unit-tests the
 # alert rules; chromium and chromium-driver load the worker's dashboard page in a test;
-# redis-server is the networked cold feature source in the cache tests.
+# redis-server is the networked cold feature source in the cache tests; openssl makes the
+# secured broker's certificates.
 sysdeps:
 	@command -v kcat >/dev/null && command -v java >/dev/null && command -v mvn >/dev/null \
 		&& command -v prometheus >/dev/null && command -v promtool >/dev/null \
 		&& command -v chromium >/dev/null && command -v chromedriver >/dev/null \
-		&& command -v redis-server >/dev/null || { \
+		&& command -v redis-server >/dev/null && command -v openssl >/dev/null || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			kcat default-jre-headless maven prometheus chromium chromium-driver redis-server >/dev/null; }
+			kcat default-jre-headless maven prometheus chromium chromium-driver redis-server \
+			openssl >/dev/null; }
 
 kafka-runtime: $(VENV)/.ok
 	@$(SLUICE) broker fetch >/dev/null

@@ -22,10 +22,28 @@ def _settings(**overrides: Any) -> Settings:
         raise click.UsageError(str(exc)) from None
 
 
-def _local_broker(settings: Settings):  # type: ignore[no-untyped-def]
+def _local_broker(settings: Settings, secure: bool = False):  # type: ignore[no-untyped-def]
     from pipeline.ops.broker import LocalBroker
 
-    return LocalBroker(settings.cache_dir / "broker", settings.cache_dir)
+    folder = settings.cache_dir / ("broker-secure" if secure else "broker")
+    return LocalBroker(folder, settings.cache_dir, secure=secure)
+
+
+def _local_cluster(settings: Settings, brokers: int):  # type: ignore[no-untyped-def]
+    from pipeline.ops.broker.cluster import LocalCluster
+
+    return LocalCluster(settings.cache_dir / "cluster", settings.cache_dir, brokers)
+
+
+_BROKERS = click.option(
+    "--brokers", type=click.IntRange(1, 9), default=1,
+    help="A local cluster of this many KRaft nodes, each broker and controller (topics "
+    "replicated min(3, N) times).",
+)  # fmt: skip
+_SECURE = click.option(
+    "--secure", is_flag=True,
+    help="The secured broker: SASL_SSL (SCRAM-SHA-512) with TLS from a local CA, and ACLs.",
+)  # fmt: skip
 
 
 @click.group()
@@ -56,23 +74,48 @@ def broker_fetch() -> None:
 
 @broker.command("start")
 @click.option("--port", type=int, default=None, help="Listener port (default: a free one).")
-def broker_start(port: int | None) -> None:
-    """Start the broker on 127.0.0.1 and wait until it serves."""
-    state = _local_broker(_settings()).start(port=port)
+@_SECURE
+@_BROKERS
+def broker_start(port: int | None, secure: bool, brokers: int) -> None:
+    """Start the broker on 127.0.0.1 and wait until it serves.
+
+    With --secure, also create the pipeline's topics (for the models in the model
+    directory) and the worker's ACLs, and write the env file that connects a worker."""
+    settings = _settings()
+    if brokers > 1:
+        if secure or port:
+            raise click.UsageError("--brokers takes neither --secure nor --port")
+        click.echo(f"kafka cluster running bootstrap={_local_cluster(settings, brokers).start()}")
+        return
+    local = _local_broker(settings, secure)
+    state = local.start(port=port)
     click.echo(f"kafka running pid={state.pid} bootstrap={state.bootstrap}")
+    if secure:
+        from pipeline.models import ModelRegistry
+
+        env = local.provision(settings, ModelRegistry(settings.models_path).names)
+        click.echo(f"worker credentials (mode 0600): {env}; run a worker with: "
+                   f"set -a; . {env}; set +a; sluice worker")  # fmt: skip
 
 
 @broker.command("stop")
-def broker_stop() -> None:
+@_SECURE
+@_BROKERS
+def broker_stop(secure: bool, brokers: int) -> None:
     """Stop the broker by its recorded PID."""
-    stopped = _local_broker(_settings()).stop()
+    if brokers > 1:
+        _local_cluster(_settings(), brokers).stop()
+        click.echo("kafka cluster stopped")
+        return
+    stopped = _local_broker(_settings(), secure).stop()
     click.echo("kafka stopped" if stopped else "kafka was not running")
 
 
 @broker.command("status")
-def broker_status() -> None:
+@_SECURE
+def broker_status(secure: bool) -> None:
     """Print the broker's PID and bootstrap address; exit 1 when it is not running."""
-    state = _local_broker(_settings()).state()
+    state = _local_broker(_settings(), secure).state()
     if state is None:
         click.echo("kafka not running")
         sys.exit(1)
@@ -491,7 +534,10 @@ def _print_neighbours(answers: list[Any]) -> None:
 
 # -- chaos ----------------------------------------------------------------------------------
 
-CHAOS_SCENARIOS = ("overload", "crash", "broker-restart", "garbage", "poison", "scale-out", "soak")
+CHAOS_SCENARIOS = (
+    "overload", "crash", "broker-restart", "leader-kill", "rolling-restart", "garbage", "poison",
+    "scale-out", "soak",
+)  # fmt: skip
 
 
 @main.command()

@@ -58,7 +58,7 @@ class Settings:
     bootstrap: str | None = None
     topic_prefix: str = "sluice"
     partitions: int = 4
-    replication_factor: int = 1
+    replication_factor: int = 0  # the topics sluice creates; 0: min(3, brokers)
     cache_dir: Path = field(default_factory=default_cache_dir)
     model_dir: Path | None = None
     max_batch_size: int = 64
@@ -153,7 +153,7 @@ class Settings:
     def __post_init__(self) -> None:
         self._check_caches()
         _require_int(self, "partitions", minimum=1)
-        _require_int(self, "replication_factor", minimum=1)
+        _require_int(self, "replication_factor", minimum=0)
         _require_int(self, "max_batch_size", minimum=1)
         _require_int(self, "max_inflight", minimum=1)
         _require_int(self, "max_payload_bytes", minimum=64)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.chaos.cluster import leader_kill, rolling_restart
 from benchmarks.chaos.common import RssSampler, duplicates, slope_per_min
 from benchmarks.chaos.delivery import broker_restart, crash, scale_out
 from benchmarks.chaos.inputs import garbage, poison
@@ -39,8 +40,10 @@ __all__ = [
     "crash",
     "duplicates",
     "garbage",
+    "leader_kill",
     "overload",
     "poison",
+    "rolling_restart",
     "run",
     "scale_out",
     "slope_per_min",
@@ -53,11 +56,16 @@ SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
     "overload": overload,
     "crash": crash,
     "broker-restart": broker_restart,
+    "leader-kill": leader_kill,
+    "rolling-restart": rolling_restart,
     "garbage": garbage,
     "poison": poison,
     "scale-out": scale_out,
     "soak": soak,
 }
+
+
+OWN_BROKERS = ("broker-restart", "leader-kill", "rolling-restart")
 
 
 def _interrupt(signum: int, _frame: Any) -> None:
@@ -90,8 +98,8 @@ def run(
         # SIGTERM unwinds like Ctrl-C, so that the workers and the broker are stopped.
         previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        # broker-restart always starts (and restarts) a broker of its own.
-        if not settings.bootstrap and scenario != "broker-restart":
+        # These start (and restart) brokers of their own.
+        if not settings.bootstrap and scenario not in OWN_BROKERS:
             broker = LocalBroker(work / "kafka", settings.cache_dir)
             settings = settings.replace(bootstrap=broker.start().bootstrap)
         started = time.monotonic()

@@ -403,19 +403,16 @@ class Changelog:
 def ensure_changelog(settings: Any, topic: str) -> None:
     """Create the compacted changelog topic, partitioned like the requests topic."""
     from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka.admin import AdminClient
 
     from pipeline.kafka import confluent_config
+    from pipeline.kafka.topics import new_topic
 
     admin = AdminClient(confluent_config(settings))
-    if topic in admin.list_topics(timeout=15).topics:
+    metadata = admin.list_topics(timeout=15)
+    if topic in metadata.topics:
         return
-    new = NewTopic(
-        topic,
-        num_partitions=settings.partitions,
-        replication_factor=settings.replication_factor,
-        config={"cleanup.policy": "compact"},
-    )
+    new = new_topic(settings, metadata, topic, settings.partitions, **{"cleanup.policy": "compact"})
     for _, future in admin.create_topics([new], operation_timeout=15).items():
         try:
             future.result()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -14,16 +15,21 @@ from pipeline.kafka.config import confluent_config
 log = logging.getLogger(__name__)
 
 
+def new_topic(settings: Settings, metadata: Any, name: str, partitions: int, **config: str) -> Any:
+    """A topic to create: replicated ``replication_factor`` times, or min(3, brokers) when it
+    is 0; with three replicas or more, a write needs two (``min.insync.replicas=2``)."""
+    replicas = settings.replication_factor or min(3, max(1, len(metadata.brokers)))
+    config.setdefault("min.insync.replicas", "2" if replicas >= 3 else "1")
+    return NewTopic(name, num_partitions=partitions, replication_factor=replicas, config=config)
+
+
 def ensure_topics(settings: Settings, topics: list[str], partitions: int | None = None) -> None:
     """Create the topics that do not exist yet (idempotent)."""
     admin = AdminClient(confluent_config(settings))
-    existing = set(admin.list_topics(timeout=15).topics)
+    metadata = admin.list_topics(timeout=15)
+    existing = set(metadata.topics)
     wanted = [
-        NewTopic(
-            t,
-            num_partitions=partitions or settings.partitions,
-            replication_factor=settings.replication_factor,
-        )
+        new_topic(settings, metadata, t, partitions or settings.partitions)
         for t in topics
         if t not in existing
     ]

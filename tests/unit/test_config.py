@@ -16,7 +16,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert s.bootstrap is None
     assert s.topic_prefix == "sluice"
     assert s.partitions == 4
-    assert s.replication_factor == 1
+    assert s.replication_factor == 0  # min(3, brokers)
     assert s.max_batch_size == 64
     assert s.max_delay_s == 0.002
     assert s.max_inflight == 4096

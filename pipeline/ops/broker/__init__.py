@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import SluiceError
+from pipeline.ops.broker.secure import Security
 
 if TYPE_CHECKING:
     from pipeline.config import Settings
@@ -113,6 +114,8 @@ class BrokerState:
     controller_port: int
     log_path: str
     data_dir: str
+    secure: bool = False
+    internal_port: int = 0  # secured: the BROKER listener (SSL, client certificates)
 
     @property
     def bootstrap(self) -> str:
@@ -120,13 +123,37 @@ class BrokerState:
 
 
 class LocalBroker:
-    """One KRaft broker+controller whose files live under ``state_dir``."""
+    """One KRaft broker+controller whose files live under ``state_dir``; ``secure``: SASL_SSL
+    with SCRAM users and ACLs (`pipeline.ops.broker.secure`)."""
 
-    def __init__(self, state_dir: Path, cache_dir: Path, heap_mb: int = 1024) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        cache_dir: Path,
+        heap_mb: int = 1024,
+        secure: bool = False,
+        node_id: int = 1,
+        replicas: int = 1,
+    ) -> None:
         self.state_dir = Path(state_dir)
         self.cache_dir = Path(cache_dir)
         self.heap_mb = heap_mb
+        self.secure = secure
+        self.node_id = node_id  # in a cluster (`LocalCluster`): its node and the topics'
+        self.replicas = replicas  # replication (internal topics, and the default)
         self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def security(self) -> Security:
+        """The secured broker's CA, certificates and users (made on first use)."""
+        return Security.load_or_create(self.state_dir)
+
+    def admin_config(self, state: BrokerState) -> dict[str, Any]:
+        """librdkafka settings for a super user of this broker."""
+        config: dict[str, Any] = {"bootstrap.servers": state.bootstrap, "log_level": 0}
+        if state.secure:
+            config.update(self.security.client_config(self.security.admin))
+        return config
 
     @property
     def state_file(self) -> Path:
@@ -149,19 +176,44 @@ class LocalBroker:
         running = self.state()
         if running is not None:
             return running
+        state = self.launch(port)
+        try:
+            self._wait_ready(state, timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return state
+
+    def launch(
+        self,
+        port: int | None = None,
+        controller_port: int | None = None,
+        voters: str | None = None,
+        cluster_id: str | None = None,
+    ) -> BrokerState:
+        """Format the storage (once) and start the process, without waiting for it to serve.
+        ``voters``: the controller quorum (``id@host:port,...``), this node alone by default."""
         libs = fetch_runtime(self.cache_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         port = port or free_port()
-        controller_port = free_port()
+        controller_port = controller_port or free_port()
+        voters = voters or f"{self.node_id}@127.0.0.1:{controller_port}"
         data_dir = self.state_dir / "data"
         config = self.state_dir / "server.properties"
-        config.write_text(_server_properties(port, controller_port, data_dir))
+        internal_port = free_port() if self.secure else 0
+        if self.secure:
+            listeners = self.security.listeners(port, internal_port, controller_port)
+        else:
+            listeners = _PLAINTEXT_LISTENERS.format(port=port, controller_port=controller_port)
+        config.write_text(
+            listeners + _server_properties(self.node_id, voters, data_dir, self.replicas)
+        )
         java = shutil.which("java") or "java"
         classpath = f"{libs}/*"
         log4j = f"-Dlog4j.configuration=file:{libs.parent / 'log4j.properties'}"
         if not (data_dir / "meta.properties").exists():
             shutil.rmtree(data_dir, ignore_errors=True)
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cluster_id = cluster_id or new_cluster_id()
             fmt = subprocess.run(
                 [
                     java,
@@ -174,6 +226,7 @@ class LocalBroker:
                     f"--cluster-id={cluster_id}",
                     "-c",
                     str(config),
+                    *(self.security.scram_arguments() if self.secure else []),
                 ],
                 capture_output=True,
                 text=True,
@@ -210,14 +263,49 @@ class LocalBroker:
             controller_port=controller_port,
             log_path=str(self.log_path),
             data_dir=str(data_dir),
+            secure=self.secure,
+            internal_port=internal_port,
         )
         self.state_file.write_text(json.dumps(state.__dict__))
-        try:
-            self._wait_ready(state, timeout_s)
-        except BaseException:
-            self.stop()
-            raise
         return state
+
+    def kill(self) -> None:
+        """SIGKILL the recorded process (a crash, for the fault scenarios)."""
+        state = self.state()
+        if state is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(state.pid, signal.SIGKILL)
+            while _alive(state.pid):
+                self._reap()
+                time.sleep(0.05)
+            self._reap(block=True)
+
+    def provision(self, settings: Settings, models: list[str]) -> Path:
+        """On the secured broker, as the admin: create the pipeline's topics for ``models``
+        and grant the worker's principal its ACLs; returns the env file (mode 0600) that
+        connects a worker as that principal."""
+        from confluent_kafka.admin import AdminClient
+
+        from pipeline.kafka import ensure_topics, pipeline_topics
+        from pipeline.ops.broker.secure import grant, worker_acls
+
+        state = self.state()
+        if state is None or not state.secure:
+            raise BrokerError("provision needs the secured broker running")
+        sec = self.security
+        admin_settings = settings.replace(
+            bootstrap=state.bootstrap, security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512",
+            sasl_username=sec.admin.username, sasl_password=sec.admin.password,
+            ssl_cafile=str(sec.ca_file),
+        )  # fmt: skip
+        ensure_topics(admin_settings, pipeline_topics(admin_settings, models))
+        grant(AdminClient(self.admin_config(state)), worker_acls(settings.topic_prefix))
+        env = {"SLUICE_BOOTSTRAP": state.bootstrap, **sec.settings_env(sec.worker)}
+        path = self.state_dir / "worker.env"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.writelines(f"{k}={v}\n" for k, v in env.items())
+        return path
 
     def _wait_ready(self, state: BrokerState, timeout_s: float) -> None:
         from confluent_kafka.admin import AdminClient
@@ -232,11 +320,12 @@ class LocalBroker:
             except OSError:
                 time.sleep(0.2)
                 continue
-            admin = AdminClient({"bootstrap.servers": state.bootstrap, "log_level": 0})
+            config = self.admin_config(state)
+            admin = AdminClient(config)
             try:
                 metadata = admin.list_topics(timeout=2)
                 if metadata.brokers:
-                    _warm_up(state.bootstrap, admin, max(1.0, deadline - time.monotonic()))
+                    _warm_up(config, admin, max(1.0, deadline - time.monotonic()))
                     return
             except Exception:  # noqa: BLE001 - not ready yet, retried until the deadline
                 pass
@@ -283,7 +372,7 @@ class LocalBroker:
 WARM_UP_TOPIC = "sluice-broker-warm-up"
 
 
-def _warm_up(bootstrap: str, admin: Any, timeout_s: float) -> None:
+def _warm_up(config: dict[str, Any], admin: Any, timeout_s: float) -> None:
     """Have a fresh broker load its group coordinator and hand out a producer id once, with
     clients of its own that log nothing. Until then it answers both with
     COORDINATOR_LOAD_IN_PROGRESS, which the first worker's or client's librdkafka would print
@@ -291,7 +380,7 @@ def _warm_up(bootstrap: str, admin: Any, timeout_s: float) -> None:
     from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
     from confluent_kafka.admin import NewTopic
 
-    quiet = {"bootstrap.servers": bootstrap, "log_level": 0}
+    quiet = {**config, "log_level": 0}
     created = admin.create_topics([NewTopic(WARM_UP_TOPIC, 1, 1)], operation_timeout=timeout_s)
     for future in created.values():
         try:
@@ -312,24 +401,37 @@ def _warm_up(bootstrap: str, admin: Any, timeout_s: float) -> None:
         future.result()
 
 
-def _server_properties(port: int, controller_port: int, data_dir: Path) -> str:
-    return f"""\
-process.roles=broker,controller
-node.id=1
-controller.quorum.voters=1@127.0.0.1:{controller_port}
+_PLAINTEXT_LISTENERS = """\
 listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
 advertised.listeners=PLAINTEXT://127.0.0.1:{port}
 controller.listener.names=CONTROLLER
 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
 inter.broker.listener.name=PLAINTEXT
+"""
+
+
+def new_cluster_id() -> str:
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+def _server_properties(node_id: int, voters: str, data_dir: Path, replicas: int) -> str:
+    # With three replicas or more, a write needs two of them (what Kafka's documentation
+    # advises for durability): one broker may fail without losing an acknowledged record.
+    min_isr = 2 if replicas >= 3 else 1
+    return f"""\
+process.roles=broker,controller
+node.id={node_id}
+controller.quorum.voters={voters}
+default.replication.factor={replicas}
+min.insync.replicas={min_isr}
 log.dirs={data_dir}
 num.partitions=1
 # A topic exists because sluice or its operator created it, never because a client named it.
 auto.create.topics.enable=false
-offsets.topic.replication.factor=1
+offsets.topic.replication.factor={replicas}
 offsets.topic.num.partitions=1
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
+transaction.state.log.replication.factor={replicas}
+transaction.state.log.min.isr={min_isr}
 transaction.state.log.num.partitions=1
 group.initial.rebalance.delay.ms=0
 message.max.bytes=8388608

@@ -47,8 +47,12 @@ def test_run_names_a_bad_scenario_and_sizes() -> None:
 
 def test_every_issue_scenario_is_runnable() -> None:
     assert set(chaos.SCENARIOS) == {
-        "overload", "crash", "broker-restart", "garbage", "poison", "scale-out", "soak"
+        "overload", "crash", "broker-restart", "leader-kill", "rolling-restart", "garbage",
+        "poison", "scale-out", "soak",
     }  # fmt: skip
+    from pipeline.cli import CHAOS_SCENARIOS
+
+    assert set(CHAOS_SCENARIOS) == set(chaos.SCENARIOS)
 
 
 def test_rss_sampler_reads_this_process() -> None:
