@@ -354,7 +354,10 @@ def _clients(settings: Settings, stage: Stage, transactional: bool) -> tuple[Any
         # (init_transactions aborts the open transaction) instead of waiting for the
         # broker to time it out, which holds the group's offsets until then.
         extra["transactional.id"] = f"{group}-{settings.worker_id}"
-        extra["transaction.timeout.ms"] = 10_000
+        # Longer than a leader's failover (the broker session timeout, 9 s by default, then
+        # a metadata refresh): the records in flight outlive it instead of timing out, which
+        # would abort the transaction and end the worker.
+        extra["transaction.timeout.ms"] = 30_000
     producer = Producer(producer_config(settings, **extra))
     return consumer, producer
 

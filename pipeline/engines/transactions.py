@@ -11,12 +11,16 @@ from the last committed transaction, and read_committed readers never see a dupl
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 
 from pipeline.engines.offsets import Offsets
+
+log = logging.getLogger(__name__)
 
 
 class Transactions:
@@ -57,14 +61,31 @@ class Transactions:
         """Commit the open transaction with its offsets (nothing when none is open)."""
         if self.started is None:
             return
-        self.producer.send_offsets_to_transaction(
+        self._retrying(
+            self.producer.send_offsets_to_transaction,
             [TopicPartition(t, p, o) for (t, p), o in self.offsets.items()],
             self.consumer.consumer_group_metadata(),
             self.timeout_s,
         )
-        self.producer.commit_transaction(self.timeout_s)
+        self._retrying(self.producer.commit_transaction, self.timeout_s)
         self.offsets.clear()
         self.started = None
+
+    def _retrying(self, call: Callable[..., Any], *args: Any) -> None:
+        """A transactional call, made again while it fails with a retriable error (the
+        coordinator moving to another broker, say), for up to ``timeout_s``; librdkafka
+        allows repeating these calls. Other errors raise: the caller aborts."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                call(*args)
+                return
+            except KafkaException as exc:
+                err = exc.args[0]
+                if not err.retriable() or time.monotonic() >= deadline:
+                    raise
+                log.warning("transaction: %s; trying again", err)
+                time.sleep(0.2)
 
     def abort(self) -> None:
         """Abort the open transaction (best effort: the broker aborts it at its timeout)."""

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
 from pipeline.engines.offsets import OffsetTracker
 from pipeline.engines.transactions import Transactions
 
@@ -114,3 +117,36 @@ def test_a_transaction_is_due_after_its_interval_and_aborts_cleanly() -> None:
     assert txn.started is None and txn.offsets == {}
     txn.abort()  # nothing open: nothing to abort
     assert producer.calls[-1] == ("abort", None) and len(producer.calls) == 2
+
+
+class Flaky(Recorder):
+    """A producer whose transactional calls fail ``failures`` times first, with ``error``."""
+
+    def __init__(self, failures: int, retriable: bool) -> None:
+        super().__init__()
+        self.failures = failures
+        self.error = KafkaError(KafkaError._TRANSPORT, "coordinator moved", retriable=retriable)
+
+    def send_offsets_to_transaction(self, offsets: list[Any], meta: str, _timeout: float) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise KafkaException(self.error)
+        super().send_offsets_to_transaction(offsets, meta, _timeout)
+
+
+def test_a_commit_is_tried_again_while_its_error_is_retriable() -> None:
+    producer = Flaky(failures=2, retriable=True)
+    txn = Transactions(producer, Recorder(), interval_s=0.0)
+    txn.begin()
+    txn.add({("r", 0): 4})
+    txn.commit()  # the coordinator moved twice, then answered
+    assert producer.calls == [("begin", None), ("offsets", [("r", 0, 5)]), ("commit", None)]
+
+
+def test_a_commit_error_that_is_not_retriable_raises() -> None:
+    producer = Flaky(failures=1, retriable=False)
+    txn = Transactions(producer, Recorder(), interval_s=0.0)
+    txn.begin()
+    with pytest.raises(KafkaException):
+        txn.commit()
+    assert producer.calls == [("begin", None)]
