@@ -1,20 +1,20 @@
 """Delivery on a three-broker cluster that loses brokers: the leader of the requests
 partition killed (SIGKILL) mid-run and brought back, and every broker restarted in turn
 under load. Nothing may be lost; under exactly-once a read_committed reader sees no
-duplicate. ``recovery_s``: from the fault until the last answer it delayed past
-`SLOW_S` arrived."""
+duplicate. ``recovery_s``: from the fault until the last answer it delayed arrived
+(`Timeline.recovery_s`)."""
 
 from __future__ import annotations
 
 import contextlib
 import time
 from collections import Counter
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 from benchmarks.chaos.common import (
     RssSampler,
+    Timeline,
     answers,
     duplicates,
     prepare,
@@ -27,30 +27,6 @@ from benchmarks.harness import PacedSender, Workers
 from pipeline.client import Client
 from pipeline.config import Settings
 from pipeline.ops.broker.cluster import LocalCluster
-
-# An answer slower than this counts as delayed by the fault.
-SLOW_S = 1.0
-
-
-class Timeline:
-    """When each request was sent and answered (monotonic seconds)."""
-
-    def __init__(self) -> None:
-        self.sent: list[float] = []
-        self.answered: dict[int, float] = {}
-
-    def track(self, future: Future) -> None:  # type: ignore[type-arg]
-        i = len(self.sent)
-        self.sent.append(time.monotonic())
-        future.add_done_callback(lambda _: self.answered.__setitem__(i, time.monotonic()))
-
-    def recovery_s(self, fault_at: float) -> float:
-        """From ``fault_at`` until the last answer slower than `SLOW_S` arrived (0: none)."""
-        delayed = [
-            done for i, done in self.answered.items()
-            if done >= fault_at and done - self.sent[i] > SLOW_S
-        ]  # fmt: skip
-        return round(max(delayed) - fault_at, 2) if delayed else 0.0
 
 
 def _run(

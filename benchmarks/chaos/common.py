@@ -195,3 +195,28 @@ class Violations:
             self.counts[name] += 1
             if len(self.examples) < 10:
                 self.examples.append(f"{name}: {example!r}"[:500])
+
+
+# An answer slower than this counts as delayed by the fault.
+SLOW_S = 1.0
+
+
+class Timeline:
+    """When each request was sent and answered (monotonic seconds)."""
+
+    def __init__(self) -> None:
+        self.sent: list[float] = []
+        self.answered: dict[int, float] = {}
+
+    def track(self, future: Future) -> None:  # type: ignore[type-arg]
+        i = len(self.sent)
+        self.sent.append(time.monotonic())
+        future.add_done_callback(lambda _: self.answered.__setitem__(i, time.monotonic()))
+
+    def recovery_s(self, fault_at: float) -> float:
+        """From ``fault_at`` until the last answer slower than `SLOW_S` arrived (0: none)."""
+        delayed = [
+            done for i, done in self.answered.items()
+            if done >= fault_at and done - self.sent[i] > SLOW_S
+        ]  # fmt: skip
+        return round(max(delayed) - fault_at, 2) if delayed else 0.0

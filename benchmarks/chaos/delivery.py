@@ -15,6 +15,7 @@ from confluent_kafka.admin import AdminClient
 from benchmarks import bench
 from benchmarks.chaos.common import (
     RssSampler,
+    Timeline,
     answers,
     duplicates,
     prepare,
@@ -163,10 +164,12 @@ def broker_restart(
         ):
             workers.wait_ready(client)
             # Produced into librdkafka's queue while the broker is away, sent once it is back.
-            sender = PacedSender(client, n, rate, flush=False)
+            timeline = Timeline()
+            sender = PacedSender(client, n, rate, on_future=timeline.track, flush=False)
             sender.start()
             try:
                 time.sleep(down_after_s)
+                stopped_time = time.monotonic()
                 stopped = broker.stop()
                 stopped_at = len(sender.futures)
                 time.sleep(down_for_s)
@@ -192,6 +195,7 @@ def broker_restart(
                 int(not alive),
                 rss.max_mb,
             ),
+            "recovery_s": timeline.recovery_s(stopped_time),
             "broker_stopped": stopped,
             "same_port": same_port,
             "sender_finished": sender_finished,

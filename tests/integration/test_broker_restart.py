@@ -29,4 +29,5 @@ def test_broker_restart_mid_run_loses_nothing(model_dir: Path, tmp_path: Path) -
     assert result["sent"] == N
     assert result["answered"] == N and result["lost"] == 0, result.get("broker_log_tail")
     assert result["ids_mismatched"] == 0
+    assert result["recovery_s"] >= 0
     assert result["outcomes"] == {"ok": N}

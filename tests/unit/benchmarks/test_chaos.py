@@ -68,3 +68,18 @@ def test_rss_sampler_skips_processes_that_are_gone() -> None:
     with chaos.RssSampler(lambda: [2**22 + 12345], interval_s=0.01) as sampler:
         pass
     assert sampler.max_mb == 0.0 and sampler.samples[0][1] == 0.0
+
+
+def test_recovery_is_when_the_last_answer_the_fault_delayed_arrived() -> None:
+    from concurrent.futures import Future
+
+    from benchmarks.chaos.common import SLOW_S, Timeline
+
+    timeline = Timeline()
+    futures: list[Future] = [Future() for _ in range(3)]  # type: ignore[type-arg]
+    for f in futures:
+        timeline.track(f)
+    timeline.sent = [10.0, 11.0, 12.0]
+    timeline.answered = {0: 10.1, 1: 11.0 + SLOW_S + 4.0, 2: 12.2}
+    assert timeline.recovery_s(fault_at=10.5) == 4.0 + SLOW_S + 0.5  # request 1, delayed
+    assert timeline.recovery_s(fault_at=20.0) == 0.0  # nothing delayed after it
