@@ -6,25 +6,12 @@ duplicate. ``recovery_s``: from the fault until the last answer it delayed arriv
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.chaos.common import (
-    RssSampler,
-    Timeline,
-    answers,
-    duplicates,
-    prepare,
-    responses_by_key,
-    running,
-    summary,
-    topic_count,
-)
-from benchmarks.harness import PacedSender, Workers
-from pipeline.client import Client
+from benchmarks.chaos.common import prepare, under_fault
 from pipeline.config import Settings
 from pipeline.ops.broker.cluster import LocalCluster
 
@@ -35,52 +22,21 @@ def _run(
     scenario: str,
     n: int,
     rate: float,
-    fault: Any,
+    fault: Callable[[LocalCluster, Settings], list[tuple[float, str]]],
 ) -> dict[str, Any]:
     """A fused worker served from a cluster of three while ``fault(cluster, settings)``
     runs in the middle of a paced run; returns the scenario's summary."""
     cluster = LocalCluster(work / "cluster", settings.cache_dir, brokers=3)
     bootstrap = cluster.start()
     try:
+        # The consumer's session outlives a group coordinator's failover (the broker's
+        # session timeout, 9 s, then an election and the group's reload): at sluice's
+        # 10 s the member expires meanwhile, and under exactly-once its transaction's
+        # offsets are refused (UNKNOWN_MEMBER_ID), which ends the worker.
         settings = prepare(settings.replace(bootstrap=bootstrap), scenario, work,
-                           session_timeout_ms=10_000)  # fmt: skip
-        workers = Workers(settings, "fused", work / "logs" / "w0")
-        timeline = Timeline()
-        with (
-            Client(settings) as client,
-            running(workers.start()),
-            RssSampler(lambda: [p.pid for p in workers.procs]) as rss,
-        ):
-            workers.wait_ready(client)
-            sender = PacedSender(client, n, rate, on_future=timeline.track, flush=False)
-            sender.start()
-            try:
-                faults = fault(cluster, settings)
-            finally:
-                sender.join(timeout=120)
-            with contextlib.suppress(TimeoutError):
-                client.flush(120)
-            responses = answers(sender.futures, 180)
-            alive = workers.alive()
-        answered = sum(r is not None for r in responses)
-        committed = responses_by_key(settings, b"r-", n, "read_committed", 60)
-        result = {
-            **summary(
-                len(sender.futures),
-                answered,
-                n - answered,
-                duplicates(committed),
-                topic_count(settings, settings.dlq_topic),
-                0,
-                int(not alive),
-                rss.max_mb,
-            ),  # fmt: skip
-            "brokers": len(cluster.nodes),
-            "delivery": settings.delivery,
-            "recovery_s": max(timeline.recovery_s(at) for at, _ in faults),
-            "faults": [what for _, what in faults],
-            "outcomes": dict(Counter(r.status for r in responses if r is not None)),
-        }
+                           session_timeout_ms=30_000)  # fmt: skip
+        result = under_fault(settings, work, n, rate, lambda _: fault(cluster, settings))
+        result.update(brokers=len(cluster.nodes), delivery=str(settings.delivery))
         if result["lost"]:
             result["broker_log_tail"] = cluster.log_tail(20)
         return result

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.harness import TopicReader, Workers, rss_mb
+from benchmarks.harness import PacedSender, TopicReader, Workers, rss_mb
+from pipeline.client import Client
 from pipeline.config import Settings
 from pipeline.kafka import ensure_topics, pipeline_topics
 from pipeline.models import ModelRegistry, init_demo
@@ -220,3 +221,56 @@ class Timeline:
             if done >= fault_at and done - self.sent[i] > SLOW_S
         ]  # fmt: skip
         return round(max(delayed) - fault_at, 2) if delayed else 0.0
+
+
+# A fault: run in the middle of a paced load, given its sender; returns when each fault
+# struck (monotonic seconds) and what it was.
+Fault = Callable[[PacedSender], list[tuple[float, str]]]
+
+
+def under_fault(
+    settings: Settings, work: Path, n: int, rate: float, fault: Fault
+) -> dict[str, Any]:
+    """A fused worker serves ``n`` paced requests (at ``rate``) while ``fault`` runs: the
+    summary (duplicates as a read_committed reader sees them), ``recovery_s`` (the longest,
+    over the faults), the faults, whether the sender finished, answers under the wrong id,
+    and the outcomes."""
+    workers = Workers(settings, "fused", work / "logs" / "w0")
+    timeline = Timeline()
+    with (
+        Client(settings) as client,
+        running(workers.start()),
+        RssSampler(lambda: [p.pid for p in workers.procs]) as rss,
+    ):
+        workers.wait_ready(client)
+        # Produced into librdkafka's queue while a broker is away, sent once it is back.
+        sender = PacedSender(client, n, rate, on_future=timeline.track, flush=False)
+        sender.start()
+        try:
+            faults = fault(sender)
+        finally:
+            sender.join(timeout=120)
+        sender_finished = not sender.is_alive()
+        with contextlib.suppress(TimeoutError):
+            client.flush(120)
+        responses = answers(sender.futures, 180)
+        alive = workers.alive()
+    answered = sum(r is not None for r in responses)
+    committed = responses_by_key(settings, b"r-", n, "read_committed", 60)
+    return {
+        **summary(
+            len(sender.futures),
+            answered,
+            n - answered,
+            duplicates(committed),
+            topic_count(settings, settings.dlq_topic),
+            0,
+            int(not alive),
+            rss.max_mb,
+        ),  # fmt: skip
+        "recovery_s": max((timeline.recovery_s(at) for at, _ in faults), default=0.0),
+        "faults": [what for _, what in faults],
+        "sender_finished": sender_finished,
+        "ids_mismatched": sum(r is not None and r.id != f"r-{i}" for i, r in enumerate(responses)),
+        "outcomes": dict(Counter(r.status for r in responses if r is not None)),
+    }

@@ -3,7 +3,6 @@ three workers killed in a consumer group."""
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import Counter
 from concurrent.futures import Future
@@ -15,7 +14,6 @@ from confluent_kafka.admin import AdminClient
 from benchmarks import bench
 from benchmarks.chaos.common import (
     RssSampler,
-    Timeline,
     answers,
     duplicates,
     prepare,
@@ -23,6 +21,7 @@ from benchmarks.chaos.common import (
     running,
     summary,
     topic_count,
+    under_fault,
 )
 from benchmarks.harness import PacedSender, TopicReader, Workers
 from pipeline.client import Client
@@ -154,58 +153,21 @@ def broker_restart(
     broker = LocalBroker(work / "kafka-restart", settings.cache_dir)
     port = free_port()
     broker.start(port=port)
+    seen: dict[str, Any] = {}
+
+    def fault(sender: PacedSender) -> list[tuple[float, str]]:
+        time.sleep(down_after_s)
+        at = time.monotonic()
+        seen["broker_stopped"] = broker.stop()
+        seen["stopped_at"] = len(sender.futures)
+        time.sleep(down_for_s)
+        seen["same_port"] = broker.start(port=port).port == port
+        seen["restarted_at"] = len(sender.futures)
+        return [(at, f"stopped the broker for {down_for_s:g} s")]
+
     try:
         settings = prepare(settings.replace(bootstrap=f"127.0.0.1:{port}"), "restart", work)
-        workers = Workers(settings, "fused", work / "logs" / "w0")
-        with (
-            Client(settings) as client,
-            running(workers.start()),
-            RssSampler(lambda: [p.pid for p in workers.procs]) as rss,
-        ):
-            workers.wait_ready(client)
-            # Produced into librdkafka's queue while the broker is away, sent once it is back.
-            timeline = Timeline()
-            sender = PacedSender(client, n, rate, on_future=timeline.track, flush=False)
-            sender.start()
-            try:
-                time.sleep(down_after_s)
-                stopped_time = time.monotonic()
-                stopped = broker.stop()
-                stopped_at = len(sender.futures)
-                time.sleep(down_for_s)
-                same_port = broker.start(port=port).port == port
-                restarted_at = len(sender.futures)
-            finally:
-                sender.join(timeout=60)
-            sender_finished = not sender.is_alive()
-            with contextlib.suppress(TimeoutError):
-                client.flush(120)
-            responses = answers(sender.futures, 120)
-            alive = workers.alive()
-        answered = sum(r is not None for r in responses)
-        committed = responses_by_key(settings, b"r-", n, "read_committed", 60)
-        result = {
-            **summary(
-                len(sender.futures),
-                answered,
-                n - answered,
-                duplicates(committed),
-                topic_count(settings, settings.dlq_topic),
-                0,
-                int(not alive),
-                rss.max_mb,
-            ),
-            "recovery_s": timeline.recovery_s(stopped_time),
-            "broker_stopped": stopped,
-            "same_port": same_port,
-            "sender_finished": sender_finished,
-            "stopped_at": stopped_at,
-            "restarted_at": restarted_at,
-            "ids_mismatched": sum(
-                r is not None and r.id != f"r-{i}" for i, r in enumerate(responses)
-            ),
-            "outcomes": dict(Counter(r.status for r in responses if r is not None)),
-        }
+        result = {**under_fault(settings, work, n, rate, fault), **seen}
         if result["lost"]:
             result["broker_log_tail"] = broker.log_tail(40)
         return result

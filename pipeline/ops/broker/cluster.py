@@ -75,10 +75,14 @@ class LocalCluster:
                 self._launch(node_id)
         try:
             self.wait_healthy(timeout_s)
-            admin_config: dict[str, Any] = {"bootstrap.servers": self.bootstrap, "log_level": 0}
             from confluent_kafka.admin import AdminClient
 
-            _warm_up(admin_config, AdminClient(admin_config), timeout_s)
+            admin_config: dict[str, Any] = {"bootstrap.servers": self.bootstrap, "log_level": 0}
+            admin = AdminClient(admin_config)
+            # Metadata first: librdkafka replaces its bootstrap connections with the brokers
+            # it learns of, and a request in flight on one fails (_DESTROY_BROKER).
+            admin.list_topics(timeout=10)
+            _warm_up(admin_config, admin, timeout_s)
         except BaseException:
             self.stop()
             raise
