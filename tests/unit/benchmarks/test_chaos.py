@@ -81,5 +81,6 @@ def test_recovery_is_when_the_last_answer_the_fault_delayed_arrived() -> None:
         timeline.track(f)
     timeline.sent = [10.0, 11.0, 12.0]
     timeline.answered = {0: 10.1, 1: 11.0 + SLOW_S + 4.0, 2: 12.2}
-    assert timeline.recovery_s(fault_at=10.5) == 4.0 + SLOW_S + 0.5  # request 1, delayed
-    assert timeline.recovery_s(fault_at=20.0) == 0.0  # nothing delayed after it
+    delayed = timeline.recovery_s(fault_at=10.5)  # request 1's answer
+    assert delayed == pytest.approx(4.0 + SLOW_S + 0.5, rel=1e-6, abs=0.01)
+    assert timeline.recovery_s(fault_at=20.0) == pytest.approx(0.0, abs=1e-9)  # none delayed
