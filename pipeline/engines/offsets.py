@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 Offsets = dict[tuple[str, int], int]
 
@@ -61,6 +61,12 @@ class OffsetTracker:
             if store is not None:
                 store(batch.offsets)
                 continue
-            self.consumer.store_offsets(
-                offsets=[TopicPartition(t, p, o + 1) for (t, p), o in batch.offsets.items()]
-            )
+            try:
+                self.consumer.store_offsets(
+                    offsets=[TopicPartition(t, p, o + 1) for (t, p), o in batch.offsets.items()]
+                )
+            except KafkaException as exc:
+                # A partition revoked meanwhile (a rebalance): its offsets cannot be stored,
+                # and its next owner consumes from the committed offset (at-least-once).
+                if exc.args[0].code() != KafkaError._STATE:
+                    raise

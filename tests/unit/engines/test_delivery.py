@@ -150,3 +150,16 @@ def test_a_commit_error_that_is_not_retriable_raises() -> None:
     with pytest.raises(KafkaException):
         txn.commit()
     assert producer.calls == [("begin", None)]
+
+
+class Revoked(Recorder):
+    def store_offsets(self, offsets: list[Any]) -> None:
+        raise KafkaException(KafkaError(KafkaError._STATE, "StoreOffsets failed"))
+
+
+def test_offsets_of_a_revoked_partition_are_dropped_not_raised() -> None:
+    tracker = OffsetTracker(Revoked())
+    batch = tracker.open([Message("r", 0, 3)])
+    batch.outstanding = 0
+    tracker.settle()  # the partition moved in a rebalance: its new owner re-reads it
+    assert not tracker.pending
