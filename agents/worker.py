@@ -10,8 +10,15 @@ import torch
 
 from pipeline.config import Settings
 from pipeline.engines.topology import Mode, Stage, consumed_topics
-from pipeline.engines.worker import observe, per_stage_settings, prepare
+from pipeline.engines.worker import (
+    exit_if_stuck,
+    observe,
+    per_stage_settings,
+    prepare,
+    stop_all,
+)
 from pipeline.models import ModelRegistry
+from pipeline.observability.health import Health
 from pipeline.observability.metrics import make_metrics
 from pipeline.serving import Pipeline
 
@@ -21,8 +28,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def build(settings: Settings, mode: str, stage: str | None = None) -> tuple[SluiceApp, Any]:
-    """The faust app for ``mode`` (and ``stage`` in split mode), with its agents wired."""
+def build(
+    settings: Settings, mode: str, stage: str | None = None, health: Health | None = None
+) -> tuple[SluiceApp, Any]:
+    """The faust app for ``mode`` (and ``stage`` in split mode), with its agents wired, and
+    ``health`` (if given) kept up to date."""
     # faust is imported here, not at the top: the batch engine runs without it.
     from agents import gateway, infer, naive, respond, tables
     from agents.app import create_app, faust_sink
@@ -67,22 +77,51 @@ def build(settings: Settings, mode: str, stage: str | None = None) -> tuple[Slui
             # Answer what is in flight before its partitions move to another worker.
             await flushing.flush(timeout_s=10.0)
 
+    if health is not None:
+        report_health(app, health)
     return app, metrics
+
+
+def report_health(app: SluiceApp, health: Health) -> None:
+    """Feed the probes: the models are loaded by now (`build`), the assignment comes from
+    the app's rebalance signals, and a timer on the event loop is its heartbeat."""
+    health.models_ready = True
+
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
+    async def _assigned(app: Any, assigned: Any, **kwargs: Any) -> None:
+        health.assigned(len(assigned))
+        health.beat()  # the event loop is running: the timer's first beat is a second away
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def _revoked(app: Any, revoked: Any, **kwargs: Any) -> None:
+        health.revoked()
+
+    @app.timer(interval=1.0, name="sluice.heartbeat")
+    async def _beat() -> None:
+        health.beat()
 
 
 def run(settings: Settings, mode: str, stage: str | None = None) -> None:
     """Run the faust engine (or the naive baseline) for ``mode`` until it is stopped."""
     import faust
 
+    class Worker(faust.Worker):  # type: ignore[misc]
+        def _schedule_shutdown(self, signal: Any) -> None:
+            # faust's shutdown waits for the broker without end when it is unreachable
+            # (aiokafka's consumer thread): bound it (`exit_if_stuck`).
+            health.stop()
+            exit_if_stuck(settings.shutdown_timeout_s, signal.name)
+            super()._schedule_shutdown(signal)
+
     registry = prepare(settings)
-    app, metrics = build(settings, mode, stage)
+    health = Health(settings.stall_timeout_s)
+    app, metrics = build(settings, mode, stage, health)
     which = Stage.of(mode, stage) if mode != Mode.NAIVE else Stage.FUSED
     observers = observe(
-        settings, metrics, app.conf.id, consumed_topics(settings, which, registry.names)
+        settings, metrics, app.conf.id, consumed_topics(settings, which, registry.names), health
     )
-    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
+    worker = Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
     try:
         worker.execute_from_commandline()
     finally:
-        for observer in observers:
-            observer.stop()
+        stop_all(observers)

@@ -357,6 +357,54 @@ def dlq_replay(
         click.echo(f"refused {summary['truncated']} truncated record(s): {TRUNCATED_WHY}", err=True)
 
 
+# -- autoscale ------------------------------------------------------------------------------
+
+
+@main.group()
+def autoscale() -> None:
+    """Planning scale-out on Kubernetes (KEDA / HPA)."""
+
+
+@autoscale.command("simulate")
+@click.option(
+    "--scenario", type=click.Choice(["step", "ramp", "spikes", "mixed", "all"]), default="all",
+    show_default=True,
+)  # fmt: skip
+@click.option(
+    "--trigger", type=click.Choice(["offset", "time", "cpu", "time+cpu", "all"]), default="all",
+    show_default=True,
+)  # fmt: skip
+@click.option("--partitions", type=click.IntRange(min=1), default=12, show_default=True)
+@click.option(
+    "--capacity", type=click.FloatRange(min=0, min_open=True), default=1000.0, show_default=True,
+    help="Work a replica does a second (records of cost 1).",
+)  # fmt: skip
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--duration-s", type=click.IntRange(min=1), default=600, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print only the JSON summary.")
+def autoscale_simulate(
+    scenario: str,
+    trigger: str,
+    partitions: int,
+    capacity: float,
+    seed: int,
+    duration_s: int,
+    as_json: bool,
+) -> None:
+    """Simulate the HPA scaling a consumer group on offset lag, time lag, CPU, or time lag
+    with CPU: catch-up, worst time lag, replica-minutes and flaps per scenario and trigger
+    (the model: pipeline/ops/autoscale.py). The last line is JSON."""
+    from pipeline.ops import autoscale as sim
+
+    group = sim.Group(partitions=partitions, capacity_per_s=capacity)
+    scenarios = list(sim.Scenario) if scenario == "all" else [sim.Scenario(scenario)]
+    triggers = list(sim.TriggerKind) if trigger == "all" else [sim.TriggerKind(trigger)]
+    results = sim.compare(scenarios, triggers, group, seed=seed, duration_s=duration_s)
+    if not as_json:
+        click.echo(sim.format_table(results))
+    click.echo(json.dumps(sim.summary(results, group, seed, duration_s), sort_keys=True))
+
+
 # -- bench, demo ----------------------------------------------------------------------------
 
 
@@ -535,8 +583,8 @@ def _print_neighbours(answers: list[Any]) -> None:
 # -- chaos ----------------------------------------------------------------------------------
 
 CHAOS_SCENARIOS = (
-    "overload", "crash", "broker-restart", "leader-kill", "rolling-restart", "garbage", "poison",
-    "scale-out", "soak",
+    "overload", "crash", "broker-restart", "leader-kill", "rolling-restart", "rolling-update",
+    "garbage", "poison", "scale-out", "soak",
 )  # fmt: skip
 
 

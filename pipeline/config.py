@@ -87,6 +87,13 @@ class Settings:
     consumer_fetch_max_wait_ms: int = 10
     consumer_fetch_min_bytes: int = 1
     session_timeout_ms: int = 10_000
+    # Stopping (SIGTERM): the answers already computed get up to drain_timeout_s to be
+    # delivered; the whole shutdown is bounded by shutdown_timeout_s, after which the process
+    # exits anyway (what it had not committed is consumed again). Kubernetes' grace period must
+    # be longer (deploy/). The liveness probe fails once the loop is still for stall_timeout_s.
+    drain_timeout_s: float = 20.0
+    shutdown_timeout_s: float = 30.0
+    stall_timeout_s: float = 60.0
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
@@ -171,7 +178,13 @@ class Settings:
             raise SettingsError(
                 f"max_delay_s must be a number of seconds in [0, 60], got {self.max_delay_s!r}"
             )
-        for name in ("lag_interval_s", "gpu_interval_s"):
+        for name in (
+            "lag_interval_s",
+            "gpu_interval_s",
+            "drain_timeout_s",
+            "shutdown_timeout_s",
+            "stall_timeout_s",
+        ):
             value = getattr(self, name)
             if (
                 not isinstance(value, (int, float))
@@ -181,6 +194,11 @@ class Settings:
                 raise SettingsError(
                     f"{name} must be a number of seconds in [0.1, 3600], got {value!r}"
                 )
+        if self.shutdown_timeout_s <= self.drain_timeout_s:
+            raise SettingsError(
+                f"shutdown_timeout_s must be > drain_timeout_s ({self.drain_timeout_s}), "
+                f"got {self.shutdown_timeout_s}"
+            )
         if not isinstance(self.metrics_enabled, bool):
             raise SettingsError(f"metrics_enabled must be a bool, got {self.metrics_enabled!r}")
         if self.max_inflight < self.max_batch_size:

@@ -20,7 +20,7 @@ from typing import Any
 
 from benchmarks.chaos.cluster import leader_kill, rolling_restart
 from benchmarks.chaos.common import RssSampler, duplicates, slope_per_min
-from benchmarks.chaos.delivery import broker_restart, crash, scale_out
+from benchmarks.chaos.delivery import broker_restart, crash, rolling_update, scale_out
 from benchmarks.chaos.inputs import garbage, poison
 from benchmarks.chaos.load import (
     OVERLOAD_RSS_BOUND_MB,
@@ -44,6 +44,7 @@ __all__ = [
     "overload",
     "poison",
     "rolling_restart",
+    "rolling_update",
     "run",
     "scale_out",
     "slope_per_min",
@@ -58,6 +59,7 @@ SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
     "broker-restart": broker_restart,
     "leader-kill": leader_kill,
     "rolling-restart": rolling_restart,
+    "rolling-update": rolling_update,
     "garbage": garbage,
     "poison": poison,
     "scale-out": scale_out,

@@ -35,7 +35,7 @@ def _run(
         # offsets are refused (UNKNOWN_MEMBER_ID), which ends the worker.
         settings = prepare(settings.replace(bootstrap=bootstrap), scenario, work,
                            session_timeout_ms=30_000)  # fmt: skip
-        result = under_fault(settings, work, n, rate, lambda _: fault(cluster, settings))
+        result = under_fault(settings, work, n, rate, lambda *_: fault(cluster, settings))
         result.update(brokers=len(cluster.nodes), delivery=str(settings.delivery))
         if result["lost"]:
             result["broker_log_tail"] = cluster.log_tail(20)

@@ -223,9 +223,10 @@ class Timeline:
         return round(max(delayed) - fault_at, 2) if delayed else 0.0
 
 
-# A fault: run in the middle of a paced load, given its sender; returns when each fault
-# struck (monotonic seconds) and what it was.
-Fault = Callable[[PacedSender], list[tuple[float, str]]]
+# A fault: run in the middle of a paced load, given its sender and the workers (whose
+# processes it may replace); returns when each fault struck (monotonic seconds) and what
+# it was.
+Fault = Callable[[PacedSender, Workers], list[tuple[float, str]]]
 
 
 def under_fault(
@@ -247,7 +248,7 @@ def under_fault(
         sender = PacedSender(client, n, rate, on_future=timeline.track, flush=False)
         sender.start()
         try:
-            faults = fault(sender)
+            faults = fault(sender, workers)
         finally:
             sender.join(timeout=120)
         sender_finished = not sender.is_alive()

@@ -1,5 +1,5 @@
-"""Delivery under process and broker faults: a kill loop, a broker restart, and one of
-three workers killed in a consumer group."""
+"""Delivery under process and broker faults: a kill loop, a broker restart, a rolling
+update (SIGTERM), and one of three workers killed in a consumer group."""
 
 from __future__ import annotations
 
@@ -155,7 +155,7 @@ def broker_restart(
     broker.start(port=port)
     seen: dict[str, Any] = {}
 
-    def fault(sender: PacedSender) -> list[tuple[float, str]]:
+    def fault(sender: PacedSender, _workers: Workers) -> list[tuple[float, str]]:
         time.sleep(down_after_s)
         at = time.monotonic()
         seen["broker_stopped"] = broker.stop()
@@ -173,6 +173,50 @@ def broker_restart(
         return result
     finally:
         broker.stop()
+
+
+# -- rolling update -------------------------------------------------------------------------
+
+
+def rolling_update(
+    settings: Settings,
+    work: Path,
+    requests: int | None = None,
+    duration_s: float | None = None,
+    rate: float = 300.0,
+    updates: int = 2,
+) -> dict[str, Any]:
+    """Kubernetes' rolling update of a one-replica Deployment (maxSurge 1, maxUnavailable
+    0), ``updates`` times under a paced load: a new worker starts and joins the group, then
+    the old one gets SIGTERM, drains, commits and exits by itself.
+
+    Nothing may be lost. The old worker answers what it holds and commits before its
+    partitions move, so even at-least-once should answer nothing twice. ``shutdown_s``: the
+    longest SIGTERM-to-exit; ``exit_codes``: the old workers' (0 for a clean shutdown).
+    """
+    n = requests or (int(rate * duration_s) if duration_s else 6000)
+    settings = prepare(settings, "rolling-update", work)
+    group, topic = settings.group_id("fused"), settings.requests_topic
+    admin = AdminClient(confluent_config(settings))
+    seen: dict[str, Any] = {"shutdown_s": [], "exit_codes": []}
+
+    def fault(sender: PacedSender, workers: Workers) -> list[tuple[float, str]]:
+        done = []
+        for update in range(1, updates + 1):
+            while len(sender.futures) < n * update // (updates + 1) and sender.is_alive():
+                time.sleep(0.05)
+            surge = Workers(settings.replace(worker_id=str(update)), "fused",
+                            work / "logs" / f"w{update}").start()  # fmt: skip
+            _wait_group(admin, group, topic, 2, timeout_s=SERVE_WAIT_S)
+            old, at = workers.procs, time.monotonic()
+            procs.stop(old, timeout_s=settings.shutdown_timeout_s + 10)
+            seen["shutdown_s"].append(round(time.monotonic() - at, 2))
+            seen["exit_codes"] += [p.returncode for p in old]
+            workers.procs, workers.log_dir = surge.procs, surge.log_dir
+            done.append((at, f"update {update}: SIGTERM to the old worker"))
+        return done
+
+    return {**under_fault(settings, work, n, rate, fault), **seen}
 
 
 # -- scale-out ------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ everything published for a consumed batch (and every one before it) is delivered
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from pipeline.kafka import (
     consumer_config,
     producer_config,
 )
+from pipeline.observability.health import Health
 from pipeline.serving import (
     Job,
     Origin,
@@ -48,7 +48,9 @@ log = logging.getLogger(__name__)
 class BatchEngine:
     """One stage (or the fused pipeline) as a consume-process-produce loop."""
 
-    def __init__(self, settings: Settings, stage: Stage, pipeline: Pipeline) -> None:
+    def __init__(
+        self, settings: Settings, stage: Stage, pipeline: Pipeline, health: Health | None = None
+    ) -> None:
         self.settings = settings
         self.stage = Stage(stage)
         self.pipeline = pipeline
@@ -87,6 +89,8 @@ class BatchEngine:
             if self.stage.computes
             else None
         )
+        self.health = health or Health(settings.stall_timeout_s)
+        self.health.models_ready = True  # loaded and warmed up by now, or loaded on demand
 
     def topics(self) -> list[str]:
         return consumed_topics(self.settings, self.stage, self.pipeline.registry.names)
@@ -121,6 +125,7 @@ class BatchEngine:
         s = self.settings
         try:
             while not self.stop_event.is_set():
+                self.health.beat()
                 self.flow.update()
                 if self.compute is not None:
                     self._step(self.compute)
@@ -267,6 +272,7 @@ class BatchEngine:
         self.txn.commit()
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.health.assigned(len(partitions))
         self._feature_tables(partitions, assigned=True)
         self.flow.assigned(partitions)
 
@@ -281,6 +287,7 @@ class BatchEngine:
             (features.assign if assigned else features.revoke)(ps)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.health.revoked()
         self.flow.revoked()
         if self.compute is not None:  # their fetches fill the tables about to close
             self.compute.admit_fetched(wait=True)
@@ -312,7 +319,8 @@ class BatchEngine:
                 self._commit()
             except Exception as exc:  # noqa: BLE001 - aborted: consumed again on restart
                 log.warning("final transaction: %s", exc)
-        remaining = self.producer.flush(30) if self.transactional else self.out.flush()
+        drain_s = self.settings.drain_timeout_s
+        remaining = self.producer.flush(drain_s) if self.transactional else self.out.flush(drain_s)
         if remaining == 0 and not self.transactional:
             try:
                 self.tracker.settle()
@@ -360,8 +368,3 @@ def _clients(settings: Settings, stage: Stage, transactional: bool) -> tuple[Any
         extra["transaction.timeout.ms"] = 30_000
     producer = Producer(producer_config(settings, **extra))
     return consumer, producer
-
-
-def install_signal_handlers(engine: BatchEngine) -> None:
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: engine.stop())

@@ -1,24 +1,31 @@
-"""One worker process: its topics created, its metrics served, its engine run until
-SIGTERM/SIGINT. The batch engine runs here; the faust engine (and the naive baseline) in
-``agents/``, which the command line picks (`pipeline.cli`)."""
+"""One worker process: its topics created, its metrics and probes served, its engine run
+until SIGTERM/SIGINT, and its shutdown bounded. The batch engine runs here; the faust engine
+(and the naive baseline) in ``agents/``, which the command line picks (`pipeline.cli`)."""
 
 from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Sequence
+import os
+import signal
+import threading
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
 
 from pipeline.config import Settings
-from pipeline.engines.topology import Mode, Stage
+from pipeline.engines.topology import Mode, Stage, consumed_topics
 from pipeline.kafka import ensure_topics, pipeline_topics
 from pipeline.models import ModelRegistry
+from pipeline.observability.health import Health
 from pipeline.observability.metrics import Metrics, make_metrics
 from pipeline.serving import Pipeline
 
 log = logging.getLogger(__name__)
+
+# The exit status of a worker whose shutdown outlived `Settings.shutdown_timeout_s`.
+EXIT_STUCK = 75
 
 
 def prepare(settings: Settings) -> ModelRegistry:
@@ -30,16 +37,23 @@ def prepare(settings: Settings) -> ModelRegistry:
 
 def run(settings: Settings, stage: Stage) -> None:
     """Run the batch engine for ``stage`` until it is stopped."""
-    from pipeline.engines.batch import BatchEngine, install_signal_handlers
+    from pipeline.engines.batch import BatchEngine
 
     registry = prepare(settings)
     torch.set_num_threads(settings.torch_threads)
-    # Models load on their first request, or all at start with SLUICE_PRELOAD_MODELS.
     metrics = make_metrics(settings.metrics_enabled)
+    health = Health(settings.stall_timeout_s)
+    # Served from here on: the probes say "not ready" while the models load.
+    topics = consumed_topics(settings, stage, registry.names)
+    observers = observe(settings, metrics, settings.group_id(stage), topics, health)
+    # Models load on their first request, or all at start with SLUICE_PRELOAD_MODELS.
     pipeline = Pipeline(per_stage_settings(settings, stage), registry, None, metrics)
-    engine = BatchEngine(settings, stage, pipeline)
-    install_signal_handlers(engine)
-    observers = observe(settings, metrics, settings.group_id(engine.stage), engine.topics())
+    try:
+        engine = BatchEngine(settings, stage, pipeline, health)
+    except BaseException:
+        stop_all(observers)
+        raise
+    on_stop_signal(settings, health, engine.stop)
     # Everything alive now (torch, the models) lives as long as the process: keep it out of
     # the garbage collector's full passes, which otherwise show up as tail latency.
     gc.collect()
@@ -47,19 +61,71 @@ def run(settings: Settings, stage: Stage) -> None:
     try:
         engine.run()
     finally:
-        for observer in observers:
-            observer.stop()
+        stop_all(observers)
         pipeline.close()
+
+
+def on_stop_signal(settings: Settings, health: Health, stop: Callable[[], None]) -> None:
+    """On SIGTERM/SIGINT: report not ready, ask the engine to ``stop``, and bound it."""
+
+    def handle(signum: int, _frame: object) -> None:
+        health.stop()
+        stop()
+        exit_if_stuck(settings.shutdown_timeout_s, signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handle)
+
+
+_watchdog: threading.Timer | None = None
+
+
+def exit_if_stuck(timeout_s: float, why: str) -> None:
+    """End the process if it is still running ``timeout_s`` from now (once per process).
+
+    A worker asked to stop drains and commits, which needs the broker. When the broker is
+    unreachable, a client library may wait for it without end (the faust engine's aiokafka
+    consumer thread does); nothing is lost by exiting then, since what was not committed is
+    consumed again by the partitions' next owner.
+    """
+    global _watchdog
+    if _watchdog is not None:
+        return
+
+    def expire() -> None:
+        log.error(
+            "still stopping %.0f s after %s: exiting (what was not committed is consumed "
+            "again by the partitions' next owner)",
+            timeout_s,
+            why,
+        )
+        logging.shutdown()
+        os._exit(EXIT_STUCK)
+
+    _watchdog = threading.Timer(timeout_s, expire)
+    _watchdog.daemon = True
+    _watchdog.name = "sluice-shutdown-watchdog"
+    _watchdog.start()
 
 
 class Stoppable(Protocol):
     def stop(self) -> None: ...
 
 
+def stop_all(observers: Sequence[Stoppable]) -> None:
+    for observer in observers:
+        observer.stop()
+
+
 def observe(
-    settings: Settings, metrics: Metrics, group: str, topics: Sequence[str]
+    settings: Settings,
+    metrics: Metrics,
+    group: str,
+    topics: Sequence[str],
+    health: Health | None = None,
 ) -> list[Stoppable]:
-    """Serve ``/metrics``, ``/dashboard`` and ``/api/summary`` and sample lag and GPUs.
+    """Serve ``/metrics``, ``/dashboard``, ``/api/summary`` and the probes (given ``health``),
+    and sample lag and GPUs.
 
     Only with metrics enabled and a ``metrics_port``; returns what to stop at exit.
     """
@@ -72,7 +138,9 @@ def observe(
     if not settings.metrics_enabled:
         log.warning("metrics disabled (SLUICE_METRICS_ENABLED=false): not serving them")
         return []
-    server = MetricsServer(metrics.registry, settings.metrics_host, settings.metrics_port).start()
+    server = MetricsServer(
+        metrics.registry, settings.metrics_host, settings.metrics_port, health
+    ).start()
     return [
         server,
         LagMonitor(settings, metrics, [group], topics).start(),
@@ -89,4 +157,15 @@ def per_stage_settings(settings: Settings, stage: Stage) -> Settings:
     return settings.replace(feature_l2_path=path.with_name(f"{path.name}-{stage}"))
 
 
-__all__ = ["Mode", "Stage", "observe", "per_stage_settings", "prepare", "run"]
+__all__ = [
+    "EXIT_STUCK",
+    "Mode",
+    "Stage",
+    "exit_if_stuck",
+    "observe",
+    "on_stop_signal",
+    "per_stage_settings",
+    "prepare",
+    "run",
+    "stop_all",
+]

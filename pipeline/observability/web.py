@@ -1,4 +1,5 @@
-"""The worker's HTTP endpoint: ``/metrics``, a live ``/dashboard`` and its ``/api/summary``.
+"""The worker's HTTP endpoint: ``/metrics``, a live ``/dashboard`` and its ``/api/summary``,
+and the probes ``/readyz`` and ``/healthz`` (`pipeline.observability.health`).
 
 A stdlib `ThreadingHTTPServer` on ``metrics_host:metrics_port`` (127.0.0.1 by default). The
 dashboard is one self-contained page (``dashboard.html``: inline JS drawing on <canvas>, no
@@ -20,6 +21,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
+
+from pipeline.observability.health import Health
 
 log = logging.getLogger(__name__)
 DASHBOARD_HTML = Path(__file__).with_name("dashboard.html")
@@ -110,6 +113,11 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/api/summary":
             body = json.dumps(summary(self.server.registry), separators=(",", ":")).encode()
             self._send(200, "application/json", body)
+        elif path in ("/readyz", "/healthz") and self.server.health is not None:
+            health = self.server.health
+            ok, state = health.ready() if path == "/readyz" else health.live()
+            body = json.dumps(state, separators=(",", ":")).encode()
+            self._send(200 if ok else 503, "application/json", body)
         elif path == "/dashboard":  # not "/dashboard/": the page fetches a relative URL
             self._send(200, "text/html; charset=utf-8", self.server.dashboard, _CSP)
         elif path == "/":
@@ -137,6 +145,7 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     registry: CollectorRegistry
+    health: Health | None
     dashboard: bytes
 
 
@@ -145,10 +154,18 @@ class _Server6(_Server):
 
 
 class MetricsServer:
-    """Serves one registry on ``host:port`` (port 0: any free port) from a daemon thread."""
+    """Serves one registry (and the probes, given a `Health`) on ``host:port`` (port 0: any
+    free port) from a daemon thread."""
 
-    def __init__(self, registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 0):
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        health: Health | None = None,
+    ):
         self.registry = registry
+        self.health = health
         self.host = host
         self.requested_port = port
         self._server: _Server | None = None
@@ -158,6 +175,7 @@ class MetricsServer:
         server_class = _Server6 if ":" in self.host else _Server
         server = server_class((self.host, self.requested_port), _Handler)
         server.registry = self.registry
+        server.health = self.health
         server.dashboard = DASHBOARD_HTML.read_bytes()
         self._server = server
         self._thread = threading.Thread(

@@ -12,6 +12,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 COMMON = {"sent", "answered", "lost", "duplicates_seen", "dlq", "crashes", "max_rss_mb"}
 
 
@@ -60,6 +62,25 @@ def test_scale_out_kill_one_of_three(bootstrap: str, model_dir: Path) -> None:
     assert set(result["throughput_rps"]) == {"1", "2", "3"}
     assert all(rps > 0 for rps in result["throughput_rps"].values())
     assert result["throughput_lost"] == 0
+
+
+@pytest.mark.parametrize("delivery", ["at_least_once", "exactly_once"])
+def test_rolling_update_sigterm_under_load_loses_nothing(
+    delivery: str, bootstrap: str, model_dir: Path
+) -> None:
+    """A Deployment's rolling update, twice: the old worker gets SIGTERM once the new one
+    has joined, drains, commits and exits by itself, well within its shutdown bound."""
+    result = _chaos(bootstrap, model_dir, "--scenario", "rolling-update", "--requests", "3000",
+                    "--delivery", delivery)  # fmt: skip
+    assert result["sent"] == result["answered"] == 3000
+    assert result["lost"] == 0 and result["ids_mismatched"] == 0
+    assert result["outcomes"] == {"ok": 3000}
+    assert result["crashes_unexpected"] == 0
+    assert result["exit_codes"] == [0, 0]  # stopped by itself, not by the watchdog or SIGKILL
+    assert len(result["shutdown_s"]) == 2
+    assert max(result["shutdown_s"]) < 30  # Settings.shutdown_timeout_s
+    if delivery == "exactly_once":
+        assert result["duplicates_seen"] == 0
 
 
 def test_short_soak(bootstrap: str, model_dir: Path) -> None:

@@ -47,8 +47,8 @@ def test_run_names_a_bad_scenario_and_sizes() -> None:
 
 def test_every_issue_scenario_is_runnable() -> None:
     assert set(chaos.SCENARIOS) == {
-        "overload", "crash", "broker-restart", "leader-kill", "rolling-restart", "garbage",
-        "poison", "scale-out", "soak",
+        "overload", "crash", "broker-restart", "leader-kill", "rolling-restart",
+        "rolling-update", "garbage", "poison", "scale-out", "soak",
     }  # fmt: skip
     from pipeline.cli import CHAOS_SCENARIOS
 
