@@ -9,18 +9,18 @@ BIN := $(VENV)/bin
 SLUICE := $(BIN)/python -m pipeline.cli
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: demo test unit integration lint fmt setup sysdeps kafka-runtime clean-cache
+.PHONY: demo test unit integration lint fmt setup sysdeps kafka-runtime deploy-tools deploy-check clean-cache
 
 demo: setup
 	$(SLUICE) demo
 
-test: setup lint
+test: setup deploy-tools lint
 	$(BIN)/python -m pytest tests
 
-unit: setup
+unit: setup deploy-tools
 	$(BIN)/python -m pytest tests/unit
 
-integration: setup
+integration: setup deploy-tools
 	$(BIN)/python -m pytest tests/integration
 
 lint: $(VENV)/.ok
@@ -62,6 +62,15 @@ sysdeps:
 
 kafka-runtime: $(VENV)/.ok
 	@$(SLUICE) broker fetch >/dev/null
+
+# helm and the KEDA / Prometheus Operator CRDs that check deploy/ offline (cached; helm is
+# built with Go from the Go module proxy the first time, a few minutes).
+deploy-tools:
+	@bash deploy/tools.sh >/dev/null
+
+# Render the chart and validate every resource (also part of `make test`).
+deploy-check: setup deploy-tools
+	$(BIN)/python -m pytest tests/unit/test_deploy.py
 
 clean-cache:
 	rm -rf $(SLUICE_CACHE_DIR)

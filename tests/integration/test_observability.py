@@ -28,6 +28,7 @@ from pipeline.client import Client
 from pipeline.config import Settings
 from pipeline.ops.broker import free_port
 from tests.integration.conftest import demo_request
+from tests.unit.test_deploy import of_kind, render
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "artifacts"
@@ -129,9 +130,17 @@ def test_prometheus_dashboard_and_lag_command(
     assert {f.result(timeout=60).status for f in futures} == {"ok"}
     expected = REQUESTS + probes
 
+    _check_probes(settings)
     _check_prometheus(settings, group, expected, tmp_path)
     _check_dashboard(settings, client, tmp_path)
     _check_lag_command(settings, group)
+
+
+def _check_probes(settings: Settings) -> None:
+    """The live worker's probes, as the chart's Deployment asks them."""
+    for path, key in (("/readyz", "ready"), ("/healthz", "live")):
+        with urllib.request.urlopen(f"http://127.0.0.1:{settings.metrics_port}{path}") as r:
+            assert r.status == 200 and json.loads(r.read())[key] is True, path
 
 
 def _check_prometheus(settings: Settings, group: str, expected: int, tmp_path: Path) -> None:
@@ -161,6 +170,10 @@ def _check_prometheus(settings: Settings, group: str, expected: int, tmp_path: P
         poll_until(lambda: prometheus.query(caught_up), 30, caught_up)
         assert prometheus.value(f'max(sluice_consumer_time_lag_seconds{{group="{group}"}})') == 0
         assert prometheus.value("sluice_inflight_requests") == 0
+        # What the Helm chart's ScaledObject scales this worker's Deployment on.
+        (scaled,) = of_kind(render({"topics": {"prefix": settings.topic_prefix}}), "ScaledObject")
+        query = scaled["spec"]["triggers"][0]["metadata"]["query"]
+        assert [s["value"][1] for s in prometheus.query(query)] == ["0"], query
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n--- prometheus log\n{prometheus.log_tail()}") from None
     finally:
