@@ -21,9 +21,10 @@ def register(app: Any, pipeline: Pipeline, infer: InferStage | None) -> Any:
             job = await pipeline.gateway(origin)
             if job is None:
                 continue
-            if infer is not None:
-                await infer.submit(job)
-            else:
-                await pipeline.forward(job)
+            for j in (job, job.mirror) if job.mirror is not None else (job,):
+                if infer is not None:
+                    await infer.submit(j)
+                else:
+                    await pipeline.forward(j)
 
     return gateway

@@ -357,6 +357,26 @@ def dlq_replay(
         click.echo(f"refused {summary['truncated']} truncated record(s): {TRUNCATED_WHY}", err=True)
 
 
+# -- experiment -----------------------------------------------------------------------------
+
+
+@main.group()
+def experiment() -> None:
+    """Live-traffic experiments: <model dir>/<model>/experiment.json (README, "Experiments")."""
+
+
+@experiment.command("report")
+@click.option("--model", "model_name", default=None, help="Default: every model's variants.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def experiment_report(model_name: str | None, as_json: bool) -> None:
+    """Per variant: count, share, throughput, p50/p95/p99, error and expired rates, a
+    shadow's agreement with the primary; the differences with 95 % confidence intervals
+    and a verdict. Read from the responses and shadow topics."""
+    from pipeline.experiments.report import report_command_output
+
+    click.echo(report_command_output(_settings(), model_name, as_json))
+
+
 # -- autoscale ------------------------------------------------------------------------------
 
 
@@ -439,12 +459,13 @@ def autoscale_simulate(
 )
 @click.option(
     "--scenario",
-    type=click.Choice(["pipeline", "gpu", "prefetch", "models"]),
+    type=click.Choice(["pipeline", "gpu", "prefetch", "models", "experiment"]),
     default="pipeline",
     show_default=True,
     help="pipeline: --mode through a fresh pipeline; gpu: models on the accelerator, bare "
     "vs through Kafka; prefetch: the feature tiers and the prefetcher on a replayed trace; "
-    "models: MiniLM text in, embeddings out, vs a per-message peer and the bare model.",
+    "models: MiniLM text in, embeddings out, vs a per-message peer and the bare model; "
+    "experiment: a 90/10 split with a shadow, a restart, and a slow canary rolled back.",
 )
 def bench(
     mode: str,

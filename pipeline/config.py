@@ -156,6 +156,9 @@ class Settings:
     # on its first request).
     max_batches_in_flight: int = 2
     preload_models: bool = False
+    # Experiments (pipeline/experiments): how often each model's experiment.json is checked
+    # for changes, and the rollback guard's checks.
+    experiment_reload_s: float = 2.0
 
     def __post_init__(self) -> None:
         self._check_caches()
@@ -184,6 +187,7 @@ class Settings:
             "drain_timeout_s",
             "shutdown_timeout_s",
             "stall_timeout_s",
+            "experiment_reload_s",
         ):
             value = getattr(self, name)
             if (
@@ -315,7 +319,8 @@ class Settings:
         if topic == self.responses_topic:
             return True
         own = (self.requests_topic, self.priority_topic, self.results_topic, self.dlq_topic,
-               self.features_changelog_topic)  # fmt: skip
+               self.features_changelog_topic, self.shadow_topic,
+               self.experiment_events_topic)  # fmt: skip
         if topic in own or topic.startswith(self.infer_topic("")):
             return False
         return any(fnmatch.fnmatchcase(topic, p) for p in self.reply_to_patterns)
@@ -347,6 +352,16 @@ class Settings:
     @property
     def dlq_topic(self) -> str:
         return f"{self.topic_prefix}.dlq"
+
+    @property
+    def shadow_topic(self) -> str:
+        """Mirrored requests' outputs, the primary's beside the shadow's (experiments)."""
+        return f"{self.topic_prefix}.shadow"
+
+    @property
+    def experiment_events_topic(self) -> str:
+        """Experiment events, such as a canary's rollback, keyed by model."""
+        return f"{self.topic_prefix}.experiments"
 
     def infer_topic(self, model: str) -> str:
         return f"{self.topic_prefix}.infer.{model}"

@@ -109,6 +109,7 @@ class BatchEngine:
 
     def _gateway(self, origins: list[Origin]) -> list[Publication]:
         jobs, publications = self._admit(origins)
+        jobs += [j.mirror for j in jobs if j.mirror is not None]  # experiments' shadows
         return publications + [self.pipeline.forward_record(j) for j in jobs]
 
     def _respond(self, origins: list[Origin]) -> list[Publication]:

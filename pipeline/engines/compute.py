@@ -124,6 +124,7 @@ class Compute:
     def _schedule(self, admitted: list[Job | Publication], batch: ConsumedBatch) -> None:
         """Publish the rejected records; hand the jobs to the batcher."""
         jobs = [a for a in admitted if isinstance(a, Job)]
+        jobs += [j.mirror for j in jobs if j.mirror is not None]  # experiments' shadows
         self.reject([a for a in admitted if not isinstance(a, Job)], batch)
         batch.held += len(jobs)
         add = self.scheduler.add

@@ -85,5 +85,7 @@ def pipeline_topics(settings: Settings, models: list[str]) -> list[str]:
         settings.results_topic,
         settings.responses_topic,
         settings.dlq_topic,
+        settings.shadow_topic,
+        settings.experiment_events_topic,
         *(settings.infer_topic(m) for m in models),
     ]

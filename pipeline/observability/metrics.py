@@ -38,14 +38,14 @@ class Metrics:
         self.request_latency = BatchHistogram(
             "sluice_request_latency_seconds",
             "Time from the request's produce timestamp to the end of a stage.",
-            ("model", "version", "stage"),
+            ("model", "version", "stage", "variant"),
             LATENCY_BUCKETS_S,
             r,
         )
         self.requests = Counter(
             "sluice_requests_total",
-            "Requests by final outcome.",
-            ["model", "version", "outcome"],
+            'Requests by final outcome (variant: the experiment\'s, "" outside one).',
+            ["model", "version", "outcome", "variant"],
             registry=r,
         )
         self.batch_size = Histogram(
@@ -126,6 +126,18 @@ class Metrics:
             registry=r,
         )
         self.dlq = Counter("sluice_dlq_total", "DLQ records by reason.", ["reason"], registry=r)
+        self.experiment_rollbacks = Counter(
+            "sluice_experiment_rollbacks_total",
+            "Canary variants set to weight 0 by the rollback guard.",
+            ["model", "variant"],
+            registry=r,
+        )
+        self.experiment_config_errors = Counter(
+            "sluice_experiment_config_errors_total",
+            "Experiment configs refused (the one in force stays).",
+            ["model"],
+            registry=r,
+        )
 
 
 class BatchHistogram:
@@ -155,6 +167,8 @@ class BatchHistogram:
     def labels(self, *values: str) -> _BatchHistogramChild:
         child = self._children.get(values)
         if child is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
             with self._lock:
                 child = self._children.setdefault(values, _BatchHistogramChild(self.bounds))
         return child

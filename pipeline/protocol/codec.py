@@ -128,6 +128,8 @@ class Response(msgspec.Struct, omit_defaults=True):
     # Notes on how the request was served, e.g. {"truncated": true} when its text was cut
     # to the model's maximum length.
     parameters: dict[str, Any] | None = None
+    # The experiment variant that served it (pipeline/experiments), if its model has one.
+    variant: str | None = None
 
 
 class ResultRecord(msgspec.Struct, omit_defaults=True):
@@ -146,6 +148,24 @@ class ResultRecord(msgspec.Struct, omit_defaults=True):
     inference_ms: float = 0.0
     batch_size: int = 0
     parameters: dict[str, Any] | None = None
+    # The experiment variant, and a mirrored request's role ("primary" or "shadow").
+    variant: str | None = None
+    role: str | None = None
+
+
+class ShadowRecord(msgspec.Struct, omit_defaults=True):
+    """One side of a mirrored request on the shadow topic, keyed by request id: the
+    primary's outputs and the shadow's, side by side (`sluice experiment report`)."""
+
+    id: str
+    model: str
+    model_version: str
+    variant: str
+    role: str  # "primary" or "shadow"
+    status: str
+    outputs: list[Tensor] | None = None
+    error: ErrorInfo | None = None
+    total_ms: float = 0.0
 
 
 class _Probe(msgspec.Struct):
@@ -165,6 +185,7 @@ _probe_decoder_mp = msgspec.msgpack.Decoder()
 _probe_decoder = msgspec.json.Decoder(_Probe)
 _response_decoder = msgspec.json.Decoder(Response)
 _result_decoder = msgspec.json.Decoder(ResultRecord)
+_shadow_decoder = msgspec.json.Decoder(ShadowRecord)
 _encoder = msgspec.json.Encoder()
 
 
@@ -219,6 +240,11 @@ def decode_response(raw: bytes, fmt: str = JSON) -> Response:
     if fmt == MSGPACK:
         return _response_decoder_mp.decode(raw)
     return _response_decoder.decode(raw)
+
+
+def decode_shadow(raw: bytes) -> ShadowRecord:
+    """A shadow-topic record (always JSON: `Responses._shadow_record`)."""
+    return _shadow_decoder.decode(raw)
 
 
 def decode_result(raw: bytes) -> ResultRecord:

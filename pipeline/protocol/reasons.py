@@ -80,6 +80,7 @@ class RequestError(SluiceError):
         version: str | None = None,
         reply_to: str | None = None,
         attempts: int = 1,
+        variant: str | None = None,
     ) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
@@ -89,3 +90,4 @@ class RequestError(SluiceError):
         self.version = version
         self.reply_to = reply_to
         self.attempts = attempts
+        self.variant = variant  # the experiment variant that served it, if any

@@ -3,6 +3,7 @@ check its deadline, or turn it into a rejection."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -13,7 +14,10 @@ from pipeline.protocol.codec import RequestError
 from pipeline.serving.execution import Execution
 from pipeline.serving.records import (
     ORIGIN_HEADER,
+    ROLE_HEADER,
     SESSION_HEADER,
+    VARIANT_HEADER,
+    VERSION_HEADER,
     Deferred,
     Job,
     Origin,
@@ -23,7 +27,7 @@ from pipeline.serving.records import (
 )
 
 if TYPE_CHECKING:
-    pass
+    from pipeline.experiments.config import Shadow
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,8 @@ class Admission(Execution):
 
     def _resolve(self, origin: Origin) -> tuple[codec.Request, LoadedModel, dict[str, Any]]:
         """Decode and validate the request and resolve its model (`RequestError` if not)."""
+        if self.experiments is not None:
+            self.experiments.tick()  # at most once per experiment_reload_s
         fmt = codec.content_type(origin.headers)
         request = codec.decode_request(origin.value, self.settings.max_payload_bytes, fmt)
         context: dict[str, Any] = {
@@ -50,6 +56,7 @@ class Admission(Execution):
             "model": request.model,
             "version": request.version,
             "reply_to": request.reply_to,
+            "variant": None,
         }
         if request.reply_to is not None and not self.settings.reply_to_allowed(request.reply_to):
             # A message never chooses where the worker writes: answered on the default topic.
@@ -58,18 +65,45 @@ class Admission(Execution):
                 codec.FORBIDDEN_REPLY_TO,
                 f"reply_to {request.reply_to!r} is not an allowed reply topic (the responses "
                 f"topic or SLUICE_REPLY_TO_TOPICS: {','.join(self.settings.reply_to_patterns)})",
-                **context,
+                **_fields(context),
             )
         self._check_envelope(origin, context)
+        version = self._route(origin, request, context)
         try:
-            model = self.registry.resolve(request.model, request.version)
+            model = self.registry.resolve(request.model, version)
         except RequestError as exc:
-            raise RequestError(exc.code, exc.message, **context) from None
+            raise RequestError(exc.code, exc.message, **_fields(context)) from None
         except ModelLoadError as exc:
             self.metrics.model_load_failures.labels(request.model).inc()
-            raise RequestError(codec.MODEL_ERROR, str(exc), **context) from None
+            raise RequestError(codec.MODEL_ERROR, str(exc), **_fields(context)) from None
         context["version"] = model.version
         return request, model, context
+
+    def _route(self, origin: Origin, request: codec.Request, context: dict[str, Any]) -> str | None:
+        """The version to serve: the request's own, else its experiment variant's (sticky by
+        key), else the newest. In split mode the gateway's choice travels in the infer
+        record's headers (written by the pipeline, never by a client: infer topics are its
+        own)."""
+        if origin.topic.startswith(self.settings.infer_topic("")):
+            pinned = origin.header(VERSION_HEADER)
+            if pinned is not None:
+                variant, role = origin.header(VARIANT_HEADER), origin.header(ROLE_HEADER)
+                if variant is not None and self.experiments is not None:
+                    name = self.experiments.known(request.model, variant.decode(errors="replace"))
+                    context["variant"] = name
+                    if name is not None and role in (b"primary", b"shadow"):
+                        context["role"] = role.decode()
+                return pinned.decode(errors="replace")
+            return request.version
+        if request.version is not None or self.experiments is None:
+            return request.version
+        route = self.experiments.route(request.model, request.key, request.id)
+        if route is None:
+            return None
+        context["variant"] = route.variant
+        if route.shadow is not None:
+            context["shadow"] = route.shadow
+        return route.version
 
     def _check_envelope(self, origin: Origin, context: dict[str, Any]) -> None:
         """The record's key and headers within their limits (`RequestError` if not)."""
@@ -78,7 +112,7 @@ class Admission(Execution):
             raise RequestError(
                 codec.KEY_TOO_LARGE,
                 f"record key of {origin.key_bytes} bytes > {s.max_key_bytes} (max_key_bytes)",
-                **context,
+                **_fields(context),
             )
         count = len(origin.headers)
         size = sum(len(k) + len(v or b"") for k, v in origin.headers) if count else 0
@@ -87,7 +121,7 @@ class Admission(Execution):
                 codec.TOO_MANY_HEADERS,
                 f"{count} headers of {size} bytes (at most {s.max_headers} headers "
                 f"of {s.max_header_bytes} bytes: max_headers, max_header_bytes)",
-                **context,
+                **_fields(context),
             )
 
     def _feature_entry(
@@ -102,7 +136,7 @@ class Admission(Execution):
     @staticmethod
     def _enriched(result: codec.Request | RequestError, context: dict[str, Any]) -> codec.Request:
         if isinstance(result, RequestError):
-            raise RequestError(result.code, result.message, **context) from None
+            raise RequestError(result.code, result.message, **_fields(context)) from None
         return result
 
     def _job(
@@ -113,15 +147,39 @@ class Admission(Execution):
                 request.inputs, self.settings.max_elements_per_tensor, flat=True
             )
         except RequestError as exc:
-            raise RequestError(exc.code, exc.message, **context) from None
+            raise RequestError(exc.code, exc.message, **_fields(context)) from None
         deadline = _deadline_ms(request, origin.timestamp_ms, self.settings.default_ttl_ms)
-        job = Job(request, model, arrays, deadline, origin, now_ms())
+        job = Job(request, model, arrays, deadline, origin, now_ms(),
+                  variant=context["variant"], role=context.get("role"))  # fmt: skip
         if deadline is not None and job.received_ms >= deadline:
             raise RequestError(
-                codec.EXPIRED, "deadline passed before the request was admitted", **context
+                codec.EXPIRED, "deadline passed before the request was admitted", **_fields(context)
             )
         self.metrics.inflight.inc()
+        shadow = context.get("shadow")
+        if shadow is not None:
+            job.mirror = self._mirror(job, shadow)
         return job
+
+    def _mirror(self, job: Job, shadow: Shadow) -> Job | None:
+        """The shadow's copy of a mirrored request (None if the shadow cannot take it: the
+        primary is served all the same)."""
+        request = job.request
+        try:
+            model = self.registry.resolve(request.model, shadow.version)
+            arrays = model.inputs_from_request(
+                request.inputs, self.settings.max_elements_per_tensor, flat=True
+            )
+        except Exception as exc:  # noqa: BLE001 - the shadow's trouble, never the request's
+            log.warning("shadow %s of %s skips %s: %s", shadow.name, request.model, request.id, exc)
+            return None
+        job.role = "primary"
+        self.metrics.inflight.inc()
+        # The record is acked (faust) once the primary's answer is delivered, never by the
+        # shadow's: a shadow record is best-effort.
+        origin = dataclasses.replace(job.origin, ack=None)
+        return Job(request, model, arrays, job.deadline_ms, origin, job.received_ms,
+                   variant=shadow.name, role="shadow")  # fmt: skip
 
     def admit_or_reject(self, origin: Origin) -> Job | Publication:
         """A `Job`, or the DLQ record (and answer) for a record that cannot be served."""
@@ -240,11 +298,19 @@ class Admission(Execution):
         return origin, self.reject_records(origin, error, "gateway")
 
     def forward_record(self, job: Job) -> Publication:
-        """Split mode: the admitted request, unchanged, on its model's infer topic."""
+        """Split mode: the admitted request, unchanged, on its model's infer topic (with its
+        experiment variant's version and role in headers, when it has one)."""
         o = job.origin
         assert o.value is not None
         self.metrics.inflight.dec()
-        headers = [*o.headers, (ORIGIN_HEADER, f"{o.topic}:{o.partition}:{o.offset}".encode())]
+        # The pipeline's own headers are the gateway's to write, never the client's.
+        headers = [h for h in o.headers if h[0] not in _INTERNAL_HEADERS]
+        headers.append((ORIGIN_HEADER, f"{o.topic}:{o.partition}:{o.offset}".encode()))
+        if job.variant is not None:
+            headers += [(VERSION_HEADER, job.model.version.encode()),
+                        (VARIANT_HEADER, job.variant.encode())]  # fmt: skip
+            if job.role is not None:
+                headers.append((ROLE_HEADER, job.role.encode()))
         key = (job.request.key or job.request.id).encode()
         return o, [Record(self.settings.infer_topic(job.model.name), key, o.value, headers)]
 
@@ -254,3 +320,13 @@ def _deadline_ms(request: codec.Request, produced_ms: float, default_ttl_ms: int
         return float(request.deadline_ms)
     ttl = request.ttl_ms or default_ttl_ms
     return produced_ms + ttl if ttl else None
+
+
+_INTERNAL_HEADERS = frozenset({ORIGIN_HEADER, VERSION_HEADER, VARIANT_HEADER, ROLE_HEADER})
+
+# What a request's admission context tells its `RequestError` (the rest is routing).
+_ERROR_FIELDS = ("request_id", "model", "version", "reply_to", "variant")
+
+
+def _fields(context: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: context[k] for k in _ERROR_FIELDS if k in context}

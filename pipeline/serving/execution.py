@@ -164,10 +164,14 @@ class Execution(Responses):
         produced = np.fromiter((j.origin.timestamp_ms for j in jobs), np.float64, len(jobs))
         admitted = np.fromiter((j.received_ms for j in jobs), np.float64, len(jobs))
         latency = self.metrics.request_latency
-        latency.labels(model.name, model.version, "gateway").observe_many(
+        # A batch is one version: one variant, but for two variants of one version (A/A).
+        variant = jobs[0].variant or ""
+        if any((j.variant or "") != variant for j in jobs):
+            variant = ""
+        latency.labels(model.name, model.version, "gateway", variant).observe_many(
             np.maximum(admitted - produced, 0.0) / 1000.0
         )
-        latency.labels(model.name, model.version, "infer").observe_many(
+        latency.labels(model.name, model.version, "infer", variant).observe_many(
             np.maximum(now_ms() - produced, 0.0) / 1000.0
         )
         ms, n = elapsed_s * 1000, len(jobs)

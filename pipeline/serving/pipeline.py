@@ -13,6 +13,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import Settings
+from pipeline.experiments.live import LiveExperiments
 from pipeline.models import ModelRegistry
 from pipeline.observability.metrics import Metrics
 from pipeline.serving.publishing import Publishing
@@ -44,7 +45,7 @@ class Pipeline(Publishing):
         # Models loaded from here on batch up to the settings' size unless their config says.
         registry.max_batch_size = settings.max_batch_size
         self._acks: set[asyncio.Task[None]] = set()
-        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
         # Feature enrichment and the result cache (pipeline/features), when configured.
         self.features: FeatureStore | None = None
         self.results: ResultCache | None = None
@@ -56,6 +57,10 @@ class Pipeline(Publishing):
             from pipeline.serving.result_cache import ResultCache
 
             self.results = ResultCache.from_settings(settings, metrics)
+        # Each model's experiment (its experiment.json), if it has one.
+        self.experiments: LiveExperiments | None = LiveExperiments(
+            settings, registry.model_dir, registry.versions, lambda: registry.names, metrics
+        )
 
     def close(self) -> None:
         """Stop the preparation thread and the prefetcher; close the caches' stores."""
@@ -64,3 +69,5 @@ class Pipeline(Publishing):
             self.features.close()
         if self.results is not None:
             self.results.close()
+        if self.experiments is not None:
+            self.experiments.close()

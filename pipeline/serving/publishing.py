@@ -45,8 +45,15 @@ class Publishing(Admission):
         await self.publish([self.respond_result_records(origin)])
 
     async def publish(self, publications: Sequence[Publication]) -> None:
-        """Send every record through the sink; ack each source once its records are in."""
+        """Send every record through the sink; ack each source once its records are in (all
+        of them: a source's publications are sent as one, acked once)."""
+        by_origin: dict[int, Publication] = {}
         for origin, records in publications:
+            if id(origin) in by_origin:
+                by_origin[id(origin)][1].extend(records)
+            else:
+                by_origin[id(origin)] = (origin, list(records))
+        for origin, records in by_origin.values():
             deliveries = await self._send(origin, records)
             task = asyncio.ensure_future(self._await_then_ack(deliveries, origin))
             self._acks.add(task)

@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, bytes]]
 ORIGIN_HEADER = "sluice-origin"
+# Split mode: the experiment's choice on an infer record (the version, the variant, and a
+# mirrored request's role), made by the gateway.
+VERSION_HEADER = "sluice-version"
+VARIANT_HEADER = "sluice-variant"
+ROLE_HEADER = "sluice-role"
 # The prefetcher learns key sequences per session: this header names it (else: partition).
 SESSION_HEADER = "session-id"
 
@@ -80,6 +85,11 @@ class Job:
     result_key: str | None = None
     # The engine's bookkeeping for the consumed batch this job came in (offsets to store).
     owner: Any = None
+    # Experiments: the variant serving it; for a mirrored request, its role ("primary" or
+    # "shadow", whose outputs go to the shadow topic and answer nobody) and the copy.
+    variant: str | None = None
+    role: str | None = None
+    mirror: Job | None = None
 
 
 @dataclass(slots=True)

@@ -20,6 +20,7 @@ from pipeline.protocol.codec import RequestError, Response
 from pipeline.serving.records import Origin, Record, Sink, now_ms
 
 if TYPE_CHECKING:
+    from pipeline.experiments.live import LiveExperiments
     from pipeline.features.store import FeatureStore
     from pipeline.serving.result_cache import ResultCache
 
@@ -36,7 +37,8 @@ class Rejections:
     features: FeatureStore | None
     results: ResultCache | None
     _acks: set[asyncio.Task[None]]
-    _children: dict[tuple[str, str, str], tuple[Any, Any]]
+    _children: dict[tuple[str, str, str, str], tuple[Any, Any]]
+    experiments: LiveExperiments | None
 
     # -- errors ---------------------------------------------------------------------------
 
@@ -59,6 +61,7 @@ class Rejections:
                 model=error.model,
                 model_version=error.version,
                 error=codec.ErrorInfo(error.code, error.message),
+                variant=error.variant,
             )
             reply_to = error.reply_to
             if reply_to is None or not self.settings.reply_to_allowed(reply_to):
@@ -72,7 +75,8 @@ class Rejections:
         label_model = error.model if known and error.model else "unknown"
         versions = self.registry.versions(label_model) if known else []
         label_version = error.version if error.version in versions else ""
-        self._count(label_model, label_version or "", outcome, origin.timestamp_ms)
+        self._counted(label_model, label_version or "", outcome, [origin.timestamp_ms],
+                      error.variant)  # fmt: skip
         return records
 
     def undeliverable(
@@ -115,20 +119,40 @@ class Rejections:
         error = RequestError(code, f"{what}: {message}", request_id, reply_to=reply_to)
         return self.reject_records(origin, error, stage)
 
-    def _count(self, model: str, version: str, outcome: str, produced_ms: float) -> None:
-        self._count_many(model, version, outcome, [produced_ms])
+    def _counted(
+        self,
+        model: str,
+        version: str,
+        outcome: str,
+        produced_ms: Sequence[float],
+        variant: str | None,
+    ) -> None:
+        """Count requests, and tell the experiment's rollback guard how its variant's ended."""
+        latencies_s = self._count_many(model, version, outcome, produced_ms, variant or "")
+        if variant is not None and self.experiments is not None:
+            for latency_s in latencies_s.tolist():
+                self.experiments.record(model, variant, latency_s, outcome == "ok")
 
     def _count_many(
-        self, model: str, version: str, outcome: str, produced_ms: Sequence[float]
-    ) -> None:
-        """Count requests that ended with ``outcome`` and observe their latencies at once."""
-        key = (model, version, outcome)
+        self,
+        model: str,
+        version: str,
+        outcome: str,
+        produced_ms: Sequence[float],
+        variant: str = "",
+    ) -> np.ndarray:
+        """Count requests that ended with ``outcome`` and observe their latencies at once;
+        returns the latencies (seconds)."""
+        key = (model, version, outcome, variant)
         children = self._children.get(key)
         if children is None:  # labels() costs a lookup under a lock: once per label set
             children = self._children[key] = (
-                self.metrics.requests.labels(model, version, outcome),
-                self.metrics.request_latency.labels(model, version, "respond"),
+                self.metrics.requests.labels(model, version, outcome, variant),
+                self.metrics.request_latency.labels(model, version, "respond", variant),
             )
         children[0].inc(len(produced_ms))
-        latencies_s = (now_ms() - np.asarray(produced_ms, dtype=np.float64)) / 1000.0
-        children[1].observe_many(np.maximum(latencies_s, 0.0))
+        latencies_s = np.maximum(
+            (now_ms() - np.asarray(produced_ms, dtype=np.float64)) / 1000.0, 0.0
+        )
+        children[1].observe_many(latencies_s)
+        return latencies_s

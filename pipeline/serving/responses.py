@@ -31,13 +31,18 @@ class Responses(Rejections):
     # -- respond --------------------------------------------------------------------------
 
     def response_records(self, outcomes: Sequence[Outcome], stage: str) -> list[Publication]:
-        """Fused mode: each outcome's response (errors: DLQ record and error response)."""
+        """Fused mode: each outcome's response (errors: DLQ record and error response); a
+        mirrored request's outputs, the primary's and the shadow's, to the shadow topic."""
         publications: list[Publication] = []
+        if any(o.job.role is not None for o in outcomes):
+            publications += [self._shadow_record(o) for o in outcomes if o.job.role is not None]
+            outcomes = [o for o in outcomes if o.job.role != "shadow"]
         for group in _groups(outcomes):
             if group[0].error is not None:
                 for o in group:
                     self.metrics.inflight.dec()
                     assert o.error is not None
+                    o.error.variant = o.job.variant
                     publications.append(
                         (o.job.origin, self.reject_records(o.job.origin, o.error, stage))
                     )
@@ -58,12 +63,17 @@ class Responses(Rejections):
         return publications
 
     def result_records(self, outcomes: Sequence[Outcome]) -> list[Publication]:
-        """Split mode, infer stage: raw outputs for the results topic."""
+        """Split mode, infer stage: raw outputs for the results topic (a shadow's failure
+        straight to the shadow topic: it answers nobody)."""
         publications: list[Publication] = []
         for o in outcomes:
             job, origin = o.job, o.job.origin
+            if o.error is not None and job.role == "shadow":
+                publications.append(self._shadow_record(o))
+                continue
             self.metrics.inflight.dec()
             if o.error is not None:
+                o.error.variant = job.variant
                 publications.append((origin, self.reject_records(origin, o.error, "infer")))
                 continue
             assert o.outputs is not None
@@ -84,7 +94,10 @@ class Responses(Rejections):
         return publications
 
     def respond_result_records(self, origin: Origin) -> Publication:
-        """Split mode, respond stage: postprocess one results-topic record into a response."""
+        """Split mode, respond stage: postprocess one results-topic record into a response
+        (a mirrored request's sides to the shadow topic)."""
+        if self.experiments is not None:
+            self.experiments.tick()
         try:
             result = codec.decode_result(origin.value or b"")
             arrays = [_result_array(t) for t in result.outputs]
@@ -93,17 +106,62 @@ class Responses(Rejections):
                 exc if isinstance(exc, RequestError) else RequestError(codec.MALFORMED, str(exc))
             )
             return origin, self.reject_records(origin, error, "respond")
+        if result.variant is not None:  # a label value only if the config names it
+            live = self.experiments
+            known = live.known(result.model, result.variant) if live is not None else None
+            result.variant = known
+            result.role = result.role if known is not None else None
+        if result.role == "shadow":
+            return origin, [self._respond_shadow(origin, result)]
+        shadow = [self._respond_shadow(origin, result)] if result.role == "primary" else []
         try:
             [value] = self._responses(result.model, result.model_version, arrays, [result])
         except RequestError as exc:
             # e.g. a version this process does not know (the infer stage served it).
             error = RequestError(
                 exc.code, exc.message, result.id, result.model, result.model_version,
-                result.reply_to,
+                result.reply_to, variant=result.variant,
             )  # fmt: skip
             return origin, self.reject_records(origin, error, "respond")
         topic = result.reply_to or self.settings.responses_topic
-        return origin, [Record(topic, result.id.encode(), value, origin.correlation_headers())]
+        answer = Record(topic, result.id.encode(), value, origin.correlation_headers())
+        return origin, [answer, *shadow]
+
+    def _respond_shadow(self, origin: Origin, result: codec.ResultRecord) -> Record:
+        """Split mode, respond stage: a mirrored request's side for the shadow topic."""
+        record = codec.ShadowRecord(
+            id=result.id, model=result.model, model_version=result.model_version,
+            variant=result.variant or "", role=result.role or "", status="ok",
+            outputs=result.outputs, total_ms=round(now_ms() - result.produced_ms, 3),
+        )  # fmt: skip
+        return Record(self.settings.shadow_topic, result.id.encode(), codec.encode(record), [])
+
+    def _shadow_record(self, outcome: Outcome) -> Publication:
+        """A mirrored request's side (``outcome.job.role``) for the shadow topic. A shadow's
+        outcome ends here: its count in flight too."""
+        job = outcome.job
+        if job.role == "shadow":
+            self.metrics.inflight.dec()
+        rows = outcome.outputs
+        if rows is None and outcome.batch_outputs is not None:
+            rows = [out[outcome.row] for out in outcome.batch_outputs]
+        outputs = None
+        if rows is not None:
+            outputs = [
+                codec.array_to_tensor(spec.name, out)
+                for spec, out in zip(job.model.config.outputs, rows, strict=False)
+            ]
+        error = outcome.error
+        record = codec.ShadowRecord(
+            id=job.request.id, model=job.model.name, model_version=job.model.version,
+            variant=job.variant or "", role=job.role or "",
+            status="ok" if error is None else ("expired" if error.code == codec.EXPIRED
+                                               else "error"),
+            outputs=outputs, error=codec.ErrorInfo(error.code, error.message) if error else None,
+            total_ms=round(now_ms() - job.origin.timestamp_ms, 3),
+        )  # fmt: skip
+        key = job.request.id.encode()
+        return job.origin, [Record(self.settings.shadow_topic, key, codec.encode(record), [])]
 
     def _result(self, outcome: Outcome) -> codec.ResultRecord:
         job = outcome.job
@@ -122,6 +180,8 @@ class Responses(Rejections):
             inference_ms=outcome.inference_ms,
             batch_size=outcome.batch_size,
             parameters=outcome.parameters,
+            variant=job.variant,
+            role=job.role,
         )
 
     def _responses(
@@ -171,9 +231,17 @@ class Responses(Rejections):
                     batch_size=meta.batch_size,
                 ),
                 parameters=meta.parameters,
+                variant=meta.variant,
             )
             values.append(codec.encode(response, meta.fmt))
-        self._count_many(model, version, "ok", [m.produced_ms for m in metas])
+        if all(m.variant is None for m in metas):
+            self._count_many(model, version, "ok", [m.produced_ms for m in metas])
+            return values
+        by_variant: dict[str | None, list[float]] = {}
+        for m in metas:  # two variants may serve one version (an A/A test)
+            by_variant.setdefault(m.variant, []).append(m.produced_ms)
+        for variant, produced_ms in by_variant.items():
+            self._counted(model, version, "ok", produced_ms, variant)
         return values
 
     # -- the result cache -----------------------------------------------------------------
@@ -187,6 +255,9 @@ class Responses(Rejections):
         if rows is None:
             return None
         self.metrics.inflight.dec()
+        if job.mirror is not None:  # answered from the cache: the shadow is not asked
+            self.metrics.inflight.dec()
+            job.mirror = None
         origin = job.origin
         fmt = codec.content_type(origin.headers)
         tensors = [codec.array_to_tensor(n, a, fmt == codec.MSGPACK) for n, a in rows]
@@ -200,11 +271,12 @@ class Responses(Rejections):
             outputs=tensors,
             timings=codec.Timings(queue_ms=0.0, inference_ms=0.0,
                                   total_ms=round(done - origin.timestamp_ms, 3), batch_size=0),
+            variant=job.variant,
         )  # fmt: skip
         topic = request.reply_to or self.settings.responses_topic
         record = Record(topic, request.id.encode(), codec.encode(response, fmt),
                         origin.correlation_headers())  # fmt: skip
-        self._count(model.name, model.version, "ok", origin.timestamp_ms)
+        self._counted(model.name, model.version, "ok", [origin.timestamp_ms], job.variant)
         return origin, [record]
 
     def _fill_result(self, job: Job, rows: list[np.ndarray]) -> None:

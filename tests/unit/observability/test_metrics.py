@@ -38,8 +38,8 @@ def test_lag_and_gpu_metrics_are_defined() -> None:
 def test_null_metrics_has_every_metric_and_records_nothing() -> None:
     null = NullMetrics()
     assert metric_attributes(null) == metric_attributes(Metrics())
-    null.requests.labels("demo", "1", "ok").inc()
-    null.request_latency.labels(model="demo", version="1", stage="respond").observe(0.1)
+    null.requests.labels("demo", "1", "ok", "").inc()
+    null.request_latency.labels(model="demo", version="1", stage="respond", variant="").observe(0.1)
     null.inflight.inc()
     null.inflight.dec(3)
     null.consumer_lag.labels("g", "t", "0").set(5)

@@ -21,11 +21,11 @@ def metrics() -> Metrics:
     m = Metrics(CollectorRegistry())
     for outcome, n in (("ok", 5), ("error", 2)):
         for _ in range(n):
-            m.requests.labels("demo", "2", outcome).inc()
-    m.requests.labels("other", "1", "ok").inc(3)
+            m.requests.labels("demo", "2", outcome, "").inc()
+    m.requests.labels("other", "1", "ok", "").inc(3)
     for seconds in (0.0004, 0.003, 0.003, 0.04):
-        m.request_latency.labels("demo", "2", "respond").observe(seconds)
-    m.request_latency.labels("demo", "2", "gateway").observe(9.0)  # not end to end: ignored
+        m.request_latency.labels("demo", "2", "respond", "").observe(seconds)
+    m.request_latency.labels("demo", "2", "gateway", "").observe(9.0)  # not end to end: ignored
     m.batch_size.labels("demo").observe(4)
     m.consumer_lag.labels("g", "t", "1").set(7)
     m.consumer_lag.labels("g", "t", "0").set(3)
@@ -104,7 +104,7 @@ def test_summary_endpoint(server: MetricsServer, metrics: Metrics) -> None:
     assert status == 200 and headers["Content-Type"] == "application/json"
     data = json.loads(body)
     assert data["requests"] == {"error": 2, "ok": 8}
-    metrics.requests.labels("demo", "2", "ok").inc()
+    metrics.requests.labels("demo", "2", "ok", "").inc()
     assert json.loads(get(server.url + "/api/summary")[2])["requests"]["ok"] == 9
 
 

@@ -508,6 +508,7 @@ def test_schemas_are_valid_and_refs_resolve() -> None:
         "response.schema.json",
         "dlq.schema.json",
         "tensor.schema.json",
+        "shadow.schema.json",
     }
     v = validator("request.schema.json")
     # The $ref really is followed: a tensor without data fails through it.
@@ -678,3 +679,19 @@ def test_json_like_bytes_only_raise_request_error(data: bytes) -> None:
         decode_request(b'{"id": "a", "model": ' + data, LIMIT)
     except RequestError as exc:
         assert exc.code in (MALFORMED, SCHEMA, OVERSIZE)
+
+
+def test_shadow_records_and_variants_match_their_schemas() -> None:
+    shadow = codec.ShadowRecord(
+        id="r1", model="demo", model_version="2", variant="s", role="shadow", status="ok",
+        outputs=[codec.array_to_tensor("logits", np.zeros(4, np.float32))], total_ms=3.5,
+    )  # fmt: skip
+    doc = json.loads(codec.encode(shadow))
+    validator("shadow.schema.json").validate(doc)
+    assert codec.decode_shadow(codec.encode(shadow)) == shadow
+    assert not validator("shadow.schema.json").is_valid({**doc, "role": "answer"})
+    response = codec.Response(id="r1", status="expired", variant="canary")
+    validator("response.schema.json").validate(json.loads(codec.encode(response)))
+    assert not validator("response.schema.json").is_valid(
+        {"id": "r1", "status": "ok", "outputs": [], "variant": 3}
+    )

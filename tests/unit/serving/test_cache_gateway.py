@@ -65,6 +65,8 @@ def _answer(publication: object) -> codec.Response:
 
 
 def _sample(p: Pipeline, name: str, **labels: str) -> float:
+    if name.startswith(("sluice_requests_total", "sluice_request_latency")):
+        labels.setdefault("variant", "")  # outside any experiment
     return p.metrics.registry.get_sample_value(name, labels) or 0.0
 
 

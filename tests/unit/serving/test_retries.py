@@ -91,5 +91,5 @@ def test_stage_latencies_are_recorded_per_batch(pipeline: Pipeline) -> None:
     pipeline.response_records(outcomes, "infer")
     registry = pipeline.metrics.registry
     for stage in ("gateway", "infer", "respond"):
-        labels = {"model": "demo", "version": "2", "stage": stage}
+        labels = {"model": "demo", "version": "2", "stage": stage, "variant": ""}
         assert registry.get_sample_value("sluice_request_latency_seconds_count", labels) == 3

@@ -81,6 +81,8 @@ class Env:
     pipeline: Pipeline
 
     def sample(self, name: str, **labels: str) -> float:
+        if name.startswith(("sluice_requests_total", "sluice_request_latency")):
+            labels.setdefault("variant", "")  # outside any experiment
         value = self.metrics.registry.get_sample_value(name, labels)
         return 0.0 if value is None else value
 
@@ -671,7 +673,7 @@ def test_unknown_model_names_do_not_become_labels(env: Env) -> None:
         for sample in metric.samples
         if sample.name == "sluice_requests_total"
     ]
-    assert samples == [{"model": "unknown", "version": "", "outcome": "error"}]
+    assert samples == [{"model": "unknown", "version": "", "outcome": "error", "variant": ""}]
 
 
 def test_metrics_are_per_instance() -> None:
