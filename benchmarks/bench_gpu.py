@@ -37,6 +37,7 @@ from benchmarks import bench
 from pipeline.config import Settings
 from pipeline.models import ModelConfig, ModelRegistry, TensorSpec, save_model, zoo
 from pipeline.observability.gpu import load_nvml
+from pipeline.ops import procs
 from pipeline.ops.broker import running
 
 log = logging.getLogger(__name__)
@@ -227,9 +228,12 @@ def run(
     workers: int = 1,
     models: Sequence[str] | None = None,
     scale: Scale | None = None,
+    gpus: int | None = None,
 ) -> dict[str, Any]:
     """Bare vs pipeline for each reference model; ``requests`` per pipeline run, through
-    ``workers`` worker processes sharing the accelerator."""
+    ``workers`` worker processes sharing the accelerator, or (``gpus``) through one worker
+    per GPU for N = 1, 2, 4, 8 up to ``gpus``, with each N's ``scaling_efficiency``: its
+    throughput over N times the one-GPU run's, measured in the same run."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     scale = dataclasses.replace(scale or (GPU if device.type == "cuda" else CPU), workers=workers)
     n = requests or scale.requests
@@ -258,11 +262,51 @@ def run(
             preload_models=True,  # loaded and warmed over every bucket before the probe
         )
         with running(run_settings) as run_settings:
+            if gpus:
+                result["runs"] = _scaling(run_settings, names, n, bare, scale, gpus, progress)
+                return result
             for name in names:
                 result["models"][name] = _pipeline(
                     run_settings, name, n, bare[name], scale, rate, progress
                 )
     return result
+
+
+def gpu_counts(gpus: int) -> list[int]:
+    """N = 1, 2, 4, 8 up to ``gpus``, and ``gpus`` itself."""
+    return sorted({n for n in (1, 2, 4, 8) if n <= gpus} | {gpus})
+
+
+def _scaling(
+    settings: Settings,
+    names: list[str],
+    n: int,
+    bare: dict[str, float],
+    scale: Scale,
+    gpus: int,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """One worker per GPU (``CUDA_VISIBLE_DEVICES``) in one group, for each N: throughput,
+    p99 at 75 % of it, and N's throughput over N times one GPU's."""
+    runs: list[dict[str, Any]] = []
+    one: dict[str, float] = {}
+    for count in gpu_counts(gpus):
+        ids = [str(i) for i in range(count)]
+
+        def spawn(s: Settings, log_dir: Path, ids: list[str] = ids) -> list[Any]:
+            return procs.spawn_workers(s, "fused", log_dir, gpus=ids)
+
+        per_model = {}
+        for name in names:
+            figures = _pipeline(
+                settings, name, n * count, bare[name],
+                dataclasses.replace(scale, workers=count), None, progress, spawn,
+            )  # fmt: skip
+            one.setdefault(name, figures["pipeline_rps"])
+            figures["scaling_efficiency"] = round(figures["pipeline_rps"] / (count * one[name]), 3)
+            per_model[name] = figures
+        runs.append({"gpus": count, "models": per_model})
+    return runs
 
 
 def _pipeline(
@@ -273,10 +317,11 @@ def _pipeline(
     scale: Scale,
     rate: float | None,
     progress: bool,
+    spawn: Callable[[Settings, Path], list[Any]] | None = None,
 ) -> dict[str, Any]:
     common = dict(payload="msgpack", workers=scale.workers, model=name,
                   tolerance=scale.tolerance, progress=progress,
-                  partitions=settings.partitions)  # fmt: skip
+                  partitions=max(settings.partitions, scale.workers), spawn=spawn)  # fmt: skip
     with UtilSampler() as sampler:
         top = bench.run(settings, "fused", n, rate, **common)  # type: ignore[arg-type]
     window = top.pop("window_perf_s")

@@ -228,9 +228,18 @@ def _specs(config: Any, client: bool = False) -> str:
     default=None,
     help="Split mode: the stage this process runs (all three when omitted).",
 )
-def worker(mode: str, stage: str | None) -> None:
+@click.option(
+    "--gpus",
+    default=None,
+    help="'all' or GPU indices (0,1,...): one fused worker per GPU, each seeing only its own, "
+    "in one consumer group; the topics get at least one partition per GPU.",
+)
+def worker(mode: str, stage: str | None, gpus: str | None) -> None:
     """Run a worker until SIGTERM/SIGINT."""
     settings = _settings()
+    if gpus is not None:
+        _run_gpu_supervisor(settings, mode, gpus)
+        return
     if mode == "split" and stage is None:
         _run_split_supervisor(settings)
         return
@@ -243,6 +252,50 @@ def worker(mode: str, stage: str | None) -> None:
     from pipeline.engines.worker import run
 
     run(settings, Stage.of(mode, stage))
+
+
+def _run_gpu_supervisor(settings: Settings, mode: str, spec: str) -> None:
+    """One fused worker per GPU, until SIGTERM/SIGINT. A worker that dies leaves the group
+    like any consumer (its partitions move to the others); the rest go on."""
+    import logging
+    import signal
+    import time
+
+    from pipeline.kafka import ensure_topics, pipeline_topics
+    from pipeline.kafka.topics import grow_partitions
+    from pipeline.models import ModelRegistry
+    from pipeline.ops import procs
+
+    if mode != "fused":
+        raise click.UsageError("--gpus runs fused workers (one per GPU): drop --mode")
+    try:
+        gpus = procs.parse_gpus(spec, procs.gpu_count())
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    settings = settings.replace(partitions=max(settings.partitions, len(gpus)))
+    topics = pipeline_topics(settings, ModelRegistry(settings.models_path).names)
+    ensure_topics(settings, topics)
+    grow_partitions(settings, topics, len(gpus))
+    children = procs.spawn_workers(settings, "fused", gpus=gpus)
+    log = logging.getLogger("sluice.gpus")
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    reported: set[int] = set()
+    try:
+        while not stopping and any(c.poll() is None for c in children):
+            for gpu, c in zip(gpus, children, strict=True):
+                if c.poll() is not None and c.pid not in reported:
+                    reported.add(c.pid)
+                    log.error(
+                        "the worker on GPU %s exited (%s); the others go on", gpu, c.returncode
+                    )
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        procs.stop(children, timeout_s=settings.shutdown_timeout_s + 5)
+    if not stopping:
+        sys.exit(1)  # every worker died
 
 
 def _run_split_supervisor(settings: Settings) -> None:
@@ -467,6 +520,13 @@ def autoscale_simulate(
     "models: MiniLM text in, embeddings out, vs a per-message peer and the bare model; "
     "experiment: a 90/10 split with a shadow, a restart, and a slow canary rolled back.",
 )
+@click.option(
+    "--gpus",
+    type=click.IntRange(min=1),
+    default=None,
+    help="--scenario gpu: one worker per GPU, for N = 1, 2, 4, 8 up to this many, each N's "
+    "scaling efficiency against one GPU in the same run.",
+)
 def bench(
     mode: str,
     n: int,
@@ -477,6 +537,7 @@ def bench(
     workers: int,
     partitions: int | None,
     scenario: str,
+    gpus: int | None,
 ) -> None:
     """Drive N requests through a fresh pipeline; print a JSON summary as the last line."""
     from benchmarks import bench as bench_mod
@@ -484,6 +545,10 @@ def bench(
     if scenario != "pipeline":
         module = importlib.import_module(f"benchmarks.bench_{scenario}")
         extra: dict[str, Any] = {"workers": workers} if scenario in ("gpu", "models") else {}
+        if gpus is not None:
+            if scenario != "gpu":
+                raise click.UsageError("--gpus goes with --scenario gpu")
+            extra["gpus"] = gpus
         if n is not None:
             extra["requests"] = n
         result = module.run(_settings(), rate=rate, progress=not no_progress, **extra)

@@ -44,6 +44,25 @@ def ensure_topics(settings: Settings, topics: list[str], partitions: int | None 
     _wait_for_leaders(admin, [t.topic for t in wanted])
 
 
+def grow_partitions(settings: Settings, topics: list[str], partitions: int) -> list[str]:
+    """Give each existing topic at least ``partitions`` partitions (Kafka only adds them);
+    returns the topics grown. Keys already produced keep their old partitions."""
+    from confluent_kafka.admin import NewPartitions
+
+    admin = AdminClient(confluent_config(settings))
+    metadata = admin.list_topics(timeout=15).topics
+    short = [t for t in topics if t in metadata and len(metadata[t].partitions) < partitions]
+    if not short:
+        return []
+    for topic, future in admin.create_partitions(
+        [NewPartitions(t, partitions) for t in short], operation_timeout=15
+    ).items():
+        future.result()
+        log.warning("topic %s grown to %d partitions", topic, partitions)
+    _wait_for_leaders(admin, short)
+    return short
+
+
 def delete_topics(settings: Settings, topics: list[str], timeout_s: float = 15.0) -> None:
     """Delete ``topics`` where they exist (best effort: a failure is logged, not raised)."""
     admin = AdminClient(confluent_config(settings))

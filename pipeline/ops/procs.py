@@ -13,10 +13,14 @@ from pipeline.config import Settings
 
 
 def spawn(
-    settings: Settings, args: list[str], log_path: Path | None = None
+    settings: Settings,
+    args: list[str],
+    log_path: Path | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start ``sluice <args>`` in a child process with ``settings`` in its environment."""
-    env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
+    """Start ``sluice <args>`` in a child process with ``settings`` (and ``extra_env``) in its
+    environment."""
+    env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
     try:
         return subprocess.Popen(
@@ -33,14 +37,33 @@ def spawn(
 
 
 def spawn_workers(
-    settings: Settings, mode: str, log_dir: Path | None = None, count: int = 1
+    settings: Settings,
+    mode: str,
+    log_dir: Path | None = None,
+    count: int = 1,
+    gpus: list[str] | None = None,
 ) -> list[subprocess.Popen[bytes]]:
     """The processes of one pipeline: ``count`` for fused/naive (one consumer group), one
-    per stage for split, each stage ``count`` times.
+    per stage for split, each stage ``count`` times; with ``gpus``, one fused worker per
+    GPU, each seeing only its own (``CUDA_VISIBLE_DEVICES``), all in one group.
 
     With a ``metrics_port``, the processes serve metrics on that port and the ones after it
     (in the order started), since they share a host.
     """
+    if gpus is not None:
+        if mode != "fused":
+            raise ValueError(f"one worker per GPU runs the fused mode, not {mode!r}")
+        if log_dir:
+            log_dir.mkdir(parents=True, exist_ok=True)
+        return [
+            spawn(
+                _metrics_port_after(settings, i).replace(worker_id=f"gpu{gpu}"),
+                ["worker", "--mode", "fused"],
+                log_dir / f"worker-gpu{gpu}.log" if log_dir else None,
+                {"CUDA_VISIBLE_DEVICES": gpu},
+            )
+            for i, gpu in enumerate(gpus)
+        ]
     if count > 1:
         per_copy = 3 if mode == "split" else 1
         return [p for i in range(count) for p in spawn_workers(
@@ -97,3 +120,36 @@ def kill(procs: list[subprocess.Popen[bytes]]) -> None:
             with contextlib.suppress(ProcessLookupError):
                 p.kill()
         p.wait(timeout=10)
+
+
+def parse_gpus(spec: str, available: int) -> list[str]:
+    """``all`` (every GPU the host has) or a comma list of GPU indices, as strings."""
+    if spec == "all":
+        if available < 1:
+            raise ValueError("--gpus all: this host has no NVIDIA GPU")
+        return [str(i) for i in range(available)]
+    ids = [s.strip() for s in spec.split(",") if s.strip()]
+    if not ids or not all(i.isdigit() for i in ids):
+        raise ValueError(f"--gpus takes 'all' or GPU indices like 0,1, got {spec!r}")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"--gpus names a GPU twice: {spec!r}")
+    missing = [i for i in ids if int(i) >= available]
+    if missing:
+        raise ValueError(
+            f"--gpus {spec}: this host has {available} GPU(s), no {', '.join(missing)}"
+        )
+    return ids
+
+
+def gpu_count() -> int:
+    """The host's NVIDIA GPUs, from NVML (0 without a driver): CUDA stays uninitialised in a
+    process that only starts workers."""
+    from pipeline.observability.gpu import load_nvml
+
+    nvml = load_nvml()
+    if nvml is None:
+        return 0
+    try:
+        return int(nvml.nvmlDeviceGetCount())
+    except Exception:  # noqa: BLE001 - no driver, no GPUs
+        return 0

@@ -50,3 +50,42 @@ def test_gpu_scenario_prints_per_model_figures(settings: Settings) -> None:
         assert figures["mean_batch_size"] >= 1
         if not torch.cuda.is_available():
             assert figures["gpu_util"] is None  # no NVML: no made-up utilisation
+
+
+@pytest.mark.timeout(600)
+def test_gpu_scaling_runs_one_worker_per_gpu_for_each_n(settings: Settings) -> None:
+    """``--gpus 2``: N = 1 and 2, one fused worker per GPU in one group (on this CPU
+    machine the workers share the CPU: the contract, not the scaling, is checked)."""
+    env = {**os.environ, **settings.to_env()}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "bench",
+            "--scenario",
+            "gpu",
+            "--gpus",
+            "2",
+            "--requests",
+            "200",
+            "--no-progress",
+        ],  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=550,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [run["gpus"] for run in result["runs"]] == [1, 2]
+    for run in result["runs"]:
+        n = run["gpus"]
+        assert set(run["models"]) == {"bert", "resnet"}
+        for name, figures in run["models"].items():
+            assert figures["sent"] == figures["answered"] == 2 * 200 * n, (n, name)
+            assert figures["wrong_outputs"] == 0 and figures["workers"] == n
+            one = result["runs"][0]["models"][name]["pipeline_rps"]
+            assert figures["scaling_efficiency"] == pytest.approx(
+                figures["pipeline_rps"] / (n * one), abs=2e-3
+            )

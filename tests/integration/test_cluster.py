@@ -8,6 +8,7 @@ its own (three KRaft nodes with small heaps, to fit beside the session's broker 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -61,9 +62,15 @@ def test_topics_on_the_cluster_replicate_three_times_and_need_two_in_sync(
         settings = make_settings(bootstrap, model_dir)
         ensure_topics(settings, [settings.requests_topic])
         admin = AdminClient({"bootstrap.servers": bootstrap})
-        topic = admin.list_topics(settings.requests_topic, timeout=10).topics[
-            settings.requests_topic
-        ]
+        # Each node learns of a new topic on its own: the one asked may not have yet.
+        deadline = time.monotonic() + 30
+        while True:
+            topic = admin.list_topics(settings.requests_topic, timeout=10).topics[
+                settings.requests_topic
+            ]
+            if topic.partitions or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         assert {len(p.replicas) for p in topic.partitions.values()} == {3}
         from confluent_kafka.admin import ConfigResource
 

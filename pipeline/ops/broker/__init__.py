@@ -381,13 +381,23 @@ def _warm_up(config: dict[str, Any], admin: Any, timeout_s: float) -> None:
     from confluent_kafka.admin import NewTopic
 
     quiet = {**config, "log_level": 0}
-    created = admin.create_topics([NewTopic(WARM_UP_TOPIC, 1, 1)], operation_timeout=timeout_s)
-    for future in created.values():
+    deadline = time.monotonic() + timeout_s
+    while True:
+        created = admin.create_topics([NewTopic(WARM_UP_TOPIC, 1, 1)], operation_timeout=timeout_s)
         try:
-            future.result()
-        except KafkaException as exc:  # left by a warm-up that was cut short
-            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+            for future in created.values():
+                future.result()
+            break
+        except KafkaException as exc:
+            error = exc.args[0]
+            if error.code() == KafkaError.TOPIC_ALREADY_EXISTS:  # a warm-up cut short
+                break
+            # A cluster whose nodes are still joining drops connections meanwhile.
+            joining = (KafkaError._DESTROY_BROKER, KafkaError._TRANSPORT,
+                       KafkaError._ALL_BROKERS_DOWN)  # fmt: skip
+            if time.monotonic() > deadline or not (error.retriable() or error.code() in joining):
                 raise
+            time.sleep(0.5)
     producer = Producer({**quiet, "enable.idempotence": True})
     producer.produce(WARM_UP_TOPIC, b"")
     if producer.flush(timeout_s):

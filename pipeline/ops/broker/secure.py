@@ -171,9 +171,10 @@ allow.everyone.if.no.acl.found=false
 
 
 def worker_acls(prefix: str, principal: str = f"User:{WORKER}") -> list[Any]:
-    """What the worker may do, and nothing else: read its request, infer, results and
-    changelog topics; write its responses, replies, infer, results, DLQ and changelog
-    topics; use its consumer groups and transactional ids (all named ``<prefix>…``)."""
+    """What the worker may do, and nothing else: read its request, infer, results,
+    changelog and experiment-event topics; write its responses, replies, infer, results, DLQ,
+    changelog, shadow and experiment-event topics; use its consumer groups and transactional
+    ids (all named ``<prefix>…``)."""
     from confluent_kafka.admin import (
         AclBinding,
         AclOperation,
@@ -188,6 +189,7 @@ def worker_acls(prefix: str, principal: str = f"User:{WORKER}") -> list[Any]:
         (f"{prefix}.infer.", prefixed),
         (f"{prefix}.results", literal),
         (f"{prefix}.features-changelog", literal),
+        (f"{prefix}.experiments", literal),
     ]
     write = [
         (f"{prefix}.responses", literal),
@@ -196,6 +198,8 @@ def worker_acls(prefix: str, principal: str = f"User:{WORKER}") -> list[Any]:
         (f"{prefix}.results", literal),
         (f"{prefix}.dlq", literal),
         (f"{prefix}.features-changelog", literal),
+        (f"{prefix}.shadow", literal),
+        (f"{prefix}.experiments", literal),
     ]
     allow = AclPermissionType.ALLOW
 

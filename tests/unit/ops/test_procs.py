@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -42,3 +43,59 @@ def test_metrics_ports_do_not_collide(
 def test_metrics_off_stays_off(spawned: list[tuple[int, list[str]]]) -> None:
     procs.spawn_workers(Settings(), "split", count=2)
     assert {port for port, _ in spawned} == {0}
+
+
+def test_one_fused_worker_per_gpu_each_seeing_only_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[tuple[Settings, list[str], dict[str, str] | None]] = []
+
+    def spawn(
+        settings: Settings,
+        args: list[str],
+        log_path: Path | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> Any:
+        calls.append((settings, args, extra_env))
+        return object()
+
+    monkeypatch.setattr(procs, "spawn", spawn)
+    procs.spawn_workers(Settings(metrics_port=9400), "fused", gpus=["0", "2"])
+    assert [c[2] for c in calls] == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "2"}]
+    assert [c[1] for c in calls] == [["worker", "--mode", "fused"]] * 2
+    # Distinct worker ids (transactional ids, feature stores) and metrics ports.
+    assert [(c[0].worker_id, c[0].metrics_port) for c in calls] == [("gpu0", 9400), ("gpu2", 9401)]
+    with pytest.raises(ValueError, match="fused"):
+        procs.spawn_workers(Settings(), "split", gpus=["0"])
+
+
+@pytest.mark.parametrize(
+    ("spec", "available", "expected"),
+    [("all", 4, ["0", "1", "2", "3"]), ("0,1", 2, ["0", "1"]), (" 3, 1 ", 4, ["3", "1"])],
+)
+def test_gpus_spec(spec: str, available: int, expected: list[str]) -> None:
+    assert procs.parse_gpus(spec, available) == expected
+
+
+@pytest.mark.parametrize(
+    ("spec", "available", "error"),
+    [
+        ("all", 0, "no NVIDIA GPU"),
+        ("0,x", 2, "GPU indices"),
+        ("", 2, "GPU indices"),
+        ("1,1", 2, "twice"),
+        ("0,2", 2, "has 2 GPU(s)"),
+    ],
+)
+def test_bad_gpus_specs_say_why(spec: str, available: int, error: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(error)):
+        procs.parse_gpus(spec, available)
+
+
+def test_gpu_counts_for_the_scaling_bench() -> None:
+    from benchmarks.bench_gpu import gpu_counts
+
+    assert gpu_counts(1) == [1]
+    assert gpu_counts(2) == [1, 2]
+    assert gpu_counts(6) == [1, 2, 4, 6]
+    assert gpu_counts(8) == [1, 2, 4, 8]
