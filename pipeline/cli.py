@@ -421,13 +421,20 @@ def experiment() -> None:
 @experiment.command("report")
 @click.option("--model", "model_name", default=None, help="Default: every model's variants.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-def experiment_report(model_name: str | None, as_json: bool) -> None:
+@click.option(
+    "--since-s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Only the answers of the last this-many seconds (the variants of one config, over "
+    "the same stretch of load).",
+)
+def experiment_report(model_name: str | None, as_json: bool, since_s: float | None) -> None:
     """Per variant: count, share, throughput, p50/p95/p99, error and expired rates, a
     shadow's agreement with the primary; the differences with 95 % confidence intervals
     and a verdict. Read from the responses and shadow topics."""
     from pipeline.experiments.report import report_command_output
 
-    click.echo(report_command_output(_settings(), model_name, as_json))
+    click.echo(report_command_output(_settings(), model_name, as_json, since_s))
 
 
 # -- autoscale ------------------------------------------------------------------------------

@@ -483,10 +483,19 @@ def _collect(
     return _Collected(observations, pairing.pairs, notes)
 
 
-def report_command_output(settings: Settings, model: str | None, as_json: bool) -> str:
-    """What ``sluice experiment report`` prints: the table, or the summary as JSON."""
+def report_command_output(
+    settings: Settings, model: str | None, as_json: bool, since_s: float | None = None
+) -> str:
+    """What ``sluice experiment report`` prints: the table, or the summary as JSON. With
+    ``since_s``, only the answers of the last ``since_s`` seconds on the topic count (the
+    variants of one config compared over the same stretch of load)."""
     got = _collect(settings, model)
-    summary = summarize(got.observations, got.pairs)
+    observations = got.observations
+    if since_s is not None and observations:
+        start = max(o.time_s for o in observations) - since_s
+        observations = [o for o in observations if o.time_s >= start]
+        got.notes.append(f"only the answers of the last {since_s:g} s on the topic")
+    summary = summarize(observations, got.pairs)
     summary["notes"] = got.notes
     if as_json:
         return json.dumps(summary, sort_keys=True, allow_nan=False)

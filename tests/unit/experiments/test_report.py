@@ -461,3 +461,12 @@ def test_report_command_output(topics: dict[str, Any]) -> None:
     assert summary["variants"]["a"]["count"] == 1
     assert summary["shadows"]["s"]["top1_agreement"] == pytest.approx(0.5)
     assert summary["notes"][0] == "sluice.responses: 2 unreadable records left out"
+
+
+def test_report_since_keeps_only_the_last_seconds(topics: dict[str, Any]) -> None:
+    """The answers at 1000.0 s (a) and 1000.5 s (b): the last 0.2 s hold only b's."""
+    summary = json.loads(report.report_command_output(Settings(), "m", True, since_s=0.2))
+    assert set(summary["variants"]) == {"b"}
+    assert "only the answers of the last 0.2 s on the topic" in summary["notes"]
+    everything = json.loads(report.report_command_output(Settings(), "m", True))
+    assert set(everything["variants"]) == {"a", "b"}
