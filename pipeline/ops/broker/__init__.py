@@ -382,33 +382,46 @@ def _warm_up(config: dict[str, Any], admin: Any, timeout_s: float) -> None:
 
     quiet = {**config, "log_level": 0}
     deadline = time.monotonic() + timeout_s
-    while True:
-        created = admin.create_topics([NewTopic(WARM_UP_TOPIC, 1, 1)], operation_timeout=timeout_s)
-        try:
-            for future in created.values():
-                future.result()
-            break
-        except KafkaException as exc:
-            error = exc.args[0]
-            if error.code() == KafkaError.TOPIC_ALREADY_EXISTS:  # a warm-up cut short
-                break
-            # A cluster whose nodes are still joining drops connections meanwhile.
-            joining = (KafkaError._DESTROY_BROKER, KafkaError._TRANSPORT,
-                       KafkaError._ALL_BROKERS_DOWN)  # fmt: skip
-            if time.monotonic() > deadline or not (error.retriable() or error.code() in joining):
-                raise
-            time.sleep(0.5)
+    # A cluster whose nodes are still joining drops connections and moves its coordinators
+    # meanwhile (NOT_COORDINATOR, ...): each step is tried again until the deadline.
+    joining = (KafkaError._DESTROY_BROKER, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN)
+
+    def retrying(step: Any, done_anyway: tuple[int, ...] = ()) -> None:
+        while True:
+            try:
+                step()
+                return
+            except KafkaException as exc:
+                error = exc.args[0]
+                if error.code() in done_anyway:
+                    return
+                again = error.retriable() or error.code() in joining
+                if time.monotonic() > deadline or not again:
+                    raise
+                time.sleep(0.5)
+
+    def create() -> None:
+        topics = [NewTopic(WARM_UP_TOPIC, 1, 1)]
+        for future in admin.create_topics(topics, operation_timeout=timeout_s).values():
+            future.result()
+
+    # Already there: left by a warm-up that was cut short.
+    retrying(create, (KafkaError.TOPIC_ALREADY_EXISTS,))
     producer = Producer({**quiet, "enable.idempotence": True})
     producer.produce(WARM_UP_TOPIC, b"")
     if producer.flush(timeout_s):
         raise BrokerError("the warm-up record was not delivered")
     consumer = Consumer({**quiet, "group.id": WARM_UP_TOPIC})
     try:
-        consumer.committed([TopicPartition(WARM_UP_TOPIC, 0)], timeout=timeout_s)
+        retrying(lambda: consumer.committed([TopicPartition(WARM_UP_TOPIC, 0)], timeout=timeout_s))
     finally:
         consumer.close()
-    for future in admin.delete_topics([WARM_UP_TOPIC], operation_timeout=timeout_s).values():
-        future.result()
+
+    def delete() -> None:
+        for future in admin.delete_topics([WARM_UP_TOPIC], operation_timeout=timeout_s).values():
+            future.result()
+
+    retrying(delete, (KafkaError.UNKNOWN_TOPIC_OR_PART,))
 
 
 _PLAINTEXT_LISTENERS = """\
