@@ -343,4 +343,4 @@ def test_the_time_lag_query_selects_what_a_worker_serves() -> None:
         for s in family.samples
         if s.name == name and s.labels.get("group") == group
     ]
-    assert [s.value for s in served] == [pytest.approx(4.0)]
+    assert [s.value for s in served] == [pytest.approx(4.0, abs=1e-9)]

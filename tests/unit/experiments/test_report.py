@@ -60,21 +60,29 @@ def test_counts_shares_rates_and_percentiles() -> None:
     assert summary["observations"] == 10
     assert summary["baseline"] == "a"  # the most observed
     assert (va["count"], vb["count"]) == (6, 4)
-    assert va["share"] == pytest.approx(0.6) and vb["share"] == pytest.approx(0.4)
+    assert va["share"] == pytest.approx(0.6, abs=1e-9) and vb["share"] == pytest.approx(
+        0.4, abs=1e-9
+    )
     # The span is over all observations: 0 s to 10 s.
-    assert va["throughput_rps"] == pytest.approx(0.6) and vb["throughput_rps"] == pytest.approx(0.4)
-    assert va["error_rate"] == pytest.approx(1 / 6) and va["expired_rate"] == pytest.approx(1 / 6)
-    assert vb["error_rate"] == pytest.approx(1 / 4) and vb["expired_rate"] == 0
+    assert va["throughput_rps"] == pytest.approx(0.6, abs=1e-9) and vb[
+        "throughput_rps"
+    ] == pytest.approx(0.4, abs=1e-9)
+    assert va["error_rate"] == pytest.approx(1 / 6, abs=1e-9) and va[
+        "expired_rate"
+    ] == pytest.approx(1 / 6, abs=1e-9)
+    assert vb["error_rate"] == pytest.approx(1 / 4, abs=1e-9) and vb[
+        "expired_rate"
+    ] == pytest.approx(0.0, abs=1e-12)
     for figures, latency in ((va, [10, 12, 30, 11, 50, 13]), (vb, [7, 9, 8])):
         expected = np.quantile(latency, [0.5, 0.95, 0.99], method="linear")
         got = [figures["p50_ms"], figures["p95_ms"], figures["p99_ms"]]
         assert got == pytest.approx(expected, rel=1e-12)
-    assert va["p50_ms"] == pytest.approx(12.5)  # by hand: halfway between 12 and 13
-    assert vb["p95_ms"] == pytest.approx(8.9)  # 9 - 0.1 x (9 - 8)
+    assert va["p50_ms"] == pytest.approx(12.5, abs=1e-9)  # by hand: halfway between 12 and 13
+    assert vb["p95_ms"] == pytest.approx(8.9, abs=1e-9)  # 9 - 0.1 x (9 - 8)
     (comparison,) = summary["comparisons"]
     assert comparison["variant"] == "b" and comparison["baseline"] == "a"
-    assert comparison["p50_ms"]["diff"] == pytest.approx(8.0 - 12.5)
-    assert comparison["error_rate"]["diff"] == pytest.approx(1 / 4 - 1 / 6)
+    assert comparison["p50_ms"]["diff"] == pytest.approx(8.0 - 12.5, abs=1e-9)
+    assert comparison["error_rate"]["diff"] == pytest.approx(1 / 4 - 1 / 6, abs=1e-9)
     # Both groups are under min_count, whatever the intervals say.
     assert MORE.match(comparison["verdict"])
 
@@ -251,7 +259,7 @@ def test_shadow_agreement() -> None:
     shadows = summarize([], pairs)["shadows"]
     s = shadows["s"]
     assert (s["pairs"], s["both_ok"], s["compared"]) == (5, 4, 3)
-    assert s["top1_agreement"] == pytest.approx(2 / 5)
+    assert s["top1_agreement"] == pytest.approx(2 / 5, abs=1e-9)
     # Decimal fractions are not exact in binary: 0.9 - 0.7 is 0.20000000000000007.
     assert s["max_abs_diff"] == pytest.approx(1.0, abs=1e-12)
     assert s["mean_abs_diff"] == pytest.approx((0.4 + 0.6 + 2.0) / 12, abs=1e-12)
@@ -459,7 +467,7 @@ def test_report_command_output(topics: dict[str, Any]) -> None:
     assert text.splitlines()[-1] == "verdict: not enough data: about 99 more requests to b needed"
     summary = json.loads(report.report_command_output(Settings(), "m", as_json=True))
     assert summary["variants"]["a"]["count"] == 1
-    assert summary["shadows"]["s"]["top1_agreement"] == pytest.approx(0.5)
+    assert summary["shadows"]["s"]["top1_agreement"] == pytest.approx(0.5, abs=1e-9)
     assert summary["notes"][0] == "sluice.responses: 2 unreadable records left out"
 
 

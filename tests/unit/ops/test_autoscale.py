@@ -75,10 +75,10 @@ def test_settings_are_validated(make: Callable[[], object], message: str) -> Non
 def test_partition_skew_sets_the_drain_rate() -> None:
     group = Group(partitions=12, capacity_per_s=1000.0)
     # 5 replicas: one owns 3 partitions, so the slowest partition drains as if 4 replicas.
-    assert group.drain_per_s(5) == pytest.approx(4000.0)
-    assert group.drain_per_s(7) == pytest.approx(6000.0)
-    assert group.drain_per_s(12) == pytest.approx(12000.0)
-    assert group.drain_per_s(20) == pytest.approx(12000.0)  # past 12 they idle
+    assert group.drain_per_s(5) == pytest.approx(4000.0, abs=1e-9)
+    assert group.drain_per_s(7) == pytest.approx(6000.0, abs=1e-9)
+    assert group.drain_per_s(12) == pytest.approx(12000.0, abs=1e-9)
+    assert group.drain_per_s(20) == pytest.approx(12000.0, abs=1e-9)  # past 12 they idle
 
 
 def test_time_lag_is_the_age_of_the_oldest_unconsumed_record() -> None:
@@ -139,7 +139,7 @@ def test_mixed_offset_lag_misreads_heavy_records(defaults: Results) -> None:
     assert max(offset.replicas[heavy]) < max(time.replicas[heavy])
     assert max(offset.time_lag_s[heavy]) > max(time.time_lag_s[heavy])
     best = min(r.worst_time_lag_s for (s, _), r in defaults.items() if s == "mixed")
-    assert defaults[("mixed", "time+cpu")].worst_time_lag_s == pytest.approx(best)
+    assert defaults[("mixed", "time+cpu")].worst_time_lag_s == pytest.approx(best, abs=1e-9)
 
 
 def test_same_seed_same_results() -> None:
@@ -174,5 +174,5 @@ def test_cli_json_only_for_one_scenario_and_trigger() -> None:
     (line,) = outcome.output.strip().splitlines()
     summary = json.loads(line)
     assert summary["partitions"] == 6 and summary["duration_s"] == 300
-    assert summary["capacity_per_s"] == pytest.approx(500.0)
+    assert summary["capacity_per_s"] == pytest.approx(500.0, abs=1e-9)
     assert list(summary["results"]) == ["step"] and list(summary["results"]["step"]) == ["cpu"]
