@@ -8,6 +8,7 @@ against the model's direct output on the same input.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 from confluent_kafka import Consumer, Producer
 
+from benchmarks import loadgen
 from pipeline.config import Settings
 from pipeline.kafka import (
     confluent_config,
@@ -215,6 +217,7 @@ def run(
     partitions: int | None = None,
     answers: list[np.ndarray] | None = None,
     spawn: Callable[[Settings, Path], list[Any]] | None = None,
+    generators: int | None = None,
 ) -> dict[str, Any]:
     """Start the pipeline in ``mode`` on fresh topics, drive ``requests`` through it, stop it.
 
@@ -226,6 +229,8 @@ def run(
     ``answers`` is a list, each request variant's first output as answered through Kafka is
     appended to it (NaN where none was answered). ``spawn`` starts the processes that serve
     the run instead of ``mode``'s (a peer, say), given the run's settings and log folder.
+    ``generators`` load-generator processes share the schedule (`benchmarks.loadgen`; by
+    default one per two workers, within the host's cores).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -235,6 +240,8 @@ def run(
         raise ValueError(f"rate must be > 0 requests/s, got {rate}")
     if partitions is not None and partitions < 1:
         raise ValueError(f"partitions must be an integer >= 1, got {partitions}")
+    if generators is not None and generators < 1:
+        raise ValueError(f"generators must be an integer >= 1, got {generators}")
     run_id = uuid.uuid4().hex[:8]
     settings = settings.replace(
         topic_prefix=f"{settings.topic_prefix}-bench-{mode}-{run_id}",
@@ -249,7 +256,8 @@ def run(
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="sluice-bench-"))
     try:
         summary, tally = _drive(settings, mode, requests, rate, progress, log_dir, timeout_s,
-                                workers, load, tolerance, spawn)  # fmt: skip
+                                workers, load, tolerance, spawn,
+                                generators or loadgen.auto_count(workers))  # fmt: skip
         if answers is not None:
             answers.extend(tally.by_variant(len(load.payloads)))
     finally:
@@ -270,6 +278,7 @@ def _drive(
     load: Load,
     tolerance: tuple[float, float],
     spawn: Callable[[Settings, Path], list[Any]] | None = None,
+    generators: int = 1,
 ) -> tuple[dict[str, Any], Tally]:
     if spawn is not None:
         processes = spawn(settings, log_dir)
@@ -288,7 +297,17 @@ def _drive(
             # latency; the measured loops create no reference cycles.
             gc.collect()
             gc.disable()
-            sent_s = _produce(settings, producer, load, requests, rate, reader, progress, timeout_s)
+            if generators > 1:
+                sent_s = loadgen.produce_parallel(
+                    settings, dataclasses.replace(load, expected=load.expected[:0]), requests,
+                    rate, generators, timeout_s,
+                    lambda sent: _progress(requests, sent, reader.tally.answered) if progress
+                    else None,
+                )  # fmt: skip
+            else:
+                sent_s = _produce(
+                    settings, producer, load, requests, rate, reader, progress, timeout_s
+                )
             reader.wait(timeout_s, progress, processes)
         finally:
             gc.enable()
@@ -297,7 +316,9 @@ def _drive(
         procs.stop(processes)
     reader.tally_outputs()
     reader.tally.check(load.expected, *tolerance)
-    return _summary(mode, requests, rate, sent_s, reader.tally, load.fmt, workers), reader.tally
+    summary = _summary(mode, requests, rate, sent_s, reader.tally, load.fmt, workers)
+    summary["generators"] = generators
+    return summary, reader.tally
 
 
 class _Reader:
@@ -506,6 +527,66 @@ def _summary(
         else None,
         # perf_counter seconds of the first send and the last answer, for samplers beside it.
         "window_perf_s": window,
+    }
+
+
+def counts_up_to(most: int) -> list[int]:
+    """N = 1, 2, 4, 8 up to ``most``, and ``most`` itself: the points of a scaling run."""
+    return sorted({n for n in (1, 2, 4, 8) if n <= most} | {most})
+
+
+def scaling(
+    settings: Settings,
+    mode: str,
+    most: int,
+    requests: int,
+    payload: str = "json",
+    progress: bool = True,
+    generators: int | None = None,
+) -> dict[str, Any]:
+    """``mode`` through N = 1, 2, 4, 8 … ``most`` worker processes in one group, one
+    partition each, in one run: each N's maximum, the p50 and p99 at 75 % of it, and its
+    ``scaling_efficiency`` (its maximum over N times one worker's). Then the bare relay with
+    ``most`` processes: the ceiling that the broker, the generators and the cores allow."""
+    runs: list[dict[str, Any]] = []
+    one = 0.0
+    for count in counts_up_to(most):
+        common: dict[str, Any] = dict(
+            payload=payload, workers=count, progress=progress, generators=generators
+        )
+        top = run(settings, mode, requests * count, None, **common)
+        rps = top["throughput_rps"]
+        at = run(settings, mode, requests * count, 0.75 * rps, **common) if rps else top
+        one = one or rps
+        runs.append({
+            "workers": count,
+            "generators": top["generators"],
+            "throughput_rps": rps,
+            "sent_rps": top["sent_rps"],
+            "scaling_efficiency": round(rps / (count * one), 3) if one else None,
+            "rate_for_p99": round(0.75 * rps, 1),
+            "p50_ms": at["latency_ms"]["p50"],
+            "p99_ms": at["latency_ms"]["p99"],
+            "mean_batch_size": top["mean_batch_size"],
+            "sent": top["sent"] + at["sent"],
+            "answered": top["answered"] + at["answered"],
+            "wrong_outputs": top["wrong_outputs"] + at["wrong_outputs"],
+        })  # fmt: skip
+    relay = run(settings, "relay", requests * most, None, payload=payload, workers=most,
+                progress=progress, generators=generators)  # fmt: skip
+    return {
+        "scenario": "scaling",
+        "mode": mode,
+        "payload": payload,
+        "cores": os.cpu_count(),
+        "requests_per_worker": requests,
+        "runs": runs,
+        "relay": {
+            "workers": most,
+            "generators": relay["generators"],
+            "throughput_rps": relay["throughput_rps"],
+            "sent_rps": relay["sent_rps"],
+        },
     }
 
 

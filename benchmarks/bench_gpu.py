@@ -58,6 +58,7 @@ class Scale:
     # Per-model largest batch, where it differs from ``batch`` (the bare model's batch).
     model_batch: dict[str, int] = field(default_factory=dict)
     workers: int = 1
+    generators: int | None = None  # load-generator processes (None: `loadgen.auto_count`)
     bare_s: float = 3.0
     max_delay_s: float = 0.004
     tolerance: tuple[float, float] = (1e-4, 1e-5)
@@ -229,13 +230,16 @@ def run(
     models: Sequence[str] | None = None,
     scale: Scale | None = None,
     gpus: int | None = None,
+    generators: int | None = None,
 ) -> dict[str, Any]:
     """Bare vs pipeline for each reference model; ``requests`` per pipeline run, through
     ``workers`` worker processes sharing the accelerator, or (``gpus``) through one worker
     per GPU for N = 1, 2, 4, 8 up to ``gpus``, with each N's ``scaling_efficiency``: its
     throughput over N times the one-GPU run's, measured in the same run."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    scale = dataclasses.replace(scale or (GPU if device.type == "cuda" else CPU), workers=workers)
+    scale = dataclasses.replace(
+        scale or (GPU if device.type == "cuda" else CPU), workers=workers, generators=generators
+    )
     n = requests or scale.requests
     result: dict[str, Any] = {
         "scenario": "gpu",
@@ -272,11 +276,6 @@ def run(
     return result
 
 
-def gpu_counts(gpus: int) -> list[int]:
-    """N = 1, 2, 4, 8 up to ``gpus``, and ``gpus`` itself."""
-    return sorted({n for n in (1, 2, 4, 8) if n <= gpus} | {gpus})
-
-
 def _scaling(
     settings: Settings,
     names: list[str],
@@ -290,7 +289,7 @@ def _scaling(
     p99 at 75 % of it, and N's throughput over N times one GPU's."""
     runs: list[dict[str, Any]] = []
     one: dict[str, float] = {}
-    for count in gpu_counts(gpus):
+    for count in bench.counts_up_to(gpus):
         ids = [str(i) for i in range(count)]
 
         def spawn(s: Settings, log_dir: Path, ids: list[str] = ids) -> list[Any]:
@@ -305,6 +304,8 @@ def _scaling(
             one.setdefault(name, figures["pipeline_rps"])
             figures["scaling_efficiency"] = round(figures["pipeline_rps"] / (count * one[name]), 3)
             per_model[name] = figures
+            # Each point as it comes: a run cut short still says how far it got.
+            sys.stderr.write(f"gpus={count} {name}: {json.dumps(figures)}\n")
         runs.append({"gpus": count, "models": per_model})
     return runs
 
@@ -321,7 +322,8 @@ def _pipeline(
 ) -> dict[str, Any]:
     common = dict(payload="msgpack", workers=scale.workers, model=name,
                   tolerance=scale.tolerance, progress=progress,
-                  partitions=max(settings.partitions, scale.workers), spawn=spawn)  # fmt: skip
+                  partitions=max(settings.partitions, scale.workers), spawn=spawn,
+                  generators=scale.generators)  # fmt: skip
     with UtilSampler() as sampler:
         top = bench.run(settings, "fused", n, rate, **common)  # type: ignore[arg-type]
     window = top.pop("window_perf_s")
@@ -338,6 +340,7 @@ def _pipeline(
         "rate_for_p99": round(0.75 * rps, 1),
         "mean_batch_size": top["mean_batch_size"],
         "sent_rps": top["sent_rps"],
+        "generators": top["generators"],
         "answered": top["answered"] + at["answered"],
         "sent": top["sent"] + at["sent"],
         "wrong_outputs": top["wrong_outputs"] + at["wrong_outputs"],

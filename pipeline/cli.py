@@ -534,6 +534,19 @@ def autoscale_simulate(
     help="--scenario gpu: one worker per GPU, for N = 1, 2, 4, 8 up to this many, each N's "
     "scaling efficiency against one GPU in the same run.",
 )
+@click.option(
+    "--scaling",
+    is_flag=True,
+    help="--mode with N = 1, 2, 4, 8 up to --workers worker processes, each N's scaling "
+    "efficiency against one worker, and the bare relay at --workers: --requests per worker.",
+)
+@click.option(
+    "--generators",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Load-generator processes sharing the schedule (default: one per two workers, at "
+    "most one per four cores).",
+)
 def bench(
     mode: str,
     n: int,
@@ -545,9 +558,20 @@ def bench(
     partitions: int | None,
     scenario: str,
     gpus: int | None,
+    scaling: bool,
+    generators: int | None,
 ) -> None:
     """Drive N requests through a fresh pipeline; print a JSON summary as the last line."""
     from benchmarks import bench as bench_mod
+
+    if scaling:
+        if scenario != "pipeline" or mode not in ("fused", "split"):
+            raise click.UsageError("--scaling goes with --mode fused or split")
+        result = bench_mod.scaling(_settings(), mode, workers, n or 50_000, payload,
+                                   not no_progress, generators)  # fmt: skip
+        click.echo(json.dumps(result, sort_keys=True))
+        lost = [r for r in result["runs"] if r["answered"] != r["sent"] or r["wrong_outputs"]]
+        sys.exit(1 if lost else 0)
 
     if scenario != "pipeline":
         module = importlib.import_module(f"benchmarks.bench_{scenario}")
@@ -556,6 +580,10 @@ def bench(
             if scenario != "gpu":
                 raise click.UsageError("--gpus goes with --scenario gpu")
             extra["gpus"] = gpus
+        if generators is not None:
+            if scenario != "gpu":
+                raise click.UsageError("--generators goes with --scenario pipeline or gpu")
+            extra["generators"] = generators
         if n is not None:
             extra["requests"] = n
         result = module.run(_settings(), rate=rate, progress=not no_progress, **extra)
@@ -570,6 +598,7 @@ def bench(
         payload=payload,
         workers=workers,
         partitions=partitions,
+        generators=generators,
     )
     if not as_json:
         _print_human(summary)

@@ -15,7 +15,8 @@ CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -cd '[:a
 python -m pipeline.cli broker start
 trap 'python -m pipeline.cli broker stop' EXIT
 python -m pipeline.cli bench --scenario gpu --gpus "$GPUS" --no-progress \
-  ${REQUESTS:+--requests "$REQUESTS"} | tee "$OUT/gpu-scaling.log"
+  ${REQUESTS:+--requests "$REQUESTS"} ${GENERATORS:+--generators "$GENERATORS"} \
+  2> >(tee "$OUT/gpu-scaling.err" >&2) | tee "$OUT/gpu-scaling.log"
 tail -1 "$OUT/gpu-scaling.log" > "$OUT/gpu-scaling-$CARD-x$GPUS.json"
 python - "$OUT/gpu-scaling-$CARD-x$GPUS.json" "$CARD" "$*" <<'PY'
 import json, sys

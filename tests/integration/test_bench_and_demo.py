@@ -37,6 +37,38 @@ def test_bench_msgpack_payload(settings) -> None:
     assert summary["wrong_outputs"] == 0
 
 
+@pytest.mark.parametrize("rate", [400.0, None])
+def test_several_load_generators_keep_one_schedule(rate: float | None, settings) -> None:
+    """Three generator processes send every request once, paced as one schedule (or as
+    fast as they go), and each request's latency counts from its own due time."""
+    summary = bench.run(settings, "fused", 600, rate=rate, progress=False, workers=2,
+                        generators=3, payload="msgpack")  # fmt: skip
+    assert summary["generators"] == 3
+    assert summary["sent"] == summary["answered"] == 600
+    assert summary["outcomes"] == {"ok": 600}
+    assert summary["wrong_outputs"] == 0 and summary["duplicates"] == 0
+    lat = summary["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p99"] <= lat["max"]
+    if rate is not None:
+        # 600 requests due over 1.5 s: the span of the due times is the schedule's.
+        assert summary["sent_rps"] == pytest.approx(rate, rel=0.01)
+
+
+def test_scaling_run_reports_each_count_and_the_relay(settings) -> None:
+    result = bench.scaling(settings, "fused", 2, 300, progress=False, generators=1)
+    assert [r["workers"] for r in result["runs"]] == [1, 2]
+    one, two = result["runs"]
+    assert one["scaling_efficiency"] == 1.0
+    assert two["scaling_efficiency"] == pytest.approx(
+        two["throughput_rps"] / (2 * one["throughput_rps"]), abs=1e-3
+    )
+    for r in result["runs"]:
+        assert r["answered"] == r["sent"] == 2 * 300 * r["workers"]
+        assert r["wrong_outputs"] == 0
+        assert 0 < r["p50_ms"] <= r["p99_ms"]
+    assert result["relay"]["workers"] == 2 and result["relay"]["throughput_rps"] > 0
+
+
 def test_bench_cli_prints_json_last(settings) -> None:
     env = {**os.environ, **settings.to_env()}
     out = subprocess.run(

@@ -90,12 +90,3 @@ def test_gpus_spec(spec: str, available: int, expected: list[str]) -> None:
 def test_bad_gpus_specs_say_why(spec: str, available: int, error: str) -> None:
     with pytest.raises(ValueError, match=re.escape(error)):
         procs.parse_gpus(spec, available)
-
-
-def test_gpu_counts_for_the_scaling_bench() -> None:
-    from benchmarks.bench_gpu import gpu_counts
-
-    assert gpu_counts(1) == [1]
-    assert gpu_counts(2) == [1, 2]
-    assert gpu_counts(6) == [1, 2, 4, 6]
-    assert gpu_counts(8) == [1, 2, 4, 8]
