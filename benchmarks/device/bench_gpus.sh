@@ -27,6 +27,6 @@ for run in result["runs"]:
     one = {k: v for k, v in result.items() if k != "runs"}
     one.update(gpus=run["gpus"], models=run["models"],
                scaling_efficiency={m: f["scaling_efficiency"] for m, f in run["models"].items()})
-    (path.parent / f"gpu-scaling-{card}-g{run['gpus']}.json").write_text(json.dumps(one, indent=2) + "\n")
+    (path.parent / f"{path.stem}-g{run['gpus']}.json").write_text(json.dumps(one, indent=2) + "\n")
     print(run["gpus"], json.dumps(one["scaling_efficiency"]), {m: f["pipeline_rps"] for m, f in run["models"].items()})
 PY
