@@ -297,6 +297,7 @@ def _drive(
             # latency; the measured loops create no reference cycles.
             gc.collect()
             gc.disable()
+            cpu_before = _cpu_s(processes)
             if generators > 1:
                 sent_s = loadgen.produce_parallel(
                     settings, dataclasses.replace(load, expected=load.expected[:0]), requests,
@@ -309,6 +310,7 @@ def _drive(
                     settings, producer, load, requests, rate, reader, progress, timeout_s
                 )
             reader.wait(timeout_s, progress, processes)
+            cpu_s = _cpu_s(processes) - cpu_before
         finally:
             gc.enable()
             reader.close()
@@ -318,6 +320,9 @@ def _drive(
     reader.tally.check(load.expected, *tolerance)
     summary = _summary(mode, requests, rate, sent_s, reader.tally, load.fmt, workers)
     summary["generators"] = generators
+    # The serving processes' CPU (every thread: Python's and librdkafka's) per answer.
+    answered = summary["answered"]
+    summary["worker_cpu_us_per_request"] = round(cpu_s / answered * 1e6, 2) if answered else None
     return summary, reader.tally
 
 
@@ -405,6 +410,18 @@ class _Reader:
         self._stop.set()
         self._thread.join(timeout=10)
         self._consumer.close()
+
+
+def _cpu_s(processes: list[Any]) -> float:
+    """User and system CPU seconds the processes have used so far (from ``/proc``)."""
+    total = 0.0
+    for p in processes:
+        try:
+            fields = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, AttributeError):
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def _wait_ready(

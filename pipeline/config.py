@@ -30,6 +30,15 @@ class Delivery(StrEnum):
     EXACTLY_ONCE = "exactly_once"
 
 
+class BatchWindow(StrEnum):
+    """How long a batch waits to fill: ``adaptive``, only while its model is busy with the
+    batch before (an idle model takes what has come at once); ``fixed``, ``max_delay_s``
+    from its first request whatever the model is doing."""
+
+    ADAPTIVE = "adaptive"
+    FIXED = "fixed"
+
+
 class Compression(StrEnum):
     NONE = "none"
     LZ4 = "lz4"
@@ -63,6 +72,7 @@ class Settings:
     model_dir: Path | None = None
     max_batch_size: int = 64
     max_delay_s: float = 0.002
+    batch_window: str = "adaptive"
     max_inflight: int = 4096
     max_payload_bytes: int = 1_048_576
     max_elements_per_tensor: int = 1_048_576
@@ -217,6 +227,7 @@ class Settings:
             )
         _require_choice(self, "compression_type", Compression)
         _require_choice(self, "delivery", Delivery)
+        _require_choice(self, "batch_window", BatchWindow)
         _require_int(self, "backpressure_low_water", minimum=0)
         _require_int(self, "backpressure_high_water", minimum=1)
         if self.backpressure_low_water >= self.backpressure_high_water:

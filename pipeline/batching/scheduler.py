@@ -3,10 +3,15 @@
 The core, `Scheduler`, is pure and clock-injected: per-key (per-model) queues, flushed when
 full, ``max_delay_s`` after the first request of the batch, or early when the earliest
 deadline would otherwise be missed given the model's estimated batch time (an EWMA per
-model and batch-size bucket). Requests whose deadline has passed come out as ``expired``
-and are never computed. The batch engine drives a `Scheduler` from its consume loop; the
-faust engine's async `Batcher` wraps one. Shape buckets (`bucket_for`, `pad_sequences`) live
-here too, so that warm-up covers every shape a batch can have.
+model and batch-size bucket). With an adaptive window (the default), a queue whose model is
+idle is flushed at once: the window only fills while the model is busy with the batch
+before, so a lone request never waits for company that is not coming, and under load the
+batches grow as large as they did with the fixed window. Requests whose deadline has
+passed come out as ``expired`` and are never computed. The batch engine drives a
+`Scheduler` from its consume loop; the faust engine's async `Batcher` wraps one (with the
+fixed window: its handler runs on the event loop, so nothing arrives while a batch runs).
+Shape buckets (`bucket_for`, `pad_sequences`) live here too, so that warm-up covers every
+shape a batch can have.
 """
 
 from __future__ import annotations
@@ -109,6 +114,7 @@ class BatchPolicy:
         time_budget_s: cap a batch at the largest bucket whose estimated time fits.
         default_ttl_s: the deadline of requests that carry none, only to warn when
             ``max_delay_s`` is longer.
+        adaptive: flush at once while the model is idle (`Scheduler.poll`'s ``idle``).
     """
 
     max_batch_size: int
@@ -116,6 +122,7 @@ class BatchPolicy:
     batch_buckets: tuple[int, ...] = ()
     time_budget_s: float | None = None
     default_ttl_s: float | None = field(default=None, compare=False)
+    adaptive: bool = False
 
     def __post_init__(self) -> None:
         n = self.max_batch_size
@@ -295,12 +302,16 @@ class Scheduler(Generic[K, T]):
         ]
         return min(times) if times else None
 
-    def poll(self, force: bool = False) -> Flush[K, T] | None:
+    def poll(
+        self, force: bool = False, idle: Callable[[K], bool] | None = None
+    ) -> Flush[K, T] | None:
         """The most urgent batch that is due (any non-empty one with ``force``), or None.
 
         Expired requests are split out first: a returned `Flush` may hold only expired
         requests. Among due queues, the most urgent goes first (EDF on each queue's max-delay
         or deadline time), so a busy model cannot starve one whose requests waited longer.
+        ``idle(key)`` says whether a key's model has nothing running: an adaptive queue is
+        then due at once.
         """
         now = self.clock()
         best: tuple[float, K] | None = None
@@ -309,7 +320,11 @@ class Scheduler(Generic[K, T]):
                 continue
             if queue.min_deadline_s <= now:
                 return self._take_expired(key, queue, now)
-            if force or self._due_s(key, queue) <= now:
+            if (
+                force
+                or (idle is not None and queue.policy.adaptive and idle(key))
+                or self._due_s(key, queue) <= now
+            ):
                 # Ranked by time-based urgency, not fullness: a model that is always full
                 # takes turns with one whose requests have waited longer.
                 urgency = self._urgency_s(key, queue)

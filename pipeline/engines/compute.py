@@ -44,6 +44,7 @@ class Compute:
             self._policy, time.time, settings.max_inflight
         )
         self.running: deque[tuple[Running, int]] = deque()
+        self._busy: dict[LoadedModel, int] = {}  # batches started and not yet collected
         self.enricher = Enricher(pipeline) if with_enricher else None
         if settings.preload_models:
             self._preload()
@@ -105,7 +106,9 @@ class Compute:
 
     def _policy(self, model: LoadedModel) -> BatchPolicy:
         s = self.settings
-        policy = model.policy(s.max_delay_s, s.default_ttl_ms / 1000.0 or None)
+        policy = model.policy(
+            s.max_delay_s, s.default_ttl_ms / 1000.0 or None, s.batch_window == "adaptive"
+        )
         for bucket, seconds in model.batch_time_s.items():  # measured at warm-up
             self.scheduler.observe(model, bucket, seconds)
         return policy
@@ -139,12 +142,15 @@ class Compute:
             for admitted, batch in self.enricher.ready(wait):
                 self._schedule(admitted, batch)
 
+    def _idle(self, model: LoadedModel) -> bool:
+        return not self._busy.get(model)
+
     def _start_due(self, force: bool = False) -> int:
         """Start every batch the batcher says is due; returns how many were started."""
         sched = self.scheduler
         started = 0
         while True:
-            flush = sched.poll(force=force)
+            flush = sched.poll(force=force, idle=self._idle)
             if flush is None and sched.full:
                 flush = sched.poll(force=True)  # at capacity: make room
             if flush is None:
@@ -160,6 +166,7 @@ class Compute:
             self.answer(self.pipeline.expired_outcomes(flush.expired))
         if flush.items:
             self.running.append((self.pipeline.start(flush.items), flush.bucket))
+            self._busy[flush.key] = self._busy.get(flush.key, 0) + 1
 
     def _collect(self, keep: int = 0) -> None:
         """Answer finished batches, in order; leave the ``keep`` newest while they compute."""
@@ -168,7 +175,9 @@ class Compute:
 
     def _collect_one(self) -> None:
         running, bucket = self.running.popleft()
+        model = running.jobs[0].model
+        self._busy[model] -= 1
         outcomes = self.pipeline.finish(running)
         if running.pending is not None:
-            self.scheduler.observe(running.jobs[0].model, bucket, running.pending.elapsed_s)
+            self.scheduler.observe(model, bucket, running.pending.elapsed_s)
         self.answer(outcomes)

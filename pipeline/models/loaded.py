@@ -110,12 +110,16 @@ class LoadedModel:
         seqs: Sequence[int | None] = self.seq_buckets if self.inputs.variable else (None,)
         return [(b, s) for b in self.batch_buckets for s in seqs]
 
-    def policy(self, max_delay_s: float, default_ttl_s: float | None = None) -> BatchPolicy:
+    def policy(
+        self, max_delay_s: float, default_ttl_s: float | None = None, adaptive: bool = False
+    ) -> BatchPolicy:
         """How the batcher flushes this model: its config's values over the settings'."""
         cfg = self.config
         delay = cfg.max_delay_ms / 1000.0 if cfg.max_delay_ms is not None else max_delay_s
         budget = cfg.time_budget_ms / 1000.0 if cfg.time_budget_ms is not None else None
-        return BatchPolicy(self.max_batch_size, delay, self.batch_buckets, budget, default_ttl_s)
+        return BatchPolicy(
+            self.max_batch_size, delay, self.batch_buckets, budget, default_ttl_s, adaptive
+        )
 
     def inputs_from_request(
         self, tensors: list[Tensor], max_elements: int, flat: bool = False

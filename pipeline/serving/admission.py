@@ -4,6 +4,7 @@ check its deadline, or turn it into a rejection."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -37,18 +38,36 @@ class Admission(Execution):
 
     # -- gateway --------------------------------------------------------------------------
 
-    def admit(self, origin: Origin) -> Job:
-        """Decode, validate, resolve the model and check the deadline; raise `RequestError`."""
+    def admit(self, origin: Origin, received_ms: float | None = None) -> Job:
+        """Decode, validate, resolve the model and check the deadline; raise `RequestError`.
+        (Not counted in flight: `admit_or_reject` and `admit_many` count what they admit.)"""
         request, model, context = self._resolve(origin)
         if self.features is not None:
             entry = self._feature_entry(origin, request, model)
             request = self._enriched(self.features.enrich_many([entry])[0], context)
-        return self._job(origin, request, model, context)
+        received = now_ms() if received_ms is None else received_ms
+        return self._job(origin, request, model, context, received)
+
+    def _counted_in_flight(self, admitted: list[Job | Publication]) -> list[Job | Publication]:
+        """Count the admitted jobs (and their shadows' copies) in flight, once per batch."""
+        n = 0
+        for a in admitted:
+            if type(a) is Job:
+                n += 1 if a.mirror is None else 2
+        if n:
+            self.metrics.inflight.inc(n)
+        return admitted
+
+    @functools.cached_property
+    def _infer_prefix(self) -> str:
+        return self.settings.infer_topic("")
+
+    def _tick(self) -> None:
+        if self.experiments is not None:
+            self.experiments.tick()  # at most once per experiment_reload_s
 
     def _resolve(self, origin: Origin) -> tuple[codec.Request, LoadedModel, dict[str, Any]]:
         """Decode and validate the request and resolve its model (`RequestError` if not)."""
-        if self.experiments is not None:
-            self.experiments.tick()  # at most once per experiment_reload_s
         fmt = codec.content_type(origin.headers)
         request = codec.decode_request(origin.value, self.settings.max_payload_bytes, fmt)
         context: dict[str, Any] = {
@@ -84,7 +103,7 @@ class Admission(Execution):
         key), else the newest. In split mode the gateway's choice travels in the infer
         record's headers (written by the pipeline, never by a client: infer topics are its
         own)."""
-        if origin.topic.startswith(self.settings.infer_topic("")):
+        if origin.topic.startswith(self._infer_prefix):
             pinned = origin.header(VERSION_HEADER)
             if pinned is not None:
                 variant, role = origin.header(VARIANT_HEADER), origin.header(ROLE_HEADER)
@@ -140,7 +159,12 @@ class Admission(Execution):
         return result
 
     def _job(
-        self, origin: Origin, request: codec.Request, model: LoadedModel, context: dict[str, Any]
+        self,
+        origin: Origin,
+        request: codec.Request,
+        model: LoadedModel,
+        context: dict[str, Any],
+        received_ms: float,
     ) -> Job:
         try:
             arrays = model.inputs_from_request(
@@ -149,13 +173,12 @@ class Admission(Execution):
         except RequestError as exc:
             raise RequestError(exc.code, exc.message, **_fields(context)) from None
         deadline = _deadline_ms(request, origin.timestamp_ms, self.settings.default_ttl_ms)
-        job = Job(request, model, arrays, deadline, origin, now_ms(),
+        job = Job(request, model, arrays, deadline, origin, received_ms,
                   variant=context["variant"], role=context.get("role"))  # fmt: skip
         if deadline is not None and job.received_ms >= deadline:
             raise RequestError(
                 codec.EXPIRED, "deadline passed before the request was admitted", **_fields(context)
             )
-        self.metrics.inflight.inc()
         shadow = context.get("shadow")
         if shadow is not None:
             job.mirror = self._mirror(job, shadow)
@@ -174,7 +197,6 @@ class Admission(Execution):
             log.warning("shadow %s of %s skips %s: %s", shadow.name, request.model, request.id, exc)
             return None
         job.role = "primary"
-        self.metrics.inflight.inc()
         # The record is acked (faust) once the primary's answer is delivered, never by the
         # shadow's: a shadow record is best-effort.
         origin = dataclasses.replace(job.origin, ack=None)
@@ -183,8 +205,12 @@ class Admission(Execution):
 
     def admit_or_reject(self, origin: Origin) -> Job | Publication:
         """A `Job`, or the DLQ record (and answer) for a record that cannot be served."""
+        self._tick()
+        return self._counted_in_flight([self._admit_or_reject(origin, now_ms())])[0]
+
+    def _admit_or_reject(self, origin: Origin, received_ms: float) -> Job | Publication:
         try:
-            job = self.admit(origin)
+            job = self.admit(origin, received_ms)
             if self.results is not None:
                 return self.cached_response(job) or job
             return job
@@ -195,12 +221,14 @@ class Admission(Execution):
         """`admit_or_reject` for a consumed batch, in order. The batch's feature-store misses
         share one source round trip, so a batch waits for the cold source once, not once
         per miss. (The batch engine does not wait at all: `admit_cached`.)"""
+        self._tick()
+        received = now_ms()  # one time for the batch: it was consumed at once
         if self.features is None or len(origins) < 2:
-            return [self.admit_or_reject(o) for o in origins]
-        admitted, deferred = self._admit_cached(origins)
+            return self._counted_in_flight([self._admit_or_reject(o, received) for o in origins])
+        admitted, deferred = self._admit_cached(origins, received)
         if deferred is not None:
             admitted.update(self._admit_fetched(deferred, self.fetch_features(deferred)))
-        return [admitted[i] for i in sorted(admitted)]
+        return self._counted_in_flight([admitted[i] for i in sorted(admitted)])
 
     def admit_cached(
         self, origins: Sequence[Origin]
@@ -208,10 +236,13 @@ class Admission(Execution):
         """`admit_many` without waiting for the feature source: the requests whose features
         only the source has come back in a `Deferred`, to admit with `admit_fetched` once
         `fetch_features` (on another thread, say) has them."""
+        self._tick()
+        received = now_ms()
         if self.features is None:
-            return [self.admit_or_reject(o) for o in origins], None
-        admitted, deferred = self._admit_cached(origins)
-        return [admitted[i] for i in sorted(admitted)], deferred
+            admitted_now = [self._admit_or_reject(o, received) for o in origins]
+            return self._counted_in_flight(admitted_now), None
+        admitted, deferred = self._admit_cached(origins, received)
+        return self._counted_in_flight([admitted[i] for i in sorted(admitted)]), deferred
 
     def fetch_features(self, deferred: Deferred) -> dict[str, bytes | None] | Exception:
         """One source round trip for a `Deferred`'s keys (or the exception it failed with)."""
@@ -225,10 +256,10 @@ class Admission(Execution):
         self, deferred: Deferred, fetched: Mapping[str, bytes | None] | Exception
     ) -> list[Job | Publication]:
         admitted = self._admit_fetched(deferred, fetched)
-        return [admitted[i] for i in sorted(admitted)]
+        return self._counted_in_flight([admitted[i] for i in sorted(admitted)])
 
     def _admit_cached(
-        self, origins: Sequence[Origin]
+        self, origins: Sequence[Origin], received_ms: float
     ) -> tuple[dict[int, Job | Publication], Deferred | None]:
         assert self.features is not None
         out: dict[int, Job | Publication] = {}
@@ -251,7 +282,7 @@ class Admission(Execution):
             if result is None:
                 waiting.append(((i, model, context), entry))
             else:
-                out[i] = self._admitted(origins[i], result, model, context)
+                out[i] = self._admitted(origins[i], result, model, context, received_ms)
         return out, (Deferred(origins, waiting, misses) if waiting else None)
 
     def _admit_fetched(
@@ -267,7 +298,7 @@ class Admission(Execution):
         )
         out: dict[int, Job | Publication] = {}
         for ((i, model, context), _), result in zip(deferred.waiting, enriched, strict=True):
-            out[i] = self._admitted(deferred.origins[i], result, model, context)
+            out[i] = self._admitted(deferred.origins[i], result, model, context, now_ms())
         return out
 
     def _admitted(
@@ -276,13 +307,14 @@ class Admission(Execution):
         result: codec.Request | Exception,
         model: LoadedModel,
         context: dict[str, Any],
+        received_ms: float,
     ) -> Job | Publication:
         """A job for an enriched request (or its answer from the result cache), or the
         records that reject it."""
         try:
             if isinstance(result, Exception) and not isinstance(result, RequestError):
                 raise result
-            job = self._job(origin, self._enriched(result, context), model, context)
+            job = self._job(origin, self._enriched(result, context), model, context, received_ms)
             return (self.cached_response(job) or job) if self.results is not None else job
         except Exception as exc:  # noqa: BLE001 - a record must never stop the worker
             return self._rejected(origin, exc)

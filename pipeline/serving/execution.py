@@ -177,7 +177,7 @@ class Execution(Responses):
         ms, n = elapsed_s * 1000, len(jobs)
         truncated = extras.get("truncated") if extras else None
         return [
-            Outcome(job, [o[i] for o in outputs], None, ms, n, outputs, i,
+            Outcome(job, None, None, ms, n, outputs, i,
                     {"truncated": True} if truncated is not None and truncated[i] else None)
             for i, job in enumerate(jobs)
         ]  # fmt: skip

@@ -101,7 +101,7 @@ class Outcome:
     """
 
     job: Job
-    outputs: list[np.ndarray] | None = None
+    own_outputs: list[np.ndarray] | None = None  # set only where there is no batch
     error: RequestError | None = None
     inference_ms: float = 0.0
     batch_size: int = 0
@@ -109,6 +109,14 @@ class Outcome:
     row: int = 0
     # Notes for the answer's ``parameters`` (``truncated``, say).
     parameters: dict[str, Any] | None = None
+
+    @property
+    def outputs(self) -> list[np.ndarray] | None:
+        """One row per model output, sliced from the batch's on demand: the fused path
+        answers a batch from ``batch_outputs`` at once and never needs them."""
+        if self.own_outputs is not None or self.batch_outputs is None:
+            return self.own_outputs
+        return [out[self.row] for out in self.batch_outputs]
 
 
 @dataclass(slots=True)

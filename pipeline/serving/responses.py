@@ -76,13 +76,14 @@ class Responses(Rejections):
                 o.error.variant = job.variant
                 publications.append((origin, self.reject_records(origin, o.error, "infer")))
                 continue
-            assert o.outputs is not None
+            rows = o.outputs
+            assert rows is not None
             result = self._result(o)
             if self.results is not None:
-                self._fill_result(job, o.outputs)
+                self._fill_result(job, rows)
             result.outputs = [
                 codec.array_to_tensor(spec.name, out)
-                for spec, out in zip(job.model.config.outputs, o.outputs, strict=False)
+                for spec, out in zip(job.model.config.outputs, rows, strict=False)
             ]
             headers = [
                 *origin.correlation_headers(),
@@ -143,8 +144,6 @@ class Responses(Rejections):
         if job.role == "shadow":
             self.metrics.inflight.dec()
         rows = outcome.outputs
-        if rows is None and outcome.batch_outputs is not None:
-            rows = [out[outcome.row] for out in outcome.batch_outputs]
         outputs = None
         if rows is not None:
             outputs = [
@@ -206,6 +205,10 @@ class Responses(Rejections):
             )
         top = _top_k(config.labels, outputs, [m.top_k or 1 for m in metas])
         done = now_ms()
+        # The timings of the whole batch at once, rounded to the microsecond.
+        spans = [(m.started_ms - m.received_ms, m.inference_ms, done - m.produced_ms)
+                 for m in metas]  # fmt: skip
+        times = np.array(spans).round(3).tolist()
         values = []
         for i, meta in enumerate(metas):
             tensors = [
@@ -225,9 +228,9 @@ class Responses(Rejections):
                 model_version=version,
                 outputs=tensors,
                 timings=codec.Timings(
-                    queue_ms=round(meta.started_ms - meta.received_ms, 3),
-                    inference_ms=round(meta.inference_ms, 3),
-                    total_ms=round(done - meta.produced_ms, 3),
+                    queue_ms=times[i][0],
+                    inference_ms=times[i][1],
+                    total_ms=times[i][2],
                     batch_size=meta.batch_size,
                 ),
                 parameters=meta.parameters,
@@ -254,10 +257,8 @@ class Responses(Rejections):
         rows = self.results.get(job.result_key, model.name, model.version)
         if rows is None:
             return None
-        self.metrics.inflight.dec()
-        if job.mirror is not None:  # answered from the cache: the shadow is not asked
-            self.metrics.inflight.dec()
-            job.mirror = None
+        # Answered from the cache, never counted in flight; the shadow is not asked.
+        job.mirror = None
         origin = job.origin
         fmt = codec.content_type(origin.headers)
         tensors = [codec.array_to_tensor(n, a, fmt == codec.MSGPACK) for n, a in rows]
@@ -328,8 +329,8 @@ def _rows(group: list[Outcome]) -> list[np.ndarray]:
         if rows == list(range(first.batch_size)):
             return first.batch_outputs
         return [out[rows] for out in first.batch_outputs]
-    assert first.outputs is not None
-    return [np.stack([o.outputs[k] for o in group]) for k in range(len(first.outputs))]  # type: ignore[index]
+    own = [o.outputs or [] for o in group]
+    return [np.stack([r[k] for r in own]) for k in range(len(own[0]))]
 
 
 def _top_k(
@@ -343,6 +344,10 @@ def _top_k(
         return None
     probs = np.exp(logits - logits.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
+    if max(ks) == 1:  # the usual case: the best label alone (argmax keeps the first of ties)
+        best = probs.argmax(axis=1)
+        top = probs[np.arange(len(ks)), best].astype(np.float32).tolist()
+        return [([labels[j]], [s]) for j, s in zip(best.tolist(), top, strict=True)]
     order = np.argsort(-probs, axis=1, kind="stable")
     scores = np.take_along_axis(probs, order, axis=1).astype(np.float32).tolist()
     order_list = order.tolist()

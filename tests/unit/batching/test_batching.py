@@ -350,6 +350,49 @@ def test_scheduler_flushes_max_delay_after_the_first_request() -> None:
     assert flush is not None and flush.items == [2] and flush.bucket == 1
 
 
+def test_adaptive_window_flushes_at_once_while_the_model_is_idle() -> None:
+    """An idle model takes what has come at once; a busy one lets the next batch fill up to
+    its size or its window, as the fixed window does; other models are not held back."""
+    clock = Clock(100.0)
+    s = scheduler(clock, max_batch_size=4, max_delay_s=1.0, adaptive=True)
+    busy: set[str] = set()
+
+    def idle(key: str) -> bool:
+        return key not in busy
+
+    s.add("m", 0)
+    s.add("m", 1)
+    flush = s.poll(idle=idle)
+    assert flush is not None and flush.items == [0, 1] and flush.bucket == 2
+    busy.add("m")  # that batch now runs
+    s.add("m", 2)
+    s.add("n", 9)  # another model, idle
+    flush = s.poll(idle=idle)
+    assert flush is not None and flush.key == "n" and flush.items == [9]
+    assert s.poll(idle=idle) is None  # "m" waits: its model is busy and the window is open
+    for i in (3, 4, 5):
+        s.add("m", i)
+    flush = s.poll(idle=idle)  # full while busy: as the fixed window
+    assert flush is not None and flush.items == [2, 3, 4, 5]
+    s.add("m", 6)
+    clock.t = 101.0  # busy, but the window of its first request is over
+    flush = s.poll(idle=idle)
+    assert flush is not None and flush.items == [6]
+    busy.clear()
+    s.add("m", 7)
+    assert s.poll() is None  # without ``idle`` the window is the fixed one
+    assert (flush := s.poll(idle=idle)) is not None and flush.items == [7]
+
+
+def test_fixed_window_waits_even_when_the_model_is_idle() -> None:
+    clock = Clock(100.0)
+    s = scheduler(clock, max_batch_size=4, max_delay_s=1.0)
+    s.add("m", 0)
+    assert s.poll(idle=lambda _key: True) is None
+    clock.t = 101.0
+    assert (flush := s.poll(idle=lambda _key: True)) is not None and flush.items == [0]
+
+
 def test_scheduler_flushes_early_for_the_earliest_deadline() -> None:
     clock = Clock(0.0)
     s = scheduler(clock, max_delay_s=10.0)
