@@ -1,0 +1,94 @@
+"""The worker's own cost per request, without Kafka: ``python -m benchmarks.cost``.
+
+One consumed batch of demo requests (JSON, as `sluice bench` sends them) goes through the
+fused path's three steps in this process, over and over: admission (decode, validate,
+resolve the model, make the job), compute (stack, run the model, take the outputs) and
+respond (postprocess and encode each answer). Each step's CPU time on this thread
+(``time.thread_time``: other processes on a shared machine slow it less than they slow the
+wall clock) is divided by the requests, and the best of ``--repeats`` rounds is kept: the
+least disturbed. Run it on two commits in turn to compare them; `sluice bench` reports the
+whole worker's CPU per request with Kafka (``worker_cpu_us_per_request``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.bench import Load
+from pipeline.config import Settings
+from pipeline.models import ModelRegistry, init_demo
+from pipeline.observability.metrics import Metrics
+from pipeline.protocol import codec
+from pipeline.serving import Origin, Pipeline
+
+
+def measure(
+    batch: int = 64, rounds: int = 60, repeats: int = 15, payload: str = "json"
+) -> dict[str, Any]:
+    """µs of CPU per request in each step, the best of ``repeats`` rounds of ``rounds``."""
+    with tempfile.TemporaryDirectory(prefix="sluice-cost-") as tmp:
+        settings = Settings.from_env().replace(model_dir=Path(tmp))
+        init_demo(settings.models_path)
+        torch.set_num_threads(settings.torch_threads)
+        registry = ModelRegistry(settings.models_path, max_batch_size=max(batch, 1))
+        pipeline = Pipeline(settings, registry, None, Metrics())
+        fmt = codec.MSGPACK if payload == "msgpack" else codec.JSON
+        load = Load.build(registry, "demo", fmt)
+        headers = load.headers or []
+        now = time.time() * 1000
+        origins = [
+            Origin(settings.requests_topic, 0, i, now, value, headers, key_bytes=4)
+            for i, value in enumerate(load.request(i, "r")[1] for i in range(batch))
+        ]
+
+        def once() -> tuple[float, float, float]:
+            t0 = time.thread_time()
+            admitted = pipeline.admit_many(origins)
+            t1 = time.thread_time()
+            outcomes = pipeline.finish(pipeline.start(admitted))  # type: ignore[arg-type]
+            t2 = time.thread_time()
+            pipeline.response_records(outcomes, "infer")
+            return t1 - t0, t2 - t1, time.thread_time() - t2
+
+        for _ in range(rounds):  # warm up: the model's first calls, the allocator
+            once()
+        best: list[float] | None = None
+        for _ in range(repeats):
+            total = [0.0, 0.0, 0.0]
+            for _ in range(rounds):
+                for k, seconds in enumerate(once()):
+                    total[k] += seconds
+            us = [s / rounds / batch * 1e6 for s in total]
+            if best is None or sum(us) < sum(best):
+                best = us
+        assert best is not None
+    admit, compute, respond = (round(v, 2) for v in best)
+    return {
+        "scenario": "cost",
+        "payload": payload,
+        "batch": batch,
+        "admit_us": admit,
+        "compute_us": compute,
+        "respond_us": respond,
+        "total_us": round(sum(best), 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="The fused path's CPU per request.")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--payload", choices=["json", "msgpack"], default="json")
+    args = parser.parse_args()
+    print(json.dumps(measure(args.batch, repeats=args.repeats, payload=args.payload)))
+
+
+if __name__ == "__main__":
+    main()
