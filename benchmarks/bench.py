@@ -470,27 +470,18 @@ def _produce(
     progress: bool,
     timeout_s: float,
 ) -> np.ndarray:
-    """Open loop: request i is due at start + i/rate; latency counts from when it was due."""
+    """Open loop from this process (`loadgen.send`): request i is due at start + i/rate."""
     sent = np.zeros(n)
-    topic = settings.requests_topic
-    headers = load.headers
+    next_report = time.perf_counter()
+
+    def tick(i: int) -> None:
+        nonlocal next_report
+        if progress and time.perf_counter() >= next_report:
+            _progress(n, i + 1, reader.tally.answered)
+            next_report = time.perf_counter() + 0.25
+
     start = time.perf_counter()
-    next_report = start
-    for seq in range(n):
-        due = start + seq / rate if rate else time.perf_counter()
-        now = time.perf_counter()
-        if due > now + 0.0005:
-            # Sleep only when ahead by more than 0.5 ms: requests then go out in small bursts
-            # that keep to the schedule, without a system call per request.
-            time.sleep(due - now)
-        key, value = load.request(seq, "r")
-        produce(producer, topic, value, key, headers)
-        sent[seq] = due if rate else time.perf_counter()
-        if seq % 256 == 0:
-            producer.poll(0)
-            if progress and time.perf_counter() >= next_report:
-                _progress(n, seq + 1, reader.tally.answered)
-                next_report = time.perf_counter() + 0.25
+    loadgen.send(producer, settings.requests_topic, load, range(n), start, rate, sent, tick)
     producer.flush(timeout_s)
     return sent
 

