@@ -49,6 +49,7 @@ class Workers:
         self.log_dir = log_dir
         self.count = count
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.restarts = 0
 
     def start(self) -> Workers:
         self.procs = procs.spawn_workers(self.settings, self.mode, self.log_dir, self.count)
@@ -56,6 +57,21 @@ class Workers:
 
     def stop(self) -> None:
         procs.stop(self.procs)
+
+    def restart_stuck(self) -> int:
+        """Start again each process that ended itself as stuck (status 75: its loop stalled,
+        `pipeline.engines.worker.exit_if_stalled`), as a Deployment restarts a pod whose
+        liveness probe fails; returns how many were started (`restarts` counts them all)."""
+        from pipeline.engines.worker import EXIT_STUCK
+
+        started = 0
+        for i, p in enumerate(self.procs):
+            if p.poll() == EXIT_STUCK:
+                self.restarts += 1
+                log_dir = self.log_dir / f"restart-{self.restarts}"
+                self.procs[i] = procs.spawn_workers(self.settings, self.mode, log_dir)[0]
+                started += 1
+        return started
 
     def kill(self) -> None:
         """SIGKILL every process: a crash."""

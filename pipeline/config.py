@@ -100,10 +100,13 @@ class Settings:
     # Stopping (SIGTERM): the answers already computed get up to drain_timeout_s to be
     # delivered; the whole shutdown is bounded by shutdown_timeout_s, after which the process
     # exits anyway (what it had not committed is consumed again). Kubernetes' grace period must
-    # be longer (deploy/). The liveness probe fails once the loop is still for stall_timeout_s.
+    # be longer (deploy/). The liveness probe fails once the loop is still for stall_timeout_s;
+    # with exit_on_stall the worker exits then by itself (status 75), for supervisors that
+    # restart a process but probe nothing.
     drain_timeout_s: float = 20.0
     shutdown_timeout_s: float = 30.0
     stall_timeout_s: float = 60.0
+    exit_on_stall: bool = False
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
     sasl_username: str | None = None

@@ -147,6 +147,27 @@ def prepare(settings: Settings, scenario: str, work: Path, **changes: Any) -> Se
 
 
 @contextlib.contextmanager
+def _restarting(workers: Workers, on: bool) -> Iterator[None]:
+    """While the block runs, a worker that exits as stuck (status 75, ``exit_on_stall``) is
+    started again, as its Deployment would after a failed liveness probe."""
+    stop = threading.Event()
+
+    def supervise() -> None:
+        while not stop.wait(0.5):
+            workers.restart_stuck()
+
+    thread = threading.Thread(target=supervise, name="chaos-supervisor", daemon=True)
+    if on:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if on:
+            thread.join(5)
+
+
+@contextlib.contextmanager
 def running(workers: Workers) -> Iterator[Workers]:
     try:
         yield workers
@@ -242,6 +263,7 @@ def under_fault(
         Client(settings) as client,
         running(workers.start()),
         RssSampler(lambda: [p.pid for p in workers.procs]) as rss,
+        _restarting(workers, settings.exit_on_stall),
     ):
         workers.wait_ready(client)
         # Produced into librdkafka's queue while a broker is away, sent once it is back.
@@ -274,4 +296,5 @@ def under_fault(
         "sender_finished": sender_finished,
         "ids_mismatched": sum(r is not None and r.id != f"r-{i}" for i, r in enumerate(responses)),
         "outcomes": dict(Counter(r.status for r in responses if r is not None)),
+        "restarts_stuck": workers.restarts,
     }

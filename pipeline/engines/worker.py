@@ -4,11 +4,13 @@ until SIGTERM/SIGINT, and its shutdown bounded. The batch engine runs here; the 
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -54,6 +56,8 @@ def run(settings: Settings, stage: Stage) -> None:
         stop_all(observers)
         raise
     on_stop_signal(settings, health, engine.stop)
+    if settings.exit_on_stall:
+        exit_if_stalled(health)
     # Everything alive now (torch, the models) lives as long as the process: keep it out of
     # the garbage collector's full passes, which otherwise show up as tail latency.
     gc.collect()
@@ -106,6 +110,34 @@ def exit_if_stuck(timeout_s: float, why: str) -> None:
     _watchdog.daemon = True
     _watchdog.name = "sluice-shutdown-watchdog"
     _watchdog.start()
+
+
+def exit_if_stalled(health: Health, check_s: float = 1.0) -> threading.Thread:
+    """End the process (status 75) once the engine's loop has not gone round for
+    ``health.stall_s``: what a liveness probe does under Kubernetes, for supervisors that only
+    restart a process. The main thread's stack goes to stderr first, to say where it stood.
+
+    A loop can stop in a client library's call that never returns: librdkafka's
+    ``send_offsets_to_transaction`` waits without end for a group coordinator that left the
+    cluster's metadata (confluentinc/librdkafka#5511, fixed after v2.16). Nothing is lost by
+    exiting: under exactly-once the open transaction aborts, and what was not committed is
+    consumed again.
+    """
+
+    def watch() -> None:
+        while True:
+            time.sleep(check_s)
+            live, body = health.live()
+            if live or health.stopping or body.get("reason") == "starting":
+                continue
+            log.error("%s: exiting so that the worker is started again", body["reason"])
+            faulthandler.dump_traceback(all_threads=True)
+            logging.shutdown()
+            os._exit(EXIT_STUCK)
+
+    thread = threading.Thread(target=watch, name="sluice-stall-watchdog", daemon=True)
+    thread.start()
+    return thread
 
 
 class Stoppable(Protocol):
