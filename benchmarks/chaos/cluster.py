@@ -33,13 +33,8 @@ def _run(
         # session timeout, 9 s, then an election and the group's reload): at sluice's
         # 10 s the member expires meanwhile, and under exactly-once its transaction's
         # offsets are refused (UNKNOWN_MEMBER_ID), which ends the worker.
-        # A loop that stalls ends its worker (status 75) and the harness starts it again,
-        # as a liveness probe and its Deployment would: librdkafka's transactional producer
-        # can wait without end for a group coordinator that left the cluster's metadata
-        # (`pipeline.engines.worker.exit_if_stalled`).
         settings = prepare(settings.replace(bootstrap=bootstrap), scenario, work,
-                           session_timeout_ms=30_000, exit_on_stall=True,
-                           stall_timeout_s=30.0)  # fmt: skip
+                           session_timeout_ms=30_000)  # fmt: skip
         result = under_fault(settings, work, n, rate, lambda *_: fault(cluster, settings))
         result.update(brokers=len(cluster.nodes), delivery=str(settings.delivery))
         if result["lost"]:

@@ -146,8 +146,12 @@ def prepare(settings: Settings, scenario: str, work: Path, **changes: Any) -> Se
     return settings
 
 
+# How long a scenario's worker may stall before it ends itself and is started again.
+STALL_S = 30.0
+
+
 @contextlib.contextmanager
-def _restarting(workers: Workers, on: bool) -> Iterator[None]:
+def _restarting(workers: Workers) -> Iterator[None]:
     """While the block runs, a worker that exits as stuck (status 75, ``exit_on_stall``) is
     started again, as its Deployment would after a failed liveness probe."""
     stop = threading.Event()
@@ -157,14 +161,12 @@ def _restarting(workers: Workers, on: bool) -> Iterator[None]:
             workers.restart_stuck()
 
     thread = threading.Thread(target=supervise, name="chaos-supervisor", daemon=True)
-    if on:
-        thread.start()
+    thread.start()
     try:
         yield
     finally:
         stop.set()
-        if on:
-            thread.join(5)
+        thread.join(5)
 
 
 @contextlib.contextmanager
@@ -256,14 +258,23 @@ def under_fault(
     """A fused worker serves ``n`` paced requests (at ``rate``) while ``fault`` runs: the
     summary (duplicates as a read_committed reader sees them), ``recovery_s`` (the longest,
     over the faults), the faults, whether the sender finished, answers under the wrong id,
-    and the outcomes."""
+    and the outcomes.
+
+    A worker whose loop stalls ends itself (status 75) and is started again, as a liveness
+    probe and its Deployment would (`pipeline.engines.worker.exit_if_stalled`): a client
+    library can wait without end after a broker fault (librdkafka's transactional producer
+    for a group coordinator that left the metadata, confluentinc/librdkafka#5511). Each
+    result says how often (``restarts_stuck``)."""
+    settings = settings.replace(
+        exit_on_stall=True, stall_timeout_s=min(settings.stall_timeout_s, STALL_S)
+    )
     workers = Workers(settings, "fused", work / "logs" / "w0")
     timeline = Timeline()
     with (
         Client(settings) as client,
         running(workers.start()),
         RssSampler(lambda: [p.pid for p in workers.procs]) as rss,
-        _restarting(workers, settings.exit_on_stall),
+        _restarting(workers),
     ):
         workers.wait_ready(client)
         # Produced into librdkafka's queue while a broker is away, sent once it is back.
