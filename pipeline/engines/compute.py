@@ -44,7 +44,6 @@ class Compute:
             self._policy, time.time, settings.max_inflight
         )
         self.running: deque[tuple[Running, int]] = deque()
-        self._busy: dict[LoadedModel, int] = {}  # batches started and not yet collected
         self.enricher = Enricher(pipeline) if with_enricher else None
         if settings.preload_models:
             self._preload()
@@ -143,7 +142,8 @@ class Compute:
                 self._schedule(admitted, batch)
 
     def _idle(self, model: LoadedModel) -> bool:
-        return not self._busy.get(model)
+        """No batch of ``model`` started and not yet collected (a few at most to look at)."""
+        return all(r.jobs[0].model is not model for r, _ in self.running)
 
     def _start_due(self, force: bool = False) -> int:
         """Start every batch the batcher says is due; returns how many were started."""
@@ -166,7 +166,6 @@ class Compute:
             self.answer(self.pipeline.expired_outcomes(flush.expired))
         if flush.items:
             self.running.append((self.pipeline.start(flush.items), flush.bucket))
-            self._busy[flush.key] = self._busy.get(flush.key, 0) + 1
 
     def _collect(self, keep: int = 0) -> None:
         """Answer finished batches, in order; leave the ``keep`` newest while they compute."""
@@ -176,7 +175,6 @@ class Compute:
     def _collect_one(self) -> None:
         running, bucket = self.running.popleft()
         model = running.jobs[0].model
-        self._busy[model] -= 1
         outcomes = self.pipeline.finish(running)
         if running.pending is not None:
             self.scheduler.observe(model, bucket, running.pending.elapsed_s)

@@ -97,7 +97,7 @@ def test_a_decision_on_the_p99_latency() -> None:
     assert decision is not None
     assert decision.canary_p99_ms == pytest.approx(41.2, rel=1e-9)
     assert decision.baseline_p99_ms == pytest.approx(12.0, rel=1e-9)
-    assert decision.canary_error_rate == pytest.approx(0.0, abs=1e-12)
+    assert decision.canary_error_rate == pytest.approx(0.0, abs=1e-9)
     assert decision.reason == (
         "p99 41.2 ms > 1.5 x baseline 12.0 ms + 5 ms over the last 30 s "
         "(canary 250 requests, baseline 2,300)"
