@@ -87,12 +87,24 @@ class TextOptions:
             raise ValueError(f"text.truncation must be true or false, got {self.truncation!r}")
 
 
+IMAGE_DECODERS = ("auto", "cpu", "nvjpeg", "nvimgcodec")
+# torch.compile modes (`compile` may also be true: the default mode).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass(frozen=True)
 class ImageOptions:
     """Requests carry JPEG or PNG bytes in a BYTES tensor (``input``), decoded to RGB and
     resized to ``size`` (height, width): ``stretch`` resizes to it, ``center_crop`` resizes
     the shorter side and crops the middle. A float model input gets ``(x / 255 - mean) /
-    std``; a UINT8 one the pixels. ``layout`` is ``CHW`` or ``HWC``."""
+    std``; a UINT8 one the pixels. ``layout`` is ``CHW`` or ``HWC``.
+
+    ``decode`` says where: ``cpu`` (Pillow, on the worker's threads), ``nvjpeg`` (JPEGs in
+    batches on the GPU's SMs, through torchvision), ``nvimgcodec`` (JPEGs on the GPU's
+    hardware JPEG engines, which leave the SMs to the model) or ``auto`` (the fastest this
+    machine has: nvjpeg on CUDA where torchvision is installed, else nvimgcodec, else
+    cpu). The GPU paths resize and normalise on the GPU too; ``channels_last`` lays the
+    batch (and the model) out NHWC in memory, which convolutions on tensor cores prefer."""
 
     size: tuple[int, int]
     input: str = "image"
@@ -101,6 +113,8 @@ class ImageOptions:
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     layout: str = "CHW"
     max_pixels: int = 40_000_000
+    decode: str = "auto"
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if len(self.size) != 2:
@@ -118,6 +132,14 @@ class ImageOptions:
         if any(x <= 0 for x in self.std):
             raise ValueError(f"image.std must be > 0, got {list(self.std)}")
         _integer("image.max_pixels", self.max_pixels, 1)
+        if self.decode not in IMAGE_DECODERS:
+            raise ValueError(f"image.decode must be one of {list(IMAGE_DECODERS)}, got "
+                             f"{self.decode!r}")  # fmt: skip
+        if not isinstance(self.channels_last, bool):
+            raise ValueError(f"image.channels_last must be true or false, got "
+                             f"{self.channels_last!r}")  # fmt: skip
+        if self.channels_last and self.layout != "CHW":
+            raise ValueError("image.channels_last applies to the CHW layout")
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -149,7 +171,7 @@ class ModelConfig:
     providers: tuple[str, ...] = ()
     # Runtime options (README "Model config"): all optional.
     precision: str = "fp32"
-    compile: bool = False
+    compile: bool | str = False
     cuda_graphs: bool = False
     batch_buckets: tuple[int, ...] = ()
     seq_buckets: tuple[int, ...] = ()
@@ -162,8 +184,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"compile must be true or false, got {self.compile!r}")
+        if not isinstance(self.compile, bool) and self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be true, false or a mode among "
+                             f"{list(COMPILE_MODES)}, got {self.compile!r}")  # fmt: skip
         if not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be true or false, got {self.cuda_graphs!r}")
         if self.batch_buckets:

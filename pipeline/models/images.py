@@ -4,24 +4,71 @@ A request carries one encoded image: raw bytes in MessagePack, a base64 string i
 (``{"name": "image", "datatype": "BYTES", "shape": [1], "data": "<base64>"}``). Admission
 reads only its header (format and size: a decompression bomb is refused there); the batch
 decodes its images on a few threads (Pillow releases the GIL while it decodes), resizes them
-as the config says and normalises them into the model's input. This is the CPU path.
+as the config says and normalises them into the model's input. This is the CPU path
+(`ImageInputs`).
+
+On CUDA (``image.decode``: `image_inputs` picks) `DeviceImageInputs` decodes a batch's JPEGs
+on the GPU: on its SMs through torchvision's nvJPEG, or on its hardware JPEG engines through
+nvImageCodec; a PNG, or a JPEG the GPU decoder refuses (CMYK, say), is decoded by Pillow and
+copied up. Resizing (one call per distinct image size) and normalisation run there too, into
+the batch's device tensor, padded to its bucket: nothing goes back through host memory.
+
+An image that cannot be decoded is answered ``bad_image`` alone: its row is zeros in the
+batch, and the batch's ``errors`` extra names it, so its neighbours are computed as usual.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import collections
+import importlib.util
 import io
+import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import torch
 
 from pipeline.models.config import ImageOptions, ModelConfig, TensorSpec
 from pipeline.protocol.codec import BAD_DTYPE, BAD_IMAGE, BAD_SHAPE, DTYPES, RequestError, Tensor
 
+log = logging.getLogger(__name__)
+
 _MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG"}
+_JPEG = b"\xff\xd8\xff"
+# What each GPU decoder needs installed (``auto`` tries them in this order).
+_GPU_DECODERS = {"nvjpeg": "torchvision", "nvimgcodec": "nvidia.nvimgcodec"}
+
+
+def image_inputs(config: ModelConfig, device: torch.device) -> ImageInputs:
+    """The image preparer for ``config`` on ``device``: the GPU path that ``image.decode``
+    asks for (or, ``auto``, the first this machine has), else the CPU path."""
+    assert config.image is not None
+    decode = config.image.decode
+    if decode == "cpu":
+        return ImageInputs(config)
+    if device.type != "cuda":
+        if decode != "auto":
+            log.warning("image.decode %s needs CUDA; decoding on the CPU", decode)
+        return ImageInputs(config)
+    have = [name for name, module in _GPU_DECODERS.items() if _installed(module)]
+    if decode == "auto":
+        return DeviceImageInputs(config, device, have[0]) if have else ImageInputs(config)
+    if decode not in have:
+        log.warning("image.decode %s needs %s, not installed; decoding on the CPU", decode,
+                    _GPU_DECODERS[decode])  # fmt: skip
+        return ImageInputs(config)
+    return DeviceImageInputs(config, device, decode)
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
 
 
 class ImageInputs:
@@ -72,15 +119,11 @@ class ImageInputs:
         return data
 
     def prepare(self, rows: Sequence[bytes]) -> tuple[list[np.ndarray], dict[str, Any]]:
-        """The batch's images decoded, resized and normalised into one array."""
+        """The batch's images decoded, resized and normalised into one array; a row that
+        cannot be decoded is zeros, and named in the ``errors`` extra."""
         out = np.empty((len(rows), *self.options.shape), dtype=self.dtype)
         errors = list(self._pool.map(self._decode_into, rows, range(len(rows)), [out] * len(rows)))
-        bad = [e for e in errors if e is not None]
-        if bad:
-            if len(rows) == 1:
-                raise RequestError(BAD_IMAGE, f"the image cannot be decoded: {bad[0]}")
-            raise ValueError(f"{len(bad)} images in the batch cannot be decoded")
-        return [out], {}
+        return [out], _errors_extra(errors)
 
     def _decode_into(self, data: bytes, i: int, out: np.ndarray) -> str | None:
         from PIL import Image
@@ -89,7 +132,8 @@ class ImageInputs:
             with Image.open(io.BytesIO(data)) as image:
                 pixels = self._resize(image.convert("RGB"))
         except (OSError, ValueError, SyntaxError) as exc:
-            return str(exc) or type(exc).__name__
+            out[i] = 0
+            return _undecodable(exc)
         hwc = np.asarray(pixels, dtype=np.uint8)
         if self.dtype.kind == "f":
             value: np.ndarray = (hwc.astype(np.float32) - self._mean) * self._inv_std
@@ -111,12 +155,188 @@ class ImageInputs:
         return image.crop((left, top, left + w, top + h))
 
     def example(self, _seq_len: int | None) -> list[Any]:
-        """A request row holding a small PNG (for warm-up)."""
+        """A request row holding a JPEG of the model's size (for warm-up)."""
         from PIL import Image
 
+        h, w = self.options.size
+        ramp = np.linspace(0, 255, w, dtype=np.uint8)[None, :, None]
+        pixels = np.broadcast_to(ramp, (h, w, 3)).copy()
         buf = io.BytesIO()
-        Image.new("RGB", (8, 8), (128, 64, 32)).save(buf, format="PNG")
+        Image.fromarray(pixels, "RGB").save(buf, format="JPEG", quality=90)
         return [buf.getvalue()]
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+
+
+class DeviceImageInputs(ImageInputs):
+    """Image batches decoded, resized and normalised on the GPU (see the module docstring).
+
+    ``decoder`` is ``nvjpeg``, ``nvimgcodec`` or ``pil`` (Pillow on the worker's threads,
+    the rest on ``device`` as for the others: how the CPU test suite exercises this path).
+    ``prepare`` returns the batch as one tensor on ``device``, in ``out_dtype`` (the model's
+    input datatype, or the half precision it computes in: `LoadedModel` sets it).
+    """
+
+    on_device = True
+
+    def __init__(
+        self, config: ModelConfig, device: torch.device, decoder: str, threads: int = 4
+    ) -> None:
+        super().__init__(config, threads)
+        if decoder not in ("nvjpeg", "nvimgcodec", "pil"):
+            raise ValueError(f"decoder must be nvjpeg, nvimgcodec or pil, got {decoder!r}")
+        self.device = device
+        self.decoder = decoder
+        self.out_dtype = torch.from_numpy(np.empty(0, self.dtype)).dtype
+        opts = self.options
+        self._mean_t = torch.tensor(opts.mean, device=device).view(1, 3, 1, 1) * 255.0
+        self._inv_std_t = 1.0 / (torch.tensor(opts.std, device=device).view(1, 3, 1, 1) * 255.0)
+        self._codec: Any = None
+        # nvImageCodec's images stay alive until the batch that copied them has run.
+        self._held: collections.deque[tuple[Any, list[Any]]] = collections.deque()
+        if decoder == "nvimgcodec":
+            from nvidia import nvimgcodec
+
+            # The hardware engines first; the SMs for what they cannot take (progressive
+            # JPEGs, say).
+            kinds = (nvimgcodec.BackendKind.HW_GPU_ONLY, nvimgcodec.BackendKind.GPU_ONLY)
+            self._codec = nvimgcodec.Decoder(
+                device_id=device.index or 0, backends=[nvimgcodec.Backend(k) for k in kinds]
+            )
+
+    def prepare(  # type: ignore[override]
+        self, rows: Sequence[bytes], bucket: int | None = None
+    ) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        """The batch's images as one ``(bucket, *shape)`` tensor on the device (rows past
+        ``len(rows)``, and rows that cannot be decoded, are zeros)."""
+        n = len(rows)
+        images, errors = self._decode(rows)
+        h, w = self.options.size
+        fmt = torch.channels_last if self.options.channels_last else torch.contiguous_format
+        out = torch.empty(
+            (bucket or n, 3, h, w), dtype=self.out_dtype, device=self.device, memory_format=fmt
+        )
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            if image is not None:
+                groups.setdefault((image.shape[1], image.shape[2]), []).append(i)
+        for rows_of_size in groups.values():
+            value = self._pixels(torch.stack([images[i] for i in rows_of_size]))
+            first, k = rows_of_size[0], len(rows_of_size)
+            if rows_of_size[-1] - first == k - 1:  # consecutive rows: a slice
+                out[first : first + k] = value
+            else:
+                out[torch.tensor(rows_of_size, device=self.device)] = value
+        for i, error in enumerate(errors):
+            if error is not None:
+                out[i] = 0
+        out[n:] = 0
+        self._hold(images)
+        if self.options.layout == "HWC":
+            out = out.permute(0, 2, 3, 1).contiguous()
+        return [out], _errors_extra(errors)
+
+    def _pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Same-sized ``(k, 3, h, w)`` uint8 images resized and normalised as configured."""
+        h, w = self.options.size
+        ih, iw = x.shape[2], x.shape[3]
+        floats = x.float()
+        if (ih, iw) != (h, w):
+            if self.options.resize == "stretch":
+                floats = _interpolate(floats, (h, w))
+            else:  # center_crop: the shorter side to the target, the middle kept
+                scale = max(w / iw, h / ih)
+                size = (max(h, round(ih * scale)), max(w, round(iw * scale)))
+                floats = _interpolate(floats, size)
+                top, left = (size[0] - h) // 2, (size[1] - w) // 2
+                floats = floats[:, :, top : top + h, left : left + w]
+        if self.out_dtype.is_floating_point:
+            return (floats - self._mean_t) * self._inv_std_t
+        return floats.round_().clamp_(0, 255)
+
+    def _decode(self, rows: Sequence[bytes]) -> tuple[list[Any], list[str | None]]:
+        """Each row as a ``(3, h, w)`` uint8 tensor on the device, or None and its error."""
+        n = len(rows)
+        images: list[Any] = [None] * n
+        errors: list[str | None] = [None] * n
+        on_gpu = [i for i, d in enumerate(rows) if d[:3] == _JPEG] if self._on_gpu else []
+        for i, image in zip(on_gpu, self._gpu_decode([rows[i] for i in on_gpu]), strict=True):
+            images[i] = image
+        rest = [i for i in range(n) if images[i] is None]
+        for i, got in zip(rest, self._pool.map(_pil_rgb, [rows[i] for i in rest]), strict=True):
+            if isinstance(got, str):
+                errors[i] = got
+            else:
+                images[i] = torch.from_numpy(got).to(self.device).permute(2, 0, 1)
+        return images, errors
+
+    @property
+    def _on_gpu(self) -> bool:
+        return self.decoder != "pil"
+
+    def _gpu_decode(self, datas: list[bytes]) -> list[Any]:
+        """JPEGs decoded on the GPU, None for each it refuses (Pillow tries those)."""
+        if not datas:
+            return []
+        if self.decoder == "nvimgcodec":
+            stream = torch.cuda.current_stream(self.device).cuda_stream
+            decoded = self._codec.decode(datas, cuda_stream=stream)
+            return [
+                None if d is None else torch.as_tensor(d, device=self.device).permute(2, 0, 1)
+                for d in decoded
+            ]
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        blob = torch.frombuffer(bytearray(b"".join(datas)), dtype=torch.uint8)
+        parts = list(torch.split(blob, [len(d) for d in datas]))
+        try:
+            return list(decode_jpeg(parts, mode=ImageReadMode.RGB, device=self.device))
+        except RuntimeError:  # one bad image fails the call: find it
+            out: list[Any] = []
+            for part in parts:
+                try:
+                    out.append(decode_jpeg(part, mode=ImageReadMode.RGB, device=self.device))
+                except RuntimeError:
+                    out.append(None)
+            return out
+
+    def _hold(self, images: list[Any]) -> None:
+        """Keep nvImageCodec's images (its memory) until the copies from them have run."""
+        if self.decoder != "nvimgcodec":
+            return
+        while self._held and self._held[0][0].query():
+            self._held.popleft()
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        self._held.append((event, images))
+
+
+def _interpolate(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear, antialiased when shrinking (as Pillow's resize is)."""
+    shrink = size[0] < x.shape[2] or size[1] < x.shape[3]
+    return torch.nn.functional.interpolate(
+        x, size=size, mode="bilinear", align_corners=False, antialias=shrink
+    )
+
+
+def _pil_rgb(data: bytes) -> np.ndarray | str:
+    """An image's ``(h, w, 3)`` RGB pixels by Pillow, or why it cannot be decoded."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return np.array(image.convert("RGB"), dtype=np.uint8)  # writable: torch takes it
+    except (OSError, ValueError, SyntaxError) as exc:
+        return _undecodable(exc)
+
+
+def _undecodable(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _errors_extra(errors: list[str | None]) -> dict[str, Any]:
+    """The ``errors`` extra (one entry per row, None where it decoded), or none at all."""
+    if all(e is None for e in errors):
+        return {}
+    return {"errors": [e and f"the image cannot be decoded: {e}" for e in errors]}

@@ -62,10 +62,11 @@ class HostBatch:
         return self.arrays[i]
 
     def release(self) -> None:
-        """Return the buffers to the pool (once)."""
+        """Return the host buffers to the pool (once); device tensors are simply dropped."""
         tensors, self.tensors = self.tensors, []
         for t in tensors:
-            self.pool.give(t)
+            if not t.is_cuda:
+                self.pool.give(t)
 
 
 def torch_dtype(datatype: str) -> torch.dtype:
@@ -82,16 +83,18 @@ class Preparer(Protocol):
     def example(self, seq_len: int | None) -> list[Any]: ...
 
 
-def preparer_for(config: ModelConfig, path: Path, seq_buckets: Sequence[int]) -> Any:
+def preparer_for(
+    config: ModelConfig, path: Path, seq_buckets: Sequence[int], device: torch.device | None = None
+) -> Any:
     """The preparer a config asks for (text, image, fields), or None."""
     if config.text is not None:
         from pipeline.models.text import TextInputs
 
         return TextInputs(config, path, seq_buckets)
     if config.image is not None:
-        from pipeline.models.images import ImageInputs
+        from pipeline.models.images import image_inputs
 
-        return ImageInputs(config)
+        return image_inputs(config, device or torch.device("cpu"))
     if config.fields:
         from pipeline.models.records import RecordInputs
 
@@ -111,6 +114,7 @@ class Inputs:
         seq_buckets: Sequence[int],
         pool: TensorPool,
         path: Path | None = None,
+        device: torch.device | None = None,
     ) -> None:
         self.name, self.version = label.split(":", 1)
         self.config = config
@@ -118,7 +122,7 @@ class Inputs:
         self.seq_buckets = seq_buckets
         self.pool = pool
         self.handler = config.format == "handler"
-        self.preparer = preparer_for(config, path or Path("."), seq_buckets)
+        self.preparer = preparer_for(config, path or Path("."), seq_buckets, device)
         # What clients send: every input but the attention mask, which is made here; or
         # what the preparer takes (text, an image, a record's fields).
         self.client_inputs = (
@@ -326,11 +330,14 @@ class Inputs:
 
     def _stack_prepared(self, rows: Sequence[Sequence[Any]]) -> HostBatch:
         """A batch the preparer makes (tokenized, decoded), copied into pooled buffers
-        padded to the batch bucket."""
+        padded to the batch bucket; or, prepared on the device, its tensors as they are."""
         n = len(rows)
         values = rows if self.config.fields else [r[0] for r in rows]
-        arrays, extras = self.preparer.prepare(values)
         bucket = bucket_for(n, self.batch_buckets)
+        if getattr(self.preparer, "on_device", False):
+            tensors, extras = self.preparer.prepare(values, bucket)
+            return HostBatch(tensors, n, self.pool, extras=extras)
+        arrays, extras = self.preparer.prepare(values)
         batch = HostBatch([], n, self.pool, extras=extras)
         try:
             for array, dtype in zip(arrays, self._dtypes, strict=True):

@@ -75,14 +75,16 @@ class LoadedModel:
         # The preparer (a tokenizer, say) first: a config it cannot serve fails before the
         # weights are read.
         self.inputs = Inputs(f"{name}:{version}", cfg, self.batch_buckets, self.seq_buckets,
-                             self.pool, path)  # fmt: skip
+                             self.pool, path, device)  # fmt: skip
         module = load_module(cfg, path, device)
         self.input_dtype: torch.dtype | None = None
         self.graphs: GraphRunner | None = None
         if isinstance(module, nn.Module):
             self.module, self.input_dtype = apply_precision(module, cfg.precision, device, label)
+            if cfg.image is not None and cfg.image.channels_last:
+                self.module = self.module.to(memory_format=torch.channels_last)
             if cfg.compile:
-                self.module = _compile(self.module, self.shapes())
+                self.module = _compile(self.module, self.shapes(), cfg.compile, cfg.cuda_graphs)
             # One CUDA graph per bucket shape, captured at warm-up: a batch is one launch.
             if cfg.cuda_graphs:
                 if device.type == "cuda":
@@ -100,6 +102,9 @@ class LoadedModel:
                 log.warning("%s: precision %s applies to torch modules; export the %s model in "
                             "the precision wanted", label, cfg.precision, cfg.format)  # fmt: skip
         self.client_inputs = self.inputs.client_inputs
+        preparer = self.inputs.preparer
+        if getattr(preparer, "on_device", False) and self.input_dtype is not None:
+            preparer.out_dtype = self.input_dtype  # normalised straight into fp16/bf16
         self.streams = streams or DeviceStreams(device)
         # Measured at warm-up, seconds per batch bucket (at the longest sequence bucket).
         self.batch_time_s: dict[int, float] = {}
@@ -161,6 +166,9 @@ class LoadedModel:
 
     def _submit_cuda(self, batch: HostBatch) -> Pending:
         copy, compute = self.streams.copy, self.streams.compute
+        if any(t.is_cuda for t in batch.tensors):
+            # Prepared on the device (images decoded there) on this thread's stream.
+            copy.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(copy):
             dev = [t.to(self.device, non_blocking=True) for t in batch.tensors]
             copied = torch.cuda.Event()
@@ -238,13 +246,24 @@ class LoadedModel:
             self.batch_time_s[bucket] = max(known, pending.elapsed_s)
 
 
-def _compile(module: nn.Module, shapes: list[tuple[int, int | None]]) -> nn.Module:
-    """torch.compile with one static graph per bucket shape (warm-up compiles them all)."""
+def _compile(
+    module: nn.Module, shapes: list[tuple[int, int | None]], mode: bool | str, graphs: bool
+) -> nn.Module:
+    """torch.compile with one static graph per bucket shape (warm-up compiles them all).
+
+    ``mode`` is true (the default mode) or a torch.compile mode. With ``cuda_graphs`` the
+    runtime's own `GraphRunner` captures the compiled kernels, one graph per bucket shape on
+    any thread; a mode that would capture them itself (reduce-overhead, max-autotune)
+    compiles without its own graphs then."""
     import torch._dynamo.config as dynamo_config
+
+    name = "default" if mode is True else str(mode)
+    if graphs and name in ("reduce-overhead", "max-autotune"):
+        name = "default" if name == "reduce-overhead" else "max-autotune-no-cudagraphs"
 
     # Past the recompile limit dynamo silently runs eager: allow one graph per shape.
     for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
         current = getattr(dynamo_config, name, None)
         if isinstance(current, int) and current < len(shapes) + 8:
             setattr(dynamo_config, name, len(shapes) + 8)
-    return torch.compile(module, dynamic=False)  # type: ignore[return-value]
+    return torch.compile(module, dynamic=False, mode=name)  # type: ignore[return-value]

@@ -176,11 +176,21 @@ class Execution(Responses):
         )
         ms, n = elapsed_s * 1000, len(jobs)
         truncated = extras.get("truncated") if extras else None
-        return [
+        outcomes = [
             Outcome(job, None, None, ms, n, outputs, i,
                     {"truncated": True} if truncated is not None and truncated[i] else None)
             for i, job in enumerate(jobs)
         ]  # fmt: skip
+        # Rows that could not be prepared (an image that does not decode): answered alone.
+        for i, message in enumerate(extras.get("errors") or () if extras else ()):
+            if message is not None:
+                job = jobs[i]
+                error = RequestError(
+                    codec.BAD_IMAGE, message, job.request.id, model.name, model.version,
+                    job.request.reply_to,
+                )  # fmt: skip
+                outcomes[i] = Outcome(job, error=error, inference_ms=ms, batch_size=n)
+        return outcomes
 
 
 def prepares_off_loop(model: LoadedModel) -> bool:

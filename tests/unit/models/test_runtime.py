@@ -354,7 +354,7 @@ def test_cuda_graphs_on_cpu_run_eagerly_with_a_warning(
     ("change", "message"),
     [
         ({"precision": "fp8"}, "precision must be one of"),
-        ({"compile": "yes"}, "compile must be true or false, got 'yes'"),
+        ({"compile": "yes"}, "compile must be true, false or a mode among"),
         ({"cuda_graphs": 1}, "cuda_graphs must be true or false, got 1"),
         ({"batch_buckets": [8, 4]}, "batch_buckets must be a non-empty, strictly increasing"),
         ({"memory_budget_mb": -5}, "memory_budget_mb must be a number > 0, got -5"),
