@@ -8,6 +8,7 @@ against the model's direct output on the same input.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import gc
 import json
@@ -68,6 +69,8 @@ class Load:
         loaded = registry.resolve(model)
         if loaded.config.text is not None:
             return cls._texts(loaded, fmt)
+        if loaded.config.image is not None:
+            return cls._images(loaded, fmt)
         rng = np.random.default_rng(7)
         columns = [
             random_input(rng, spec, loaded.config.arch_config) for spec in loaded.config.inputs
@@ -100,6 +103,23 @@ class Load:
         payloads = []
         for text in texts:
             tensor = codec.Tensor(loaded.config.text.input, "BYTES", [1], [text])
+            body = {"model": loaded.name, "version": loaded.version, "inputs": [tensor]}
+            payloads.append(body if fmt == codec.MSGPACK else codec.encode(body)[1:])
+        return cls(loaded.name, loaded.version, payloads, expected, fmt)
+
+    @classmethod
+    def _images(cls, loaded: LoadedModel, fmt: str) -> Load:
+        """JPEGs of the model's size from the seeded set (`benchmarks.images`): raw bytes in
+        MessagePack, base64 in JSON."""
+        from benchmarks.images import make_jpegs
+
+        assert loaded.config.image is not None
+        images = make_jpegs(VARIANTS, size=loaded.config.image.size[0])
+        expected = loaded.run([images])[0].reshape(VARIANTS, -1)
+        payloads = []
+        for image in images:
+            data: Any = image if fmt == codec.MSGPACK else base64.b64encode(image).decode()
+            tensor = codec.Tensor(loaded.config.image.input, "BYTES", [1], data)
             body = {"model": loaded.name, "version": loaded.version, "inputs": [tensor]}
             payloads.append(body if fmt == codec.MSGPACK else codec.encode(body)[1:])
         return cls(loaded.name, loaded.version, payloads, expected, fmt)

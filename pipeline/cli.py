@@ -519,11 +519,12 @@ def autoscale_simulate(
 )
 @click.option(
     "--scenario",
-    type=click.Choice(["pipeline", "gpu", "prefetch", "models", "experiment"]),
+    type=click.Choice(["pipeline", "gpu", "jpeg", "prefetch", "models", "experiment"]),
     default="pipeline",
     show_default=True,
     help="pipeline: --mode through a fresh pipeline; gpu: models on the accelerator, bare "
-    "vs through Kafka; prefetch: the feature tiers and the prefetcher on a replayed trace; "
+    "vs through Kafka; jpeg: the same with JPEG bytes in, decoded on the GPU; prefetch: the "
+    "feature tiers and the prefetcher on a replayed trace; "
     "models: MiniLM text in, embeddings out, vs a per-message peer and the bare model; "
     "experiment: a 90/10 split with a shadow, a restart, and a slow canary rolled back.",
 )
@@ -575,13 +576,14 @@ def bench(
 
     if scenario != "pipeline":
         module = importlib.import_module(f"benchmarks.bench_{scenario}")
-        extra: dict[str, Any] = {"workers": workers} if scenario in ("gpu", "models") else {}
+        gpu = scenario in ("gpu", "jpeg")
+        extra: dict[str, Any] = {"workers": workers} if gpu or scenario == "models" else {}
         if gpus is not None:
             if scenario != "gpu":
                 raise click.UsageError("--gpus goes with --scenario gpu")
             extra["gpus"] = gpus
         if generators is not None:
-            if scenario != "gpu":
+            if not gpu:
                 raise click.UsageError("--generators goes with --scenario pipeline or gpu")
             extra["generators"] = generators
         if n is not None:

@@ -262,8 +262,8 @@ def _compile(
         name = "default" if name == "reduce-overhead" else "max-autotune-no-cudagraphs"
 
     # Past the recompile limit dynamo silently runs eager: allow one graph per shape.
-    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
-        current = getattr(dynamo_config, name, None)
+    for limit in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
+        current = getattr(dynamo_config, limit, None)
         if isinstance(current, int) and current < len(shapes) + 8:
-            setattr(dynamo_config, name, len(shapes) + 8)
+            setattr(dynamo_config, limit, len(shapes) + 8)
     return torch.compile(module, dynamic=False, mode=name)  # type: ignore[return-value]

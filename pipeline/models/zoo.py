@@ -92,13 +92,21 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet-50's layout (bottleneck blocks) over uint8 images resized on the device."""
+    """ResNet-50's layout (bottleneck blocks) over uint8 images resized on the device, or
+    (``normalized_input``) over images already resized and normalised, as torchvision's
+    ResNet-50 takes them."""
 
     def __init__(
-        self, layers: Sequence[int], width: int, num_classes: int, image_size: int
+        self,
+        layers: Sequence[int],
+        width: int,
+        num_classes: int,
+        image_size: int,
+        normalized_input: bool = False,
     ) -> None:
         super().__init__()
         self.image_size = image_size
+        self.normalized_input = normalized_input
         self.stem = nn.Sequential(
             nn.Conv2d(3, width, 7, 2, 3, bias=False),
             nn.BatchNorm2d(width),
@@ -124,11 +132,17 @@ class ResNet(nn.Module):
         self.to(memory_format=torch.channels_last)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.normalized_input:
+            x = image.to(self.fc.weight.dtype)
+            return self._classify(x.contiguous(memory_format=torch.channels_last))
         x = (image.to(self.fc.weight.dtype) - self.mean) / self.std
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             size = (self.image_size, self.image_size)
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        x = self.blocks(self.stem(x.contiguous(memory_format=torch.channels_last)))
+        return self._classify(x.contiguous(memory_format=torch.channels_last))
+
+    def _classify(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(x))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)).float()
 
 

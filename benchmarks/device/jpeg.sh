@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Device call 3 (carry .device/kafka-*), after install.sh and install_img.sh: the JPEG run
+# (`sluice bench --scenario jpeg`: ResNet-50 on JPEG bytes decoded on the GPU, BERT-base,
+# each bare and through Kafka, p99 in three runs), once per decoder in DECODES (auto,
+# nvjpeg, nvimgcodec, cpu; default "nvjpeg"), JSON under $OUT as jpeg-<gpu>-<decoder>.json.
+# COMPILE=max-autotune (or default) runs the models through torch.compile.
+set -euo pipefail
+BROKER=1 . "$(dirname "$0")/env.sh"
+LD_LIBRARY_PATH=$(find /tmp/site/nvidia -type d -name lib 2>/dev/null | paste -sd: -)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export LD_LIBRARY_PATH
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -cd '[:alnum:]' | tr '[:upper:]' '[:lower:]')
+for decoder in ${DECODES:-nvjpeg}; do
+  name="jpeg-$gpu-$decoder${COMPILE:+-$COMPILE}"
+  SLUICE_BENCH_DECODE=$decoder SLUICE_BENCH_COMPILE=${COMPILE:-} \
+    python -m pipeline.cli bench --scenario jpeg --no-progress \
+    ${REQUESTS:+--requests "$REQUESTS"} 2> >(tee "$OUT/$name.err" >&2) | tee "$OUT/$name.log"
+  tail -1 "$OUT/$name.log" > "$OUT/$name.json"
+done
