@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -67,6 +68,8 @@ def run(batch: int, seconds: float, paths: list[str]) -> dict[str, Any]:
                 load_s = round(time.perf_counter() - t0, 1)
                 rps = bench_gpu.bare_rps(registry, name, batch, seconds)
                 result["models"][name][path] = {"bare_rps": round(rps, 1), "load_s": load_s}
+                # Each figure as it comes: a run cut short still says how far it got.
+                sys.stderr.write(f"{name} {path}: {result['models'][name][path]}\n")
             del registry
             if device.type == "cuda":
                 torch.cuda.empty_cache()
