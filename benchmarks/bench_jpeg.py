@@ -17,7 +17,8 @@ Per model, the ``gpu`` scenario's keys (`benchmarks.bench_gpu`), and:
 
 Both models run on the fastest path their config can name: FP16 with CUDA graphs, or
 (``SLUICE_BENCH_COMPILE``: ``default``, ``max-autotune``) torch.compile inside the graphs.
-``SLUICE_BENCH_DECODE`` (auto, nvjpeg, nvimgcodec, cpu) picks the worker's decoder. Without
+``SLUICE_BENCH_DECODE`` (auto, nvjpeg, nvimgcodec, cpu) picks the worker's decoder,
+``SLUICE_BENCH_MODELS`` (``resnet``, say) the models, ``SLUICE_BENCH_P99_RUNS`` the runs. Without
 a GPU, tiny models on a few hundred requests smoke-test the same code on the CPU path.
 """
 
@@ -52,9 +53,11 @@ def scale_for(device: torch.device) -> bench_gpu.Scale:
     assert scale.jpeg is not None
     decode = os.environ.get("SLUICE_BENCH_DECODE", "auto")
     compile_mode: bool | str = os.environ.get("SLUICE_BENCH_COMPILE", "") or False
+    runs = int(os.environ.get("SLUICE_BENCH_P99_RUNS", scale.p99_runs))
     return dataclasses.replace(
-        scale, jpeg=dataclasses.replace(scale.jpeg, decode=decode), compile=compile_mode
-    )
+        scale, jpeg=dataclasses.replace(scale.jpeg, decode=decode), compile=compile_mode,
+        p99_runs=runs,
+    )  # fmt: skip
 
 
 def run(
@@ -66,8 +69,9 @@ def run(
     generators: int | None = None,
 ) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    models = [m for m in os.environ.get("SLUICE_BENCH_MODELS", "").split(",") if m] or None
     result = bench_gpu.run(
-        settings, requests, rate, progress, workers,
+        settings, requests, rate, progress, workers, models,
         scale=scale_for(device), generators=generators,
     )  # fmt: skip
     result["scenario"] = "jpeg"

@@ -3,7 +3,9 @@
 # (`sluice bench --scenario jpeg`: ResNet-50 on JPEG bytes decoded on the GPU, BERT-base,
 # each bare and through Kafka, p99 in three runs), once per decoder in DECODES (auto,
 # nvjpeg, nvimgcodec, cpu; default "nvjpeg"), JSON under $OUT as jpeg-<gpu>-<decoder>.json.
-# COMPILE=max-autotune (or default) runs the models through torch.compile.
+# COMPILE=max-autotune (or default) runs the models through torch.compile. PROFILE=1 (carry
+# .device/py-spy too, the static binary) samples every process of the run into
+# $OUT/<name>.pyspy (collapsed stacks, threads apart).
 set -euo pipefail
 BROKER=1 . "$(dirname "$0")/env.sh"
 LD_LIBRARY_PATH=$(find /tmp/site/nvidia -type d -name lib 2>/dev/null | paste -sd: -)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
@@ -11,8 +13,12 @@ export LD_LIBRARY_PATH
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -cd '[:alnum:]' | tr '[:upper:]' '[:lower:]')
 for decoder in ${DECODES:-nvjpeg}; do
   name="jpeg-$gpu-$decoder${COMPILE:+-$COMPILE}"
+  spy=()
+  if [ "${PROFILE:-0}" = 1 ]; then
+    spy=(.device/py-spy record --subprocesses --threads --nonblocking -r 79 -f raw -o "$OUT/$name.pyspy" --)
+  fi
   SLUICE_BENCH_DECODE=$decoder SLUICE_BENCH_COMPILE=${COMPILE:-} \
-    python -m pipeline.cli bench --scenario jpeg --no-progress \
+    "${spy[@]}" python -m pipeline.cli bench --scenario jpeg --no-progress \
     ${REQUESTS:+--requests "$REQUESTS"} 2> >(tee "$OUT/$name.err" >&2) | tee "$OUT/$name.log"
   tail -1 "$OUT/$name.log" > "$OUT/$name.json"
 done

@@ -22,6 +22,7 @@ from pipeline.models.config import ImageOptions
 from pipeline.models.images import DeviceImageInputs, ImageInputs, image_inputs
 from pipeline.observability.metrics import Metrics
 from pipeline.protocol import codec
+from pipeline.protocol.codec import RequestError
 from pipeline.serving import Origin, Pipeline, now_ms
 
 CPU = torch.device("cpu")
@@ -208,3 +209,50 @@ def test_an_image_that_does_not_decode_is_answered_alone(
     dlq = next(r for r in records if r.topic == settings.dlq_topic)
     assert json.loads(dlq.value)["reason"] == "bad_image"
     pipeline.close()
+
+
+@pytest.mark.parametrize(
+    "fmt, mode, options",
+    [
+        ("JPEG", "RGB", {}),
+        ("JPEG", "RGB", {"progressive": True, "optimize": True}),
+        ("JPEG", "L", {}),
+        ("JPEG", "CMYK", {}),
+        ("JPEG", "RGB", {"exif": b"Exif\x00\x00" + b"\x00" * 64, "subsampling": 0}),
+        ("PNG", "RGBA", {}),
+        ("PNG", "L", {}),
+    ],
+    ids=["baseline", "progressive", "grey", "cmyk", "exif", "png-rgba", "png-grey"],
+)
+def test_the_header_gives_the_size_pillow_gives(fmt: str, mode: str, options: dict) -> None:
+    from pipeline.protocol.codec import Tensor
+
+    image = Image.new(mode, (37, 23))
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **options)
+    data = buf.getvalue()
+    inputs = ImageInputs(config())
+    assert inputs.check(Tensor("image", "BYTES", [1], data)) == data
+    limited = ImageInputs(config(max_pixels=37 * 23 - 1))
+    with pytest.raises(RequestError, match="37x23"):
+        limited.check(Tensor("image", "BYTES", [1], data))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\xff\xd8\xff",  # nothing after the start
+        b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01",  # cut inside a segment
+        b"\xff\xd8\xff\xda\x00\x08" + b"\x00" * 16,  # a scan before any frame header
+        b"\xff\xd8\xff\xc0\x00\x11\x08\x00\x00\x00\x00\x03",  # a 0x0 frame
+        b"\xff\xd8\x00\x00" + b"\x00" * 16,  # not a marker where one must be
+        b"\x89PNG\r\n\x1a\n" + b"\x00" * 20,  # no IHDR
+    ],
+    ids=["start-only", "cut", "scan-first", "zero-size", "no-marker", "png-no-ihdr"],
+)
+def test_headers_that_do_not_hold_together_are_bad_images(data: bytes) -> None:
+    from pipeline.protocol.codec import Tensor
+
+    with pytest.raises(RequestError) as exc:
+        ImageInputs(config()).check(Tensor("image", "BYTES", [1], data))
+    assert exc.value.code == "bad_image"
