@@ -8,7 +8,7 @@
 # $OUT/<name>.pyspy (collapsed stacks, threads apart).
 set -euo pipefail
 BROKER=1 . "$(dirname "$0")/env.sh"
-LD_LIBRARY_PATH=$(find /tmp/site/nvidia -type d -name lib 2>/dev/null | paste -sd: -)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+LD_LIBRARY_PATH=$( (find /tmp/site/nvidia -type d -name lib 2>/dev/null || true) | paste -sd: -)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export LD_LIBRARY_PATH
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -cd '[:alnum:]' | tr '[:upper:]' '[:lower:]')
 for decoder in ${DECODES:-nvjpeg}; do
