@@ -60,13 +60,12 @@ class Compute:
         return bool(self.running or self.scheduler.pending or self.enricher)
 
     def wait_s(self) -> float:
-        """How long the consumer may wait for records: half a millisecond while a batch
-        computes on the device (its answers wait at most that long once it is done: the
-        wait ends as soon as records come), 2 ms while batches are only being prepared on
-        the preparation thread (a loop that spun there would take a core from them), else
-        until the batcher's next flush (at most 0.1 s; 1 ms while a fetch is out)."""
+        """How long the consumer may wait for records: not at all while a batch computes on
+        the device (2 ms while batches are only being prepared on the preparation thread:
+        a loop that spun there would take a core from them), else until the batcher's next
+        flush (at most 0.1 s; 1 ms while a fetch is out)."""
         if self.running:
-            return 0.0005 if any(r.started is None for r, _ in self.running) else 0.002
+            return 0.0 if any(r.started is None for r, _ in self.running) else 0.002
         due = self.scheduler.next_deadline()
         wait_s = 0.1 if due is None else min(0.1, max(0.0, due - time.time()))
         return min(wait_s, 0.001) if self.enricher else wait_s
@@ -85,23 +84,20 @@ class Compute:
     def advance(self, room: int) -> int:
         """Admit what fetches brought, start the batches that are due, answer finished ones;
         returns how many batches were started. A batch started here stays on the device
-        while the loop consumes and the next batch fills (and is prepared: images decoded,
-        say, while this one computes); the first turn that finds it done answers it. Only
-        a batch more than ``max_batches_in_flight`` is waited for."""
+        while the loop consumes; the next turn collects it (or this one, once it is done)."""
         if self.enricher:
             if room <= 0 and not self.running:  # full, nothing to compute: wait for a fetch
                 self.enricher.wait(0.005)
             self.admit_fetched()
         started = self._start_due()
-        self._collect_done()
+        self._collect(keep=started)
         return started
 
     def drain(self) -> None:
         """Run and answer everything held (before partitions move, and at the end)."""
         self.admit_fetched(wait=True)
         self._start_due(force=True)
-        while self.running:
-            self._collect_one()
+        self._collect()
 
     def close(self) -> None:
         if self.enricher is not None:
@@ -171,9 +167,9 @@ class Compute:
         if flush.items:
             self.running.append((self.pipeline.start(flush.items), flush.bucket))
 
-    def _collect_done(self) -> None:
-        """Answer the batches that are done, in order (a later one waits for the first)."""
-        while self.running and self.running[0][0].done():
+    def _collect(self, keep: int = 0) -> None:
+        """Answer finished batches, in order; leave the ``keep`` newest while they compute."""
+        while self.running and (len(self.running) > keep or self.running[0][0].done()):
             self._collect_one()
 
     def _collect_one(self) -> None:
