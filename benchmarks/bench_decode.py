@@ -8,12 +8,12 @@ Two questions the GPU image path depends on, measured on the seeded image set
   - ``pil_1`` / ``pil_threads``: Pillow on one thread / on every core (it releases the GIL
     while it decodes): the CPU path sluice has today (`pipeline.models.images`);
   - ``torchvision_cpu``: ``torchvision.io.decode_jpeg`` on the CPU (libjpeg-turbo);
-  - ``torchvision_cuda``: the same on the GPU (nvJPEG on the SMs, a list at a time), and
+  - ``torchvision_cuda``: the same on the GPU (nvJPEG, a list at a time: torchvision sends
+    baseline JPEGs to the hardware JPEG engines where the GPU has them), and
     ``torchvision_cuda_prep`` with the preprocessing a ResNet-50 needs (to float16,
     ``(x/255 - mean)/std``, channels-last);
   - ``nvimgcodec_hw`` / ``nvimgcodec_gpu``: nvImageCodec (PyPI ``nvidia-nvimgcodec-cu13``
-    with ``nvidia-nvjpeg``) on the hardware JPEG engines, which leave the SMs to the model,
-    and on the SMs.
+    with ``nvidia-nvjpeg``) on the hardware JPEG engines, and on the SMs.
 
   A path whose library or device is missing reports why instead of a figure. Each GPU path's
   pixels are compared with Pillow's (mean and max absolute difference): JPEG decoders differ

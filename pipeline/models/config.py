@@ -99,12 +99,12 @@ class ImageOptions:
     the shorter side and crops the middle. A float model input gets ``(x / 255 - mean) /
     std``; a UINT8 one the pixels. ``layout`` is ``CHW`` or ``HWC``.
 
-    ``decode`` says where: ``cpu`` (Pillow, on the worker's threads), ``nvjpeg`` (JPEGs in
-    batches on the GPU's SMs, through torchvision), ``nvimgcodec`` (JPEGs on the GPU's
-    hardware JPEG engines, which leave the SMs to the model) or ``auto`` (the fastest this
-    machine has: nvjpeg on CUDA where torchvision is installed, else nvimgcodec, else
-    cpu). The GPU paths resize and normalise on the GPU too; ``channels_last`` lays the
-    batch (and the model) out NHWC in memory, which convolutions on tensor cores prefer."""
+    ``decode`` says where: ``cpu`` (Pillow, on the worker's threads), ``nvjpeg`` (JPEGs in batches
+    on the GPU through torchvision's nvJPEG, on its hardware JPEG engines where it has them),
+    ``nvimgcodec`` (the same engines through nvImageCodec) or ``auto`` (the fastest this machine
+    has: nvjpeg on CUDA where torchvision is installed, else nvimgcodec, else cpu). The GPU
+    paths resize and normalise on the GPU too; ``channels_last`` lays the batch (and the model)
+    out NHWC in memory, which convolutions on tensor cores prefer."""
 
     size: tuple[int, int]
     input: str = "image"

@@ -7,11 +7,12 @@ decodes its images on a few threads (Pillow releases the GIL while it decodes), 
 as the config says and normalises them into the model's input. This is the CPU path
 (`ImageInputs`).
 
-On CUDA (``image.decode``: `image_inputs` picks) `DeviceImageInputs` decodes a batch's JPEGs
-on the GPU: on its SMs through torchvision's nvJPEG, or on its hardware JPEG engines through
-nvImageCodec; a PNG, or a JPEG the GPU decoder refuses (CMYK, say), is decoded by Pillow and
-copied up. Resizing (one call per distinct image size) and normalisation run there too, into
-the batch's device tensor, padded to its bucket: nothing goes back through host memory.
+On CUDA (``image.decode``: `image_inputs` picks) `DeviceImageInputs` decodes a batch's JPEGs on
+the GPU: through torchvision's nvJPEG batch decoder, or through nvImageCodec (both drive the
+GPU's hardware JPEG engines where it has them, A100 and H100, the SMs elsewhere); a PNG, or a
+JPEG the GPU decoder refuses (CMYK, say), is decoded by Pillow and copied up. Resizing (one call
+per distinct image size) and normalisation run there too, into the batch's device tensor, padded
+to its bucket: nothing goes back through host memory.
 
 An image that cannot be decoded is answered ``bad_image`` alone: its row is zeros in the
 batch, and the batch's ``errors`` extra names it, so its neighbours are computed as usual.
