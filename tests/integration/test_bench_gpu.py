@@ -89,3 +89,36 @@ def test_gpu_scaling_runs_one_worker_per_gpu_for_each_n(settings: Settings) -> N
             assert figures["scaling_efficiency"] == pytest.approx(
                 figures["pipeline_rps"] / (n * one), abs=2e-3
             )
+
+
+@pytest.mark.timeout(600)
+def test_jpeg_scenario_sends_jpeg_bytes_and_reports_three_tails(settings: Settings) -> None:
+    """``--scenario jpeg``: ResNet's requests carry JPEGs (decoded by Pillow on this CPU
+    machine), its baselines are bare JPEG and bare model, and each model has the p99s of
+    three runs at 75 % of its maximum."""
+    env = {**os.environ, **settings.to_env()}
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "bench", "--scenario", "jpeg",
+         "--requests", "150", "--no-progress"],
+        env={**env, "SLUICE_BENCH_DECODE": "auto"}, capture_output=True, text=True, timeout=550,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["scenario"] == "jpeg" and set(result["models"]) == {"bert", "resnet"}
+    for name, figures in result["models"].items():
+        # The maximum, then three runs at 75 % of it.
+        assert figures["sent"] == figures["answered"] == 4 * 150, name
+        assert figures["wrong_outputs"] == 0, name
+        assert len(figures["p99_ms_runs"]) == 3
+        assert figures["p99_ms"] == pytest.approx(max(figures["p99_ms_runs"]), abs=1e-9)
+        assert figures["ratio"] == pytest.approx(
+            figures["pipeline_rps"] / figures["bare_rps"], abs=2e-3
+        )
+    resnet = result["models"]["resnet"]
+    if not torch.cuda.is_available():
+        assert resnet["decoder"] == "cpu" and set(resnet["bare_jpeg_rps"]) == {"pil"}
+    assert resnet["bare_rps"] == pytest.approx(max(resnet["bare_jpeg_rps"].values()), abs=1e-9)
+    assert resnet["bare_model_rps"] > 0
+    assert resnet["jpeg_over_model"] == pytest.approx(
+        resnet["bare_rps"] / resnet["bare_model_rps"], abs=2e-3
+    )

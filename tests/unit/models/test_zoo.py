@@ -56,3 +56,22 @@ def test_built_models_load_through_the_registry(tmp_path: Path) -> None:
         (out,) = loaded.run(batch)
         assert out.shape[0] == 3 and np.isfinite(out).all()
     assert bench_gpu.bare_rps(registry, "bert", batch=4, seconds=0.05) > 0
+
+
+def test_resnet_on_normalised_input_matches_it_on_pixels() -> None:
+    torch.manual_seed(0)
+    pixels_model = zoo.ResNet(layers=[1, 1], width=4, num_classes=5, image_size=16)
+    normalised_model = zoo.ResNet(
+        layers=[1, 1], width=4, num_classes=5, image_size=16, normalized_input=True
+    )
+    normalised_model.load_state_dict(pixels_model.state_dict())
+    images = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
+    zoo.calibrate_batch_norm(pixels_model, images)
+    normalised_model.load_state_dict(pixels_model.state_dict())
+    normalised_model.eval()
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        want = pixels_model(images)
+        got = normalised_model((images.float() / 255 - mean) / std)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
