@@ -182,7 +182,8 @@ class Execution(Responses):
             for i, job in enumerate(jobs)
         ]  # fmt: skip
         # Rows that could not be prepared (an image that does not decode): answered alone.
-        for i, message in enumerate(extras.get("errors") or () if extras else ()):
+        errors = (extras or {}).get("errors") or ()
+        for i, message in enumerate(errors):
             if message is not None:
                 job = jobs[i]
                 error = RequestError(
