@@ -18,7 +18,9 @@ Per model, the ``gpu`` scenario's keys (`benchmarks.bench_gpu`), and:
 Both models run on the fastest path their config can name: FP16 with CUDA graphs, or
 (``SLUICE_BENCH_COMPILE``: ``default``, ``max-autotune``) torch.compile inside the graphs.
 ``SLUICE_BENCH_DECODE`` (auto, nvjpeg, nvimgcodec, cpu) picks the worker's decoder,
-``SLUICE_BENCH_MODELS`` (``resnet``, say) the models, ``SLUICE_BENCH_P99_RUNS`` the runs. Without
+``SLUICE_BENCH_MODELS`` (``resnet``, say) the models, ``SLUICE_BENCH_P99_RUNS`` the runs,
+``SLUICE_BENCH_RESNET_BATCH`` ResNet's largest batch in the pipeline (default 128),
+``SLUICE_BENCH_CPU_HELPERS`` its ``image.cpu_helpers`` (default: the machine's). Without
 a GPU, tiny models on a few hundred requests smoke-test the same code on the CPU path.
 """
 
@@ -35,8 +37,9 @@ import torch
 from benchmarks import bench_gpu
 from benchmarks.images import make_jpegs
 from pipeline.config import Settings
-from pipeline.models import ModelRegistry
+from pipeline.models import ModelConfig, ModelRegistry
 from pipeline.models.config import ImageOptions
+from pipeline.models.images import DeviceImageInputs
 
 IMAGENET = ImageOptions(
     size=(224, 224), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), channels_last=True
@@ -54,10 +57,16 @@ def scale_for(device: torch.device) -> bench_gpu.Scale:
     decode = os.environ.get("SLUICE_BENCH_DECODE", "auto")
     compile_mode: bool | str = os.environ.get("SLUICE_BENCH_COMPILE", "") or False
     runs = int(os.environ.get("SLUICE_BENCH_P99_RUNS", scale.p99_runs))
+    model_batch = dict(scale.model_batch)
+    if "SLUICE_BENCH_RESNET_BATCH" in os.environ:
+        model_batch["resnet"] = int(os.environ["SLUICE_BENCH_RESNET_BATCH"])
+    helpers = os.environ.get("SLUICE_BENCH_CPU_HELPERS")
+    jpeg = dataclasses.replace(
+        scale.jpeg, decode=decode, cpu_helpers=int(helpers) if helpers else None
+    )
     return dataclasses.replace(
-        scale, jpeg=dataclasses.replace(scale.jpeg, decode=decode), compile=compile_mode,
-        p99_runs=runs,
-    )  # fmt: skip
+        scale, jpeg=jpeg, compile=compile_mode, p99_runs=runs, model_batch=model_batch
+    )
 
 
 def run(
@@ -96,7 +105,7 @@ def bare_jpeg(registry: ModelRegistry, name: str, batch: int, seconds: float) ->
         x = ((pixels.to(dtype) - mean) * inv_std).contiguous(memory_format=fmt)
         return graphs([x]) if graphs is not None else loaded.module(x)
 
-    decoders = _decoders(images, batch, dev)
+    decoders = _decoders(images, batch, dev, loaded.config)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     out: dict[str, Any] = {}
     with torch.inference_mode(), ThreadPoolExecutor(1) as ahead:
@@ -140,9 +149,13 @@ class _Overlapped:
         return pixels
 
 
-def _decoders(images: list[bytes], batch: int, dev: torch.device) -> dict[str, Any]:
+def _decoders(
+    images: list[bytes], batch: int, dev: torch.device, config: ModelConfig
+) -> dict[str, Any]:
     """For each decoder this machine has, a function from a call number to a batch of
-    ``(batch, 3, h, w)`` uint8 pixels on ``dev`` (the images in turn)."""
+    ``(batch, 3, h, w)`` uint8 pixels on ``dev`` (the images in turn); ``nvjpeg+cpu``: the
+    worker's own split between nvJPEG and CPU helper threads (`DeviceImageInputs`), where
+    the config's ``image.cpu_helpers`` gives it some."""
     starts = list(range(0, len(images) - batch + 1, batch))
     chunks = [images[s : s + batch] for s in starts]
     if dev.type != "cuda":
@@ -166,6 +179,14 @@ def _decoders(images: list[bytes], batch: int, dev: torch.device) -> dict[str, A
             return torch.stack(decoded)
 
         out["nvjpeg"] = nvjpeg
+        shared = DeviceImageInputs(config, dev, "nvjpeg")
+        if shared.helpers:
+
+            def nvjpeg_cpu(i: int) -> torch.Tensor:
+                decoded, _ = shared._decode(chunks[i % len(chunks)])
+                return torch.stack(decoded)
+
+            out["nvjpeg+cpu"] = nvjpeg_cpu
     except ImportError:
         pass
     try:

@@ -3,16 +3,17 @@
 # (`sluice bench --scenario jpeg`: ResNet-50 on JPEG bytes decoded on the GPU, BERT-base,
 # each bare and through Kafka, p99 in three runs), once per decoder in DECODES (auto,
 # nvjpeg, nvimgcodec, cpu; default "nvjpeg"), JSON under $OUT as jpeg-<gpu>-<decoder>.json.
-# COMPILE=max-autotune (or default) runs the models through torch.compile. PROFILE=1 (carry
+# COMPILE=max-autotune (or default) runs the models through torch.compile; the bench's
+# SLUICE_BENCH_* variables (bench_jpeg.py) pass through. PROFILE=1 (carry
 # .device/py-spy too, the static binary) samples every process of the run into
-# $OUT/<name>.pyspy (collapsed stacks, threads apart).
+# $OUT/<name>.pyspy.gz (collapsed stacks, threads apart).
 set -euo pipefail
 BROKER=1 . "$(dirname "$0")/env.sh"
 LD_LIBRARY_PATH=$( (find /tmp/site/nvidia -type d -name lib 2>/dev/null || true) | paste -sd: -)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export LD_LIBRARY_PATH
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -cd '[:alnum:]' | tr '[:upper:]' '[:lower:]')
 for decoder in ${DECODES:-nvjpeg}; do
-  name="jpeg-$gpu-$decoder${COMPILE:+-$COMPILE}"
+  name="jpeg-$gpu-$decoder${COMPILE:+-$COMPILE}${SLUICE_BENCH_RESNET_BATCH:+-b$SLUICE_BENCH_RESNET_BATCH}"
   spy=()
   if [ "${PROFILE:-0}" = 1 ]; then
     spy=(.device/py-spy record --subprocesses --threads --nonblocking -r 79 -f raw -o "$OUT/$name.pyspy" --)
@@ -21,4 +22,5 @@ for decoder in ${DECODES:-nvjpeg}; do
     "${spy[@]}" python -m pipeline.cli bench --scenario jpeg --no-progress \
     ${REQUESTS:+--requests "$REQUESTS"} 2> >(tee "$OUT/$name.err" >&2) | tee "$OUT/$name.log"
   tail -1 "$OUT/$name.log" > "$OUT/$name.json"
+  if [ "${PROFILE:-0}" = 1 ]; then gzip -f "$OUT/$name.pyspy"; fi  # fits what a call brings back
 done
