@@ -293,7 +293,7 @@ class DeviceImageInputs(ImageInputs):
         k = round(len(jpegs) * self.cpu_share) if self.helpers else 0
         on_gpu, on_cpu = jpegs[: len(jpegs) - k], jpegs[len(jpegs) - k :]
         t0 = time.perf_counter()
-        chunks = [c for c in (on_cpu[j :: self.helpers] for j in range(self.helpers)) if c]
+        chunks = [on_cpu[j :: self.helpers] for j in range(self.helpers)] if on_cpu else []
         helped = [self._pool.submit(_cpu_decode, [rows[i] for i in c]) for c in chunks]
         for i, image in zip(on_gpu, self._gpu_decode([rows[i] for i in on_gpu]), strict=True):
             images[i] = image
@@ -425,8 +425,6 @@ def _cpu_decode(datas: list[bytes]) -> tuple[list[np.ndarray | None], float]:
     decode: Pillow tries those again for their error), and when it finished.
     torchvision's decoder takes the list in one call, the GIL released throughout."""
     out: list[np.ndarray | None]
-    if not datas:
-        return [], time.perf_counter()
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
     except ImportError:
