@@ -19,8 +19,7 @@ Both models run on the fastest path their config can name: FP16 with CUDA graphs
 (``SLUICE_BENCH_COMPILE``: ``default``, ``max-autotune``) torch.compile inside the graphs.
 ``SLUICE_BENCH_DECODE`` (auto, nvjpeg, nvimgcodec, cpu) picks the worker's decoder,
 ``SLUICE_BENCH_MODELS`` (``resnet``, say) the models, ``SLUICE_BENCH_P99_RUNS`` the runs,
-``SLUICE_BENCH_RESNET_BATCH`` ResNet's largest batch in the pipeline (default 128),
-``SLUICE_BENCH_CPU_HELPERS`` its ``image.cpu_helpers`` (default: the machine's). Without
+``SLUICE_BENCH_RESNET_BATCH`` ResNet's largest batch in the pipeline (default 128). Without
 a GPU, tiny models on a few hundred requests smoke-test the same code on the CPU path.
 """
 
@@ -37,9 +36,8 @@ import torch
 from benchmarks import bench_gpu
 from benchmarks.images import make_jpegs
 from pipeline.config import Settings
-from pipeline.models import ModelConfig, ModelRegistry
+from pipeline.models import ModelRegistry
 from pipeline.models.config import ImageOptions
-from pipeline.models.images import DeviceImageInputs
 
 IMAGENET = ImageOptions(
     size=(224, 224), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), channels_last=True
@@ -60,10 +58,7 @@ def scale_for(device: torch.device) -> bench_gpu.Scale:
     model_batch = dict(scale.model_batch)
     if "SLUICE_BENCH_RESNET_BATCH" in os.environ:
         model_batch["resnet"] = int(os.environ["SLUICE_BENCH_RESNET_BATCH"])
-    helpers = os.environ.get("SLUICE_BENCH_CPU_HELPERS")
-    jpeg = dataclasses.replace(
-        scale.jpeg, decode=decode, cpu_helpers=int(helpers) if helpers else None
-    )
+    jpeg = dataclasses.replace(scale.jpeg, decode=decode)
     return dataclasses.replace(
         scale, jpeg=jpeg, compile=compile_mode, p99_runs=runs, model_batch=model_batch
     )
@@ -105,7 +100,7 @@ def bare_jpeg(registry: ModelRegistry, name: str, batch: int, seconds: float) ->
         x = ((pixels.to(dtype) - mean) * inv_std).contiguous(memory_format=fmt)
         return graphs([x]) if graphs is not None else loaded.module(x)
 
-    decoders = _decoders(images, batch, dev, loaded.config)
+    decoders = _decoders(images, batch, dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     out: dict[str, Any] = {}
     with torch.inference_mode(), ThreadPoolExecutor(1) as ahead:
@@ -149,13 +144,9 @@ class _Overlapped:
         return pixels
 
 
-def _decoders(
-    images: list[bytes], batch: int, dev: torch.device, config: ModelConfig
-) -> dict[str, Any]:
+def _decoders(images: list[bytes], batch: int, dev: torch.device) -> dict[str, Any]:
     """For each decoder this machine has, a function from a call number to a batch of
-    ``(batch, 3, h, w)`` uint8 pixels on ``dev`` (the images in turn); ``nvjpeg+cpu``: the
-    worker's own split between nvJPEG and CPU helper threads (`DeviceImageInputs`), where
-    the config's ``image.cpu_helpers`` gives it some."""
+    ``(batch, 3, h, w)`` uint8 pixels on ``dev`` (the images in turn)."""
     starts = list(range(0, len(images) - batch + 1, batch))
     chunks = [images[s : s + batch] for s in starts]
     if dev.type != "cuda":
@@ -179,14 +170,6 @@ def _decoders(
             return torch.stack(decoded)
 
         out["nvjpeg"] = nvjpeg
-        shared = DeviceImageInputs(config, dev, "nvjpeg")
-        if shared.helpers:
-
-            def nvjpeg_cpu(i: int) -> torch.Tensor:
-                decoded, _ = shared._decode(chunks[i % len(chunks)])
-                return torch.stack(decoded)
-
-            out["nvjpeg+cpu"] = nvjpeg_cpu
     except ImportError:
         pass
     try:

@@ -104,10 +104,7 @@ class ImageOptions:
     ``nvimgcodec`` (the same engines through nvImageCodec) or ``auto`` (the fastest this machine
     has: nvjpeg on CUDA where torchvision is installed, else nvimgcodec, else cpu). The GPU
     paths resize and normalise on the GPU too; ``channels_last`` lays the batch (and the model)
-    out NHWC in memory, which convolutions on tensor cores prefer. On the GPU paths,
-    ``cpu_helpers`` CPU threads decode a share of each batch's JPEGs while the GPU decodes the
-    rest, the share balanced so both finish together (default: half the machine's cores less
-    one, at most 8; 0 on a machine of 2 cores, and 0 turns it off)."""
+    out NHWC in memory, which convolutions on tensor cores prefer."""
 
     size: tuple[int, int]
     input: str = "image"
@@ -118,7 +115,6 @@ class ImageOptions:
     max_pixels: int = 40_000_000
     decode: str = "auto"
     channels_last: bool = False
-    cpu_helpers: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.size) != 2:
@@ -142,8 +138,6 @@ class ImageOptions:
         if not isinstance(self.channels_last, bool):
             raise ValueError(f"image.channels_last must be true or false, got "
                              f"{self.channels_last!r}")  # fmt: skip
-        if self.cpu_helpers is not None:
-            _integer("image.cpu_helpers", self.cpu_helpers, 0)
         if self.channels_last and self.layout != "CHW":
             raise ValueError("image.channels_last applies to the CHW layout")
 

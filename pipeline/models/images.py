@@ -26,8 +26,6 @@ import collections
 import importlib.util
 import io
 import logging
-import os
-import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -191,28 +189,13 @@ class DeviceImageInputs(ImageInputs):
     on_device = True
 
     def __init__(
-        self,
-        config: ModelConfig,
-        device: torch.device,
-        decoder: str,
-        threads: int = 4,
-        helpers: int | None = None,
+        self, config: ModelConfig, device: torch.device, decoder: str, threads: int = 4
     ) -> None:
+        super().__init__(config, threads)
         if decoder not in ("nvjpeg", "nvimgcodec", "pil"):
             raise ValueError(f"decoder must be nvjpeg, nvimgcodec or pil, got {decoder!r}")
-        assert config.image is not None
-        if helpers is None:
-            helpers = config.image.cpu_helpers
-        if helpers is None:  # auto: half the cores, the loop and preparing threads aside
-            helpers = max(0, min(8, (os.cpu_count() or 1) // 2 - 1)) if decoder != "pil" else 0
-        super().__init__(config, max(threads, helpers))
         self.device = device
         self.decoder = decoder
-        self.helpers = helpers
-        # The share of a batch's JPEGs the helpers decode, balanced batch by batch so that
-        # they and the GPU finish together (from their rates, images/s, as last measured).
-        self.cpu_share = 0.0
-        self._rates: list[float] | None = None
         self.out_dtype = torch.from_numpy(np.empty(0, self.dtype)).dtype
         opts = self.options
         self._mean_t = torch.tensor(opts.mean, device=device).view(1, 3, 1, 1) * 255.0
@@ -281,32 +264,13 @@ class DeviceImageInputs(ImageInputs):
         return floats.round_().clamp_(0, 255)
 
     def _decode(self, rows: Sequence[bytes]) -> tuple[list[Any], list[str | None]]:
-        """Each row as a ``(3, h, w)`` uint8 tensor on the device, or None and its error.
-
-        With ``helpers``, the CPU decodes a share of the JPEGs on that many threads while the
-        GPU decodes the rest (the GPU decoder serialises its calls, so more GPU threads would
-        not help; CPU threads do, on a machine with cores to spare)."""
+        """Each row as a ``(3, h, w)`` uint8 tensor on the device, or None and its error."""
         n = len(rows)
         images: list[Any] = [None] * n
         errors: list[str | None] = [None] * n
-        jpegs = [i for i, d in enumerate(rows) if d[:3] == _JPEG] if self._on_gpu else []
-        k = round(len(jpegs) * self.cpu_share) if self.helpers else 0
-        on_gpu, on_cpu = jpegs[: len(jpegs) - k], jpegs[len(jpegs) - k :]
-        t0 = time.perf_counter()
-        chunks = [on_cpu[j :: self.helpers] for j in range(self.helpers)] if on_cpu else []
-        helped = [self._pool.submit(_cpu_decode, [rows[i] for i in c]) for c in chunks]
+        on_gpu = [i for i, d in enumerate(rows) if d[:3] == _JPEG] if self._on_gpu else []
         for i, image in zip(on_gpu, self._gpu_decode([rows[i] for i in on_gpu]), strict=True):
             images[i] = image
-        gpu_s = time.perf_counter() - t0
-        cpu_done = t0
-        for chunk, future in zip(chunks, helped, strict=True):
-            decoded, finished = future.result()
-            cpu_done = max(cpu_done, finished)
-            for i, pixels in zip(chunk, decoded, strict=True):
-                images[i] = pixels  # a uint8 (h, w, 3) array, or None
-        if self.helpers and jpegs:
-            self._balance(len(on_gpu), gpu_s, k, cpu_done - t0)
-        self._upload(images, [i for i in on_cpu if images[i] is not None])
         rest = [i for i in range(n) if images[i] is None]
         for i, got in zip(rest, self._pool.map(_pil_rgb, [rows[i] for i in rest]), strict=True):
             if isinstance(got, str):
@@ -314,28 +278,6 @@ class DeviceImageInputs(ImageInputs):
             else:
                 images[i] = torch.from_numpy(got).to(self.device).permute(2, 0, 1)
         return images, errors
-
-    def _upload(self, images: list[Any], rows: list[int]) -> None:
-        """The helpers' images onto the device, one copy per distinct size."""
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i in rows:
-            groups.setdefault(images[i].shape, []).append(i)
-        for group in groups.values():
-            stacked = torch.from_numpy(np.stack([images[i] for i in group]))
-            on_device = stacked.to(self.device).permute(0, 3, 1, 2)
-            for j, i in enumerate(group):
-                images[i] = on_device[j]
-
-    def _balance(self, gpu_n: int, gpu_s: float, cpu_n: int, cpu_s: float) -> None:
-        """The next batch's CPU share, from the rates this batch measured (a moving
-        average): the helpers take what they can decode while the GPU decodes the rest."""
-        # Until measured: a helper thread does ~3k JPEGs/s, the GPU ~20k (224x224, H100).
-        rates = self._rates or [20_000.0, 3_000.0 * self.helpers]
-        for j, (n, s) in enumerate(((gpu_n, gpu_s), (cpu_n, cpu_s))):
-            if n >= 8 and s > 0:
-                rates[j] = 0.7 * rates[j] + 0.3 * (n / s)
-        self._rates = rates
-        self.cpu_share = min(0.9, rates[1] / (rates[0] + rates[1]))
 
     @property
     def _on_gpu(self) -> bool:
@@ -418,33 +360,6 @@ def _interpolate(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return torch.nn.functional.interpolate(
         x, size=size, mode="bilinear", align_corners=False, antialias=shrink
     )
-
-
-def _cpu_decode(datas: list[bytes]) -> tuple[list[np.ndarray | None], float]:
-    """JPEGs decoded to ``(h, w, 3)`` uint8 on this thread (None for each that does not
-    decode: Pillow tries those again for their error), and when it finished.
-    torchvision's decoder takes the list in one call, the GIL released throughout."""
-    out: list[np.ndarray | None]
-    try:
-        from torchvision.io import ImageReadMode, decode_jpeg
-    except ImportError:
-        out = []
-        for data in datas:
-            got = _pil_rgb(data)
-            out.append(None if isinstance(got, str) else got)
-        return out, time.perf_counter()
-    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
-    try:
-        decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB)
-        out = [t.permute(1, 2, 0).numpy() for t in decoded]
-    except RuntimeError:  # one bad image fails the call: the rest one by one
-        out = []
-        for t in tensors:
-            try:
-                out.append(decode_jpeg(t, mode=ImageReadMode.RGB).permute(1, 2, 0).numpy())
-            except RuntimeError:
-                out.append(None)
-    return out, time.perf_counter()
 
 
 def _pil_rgb(data: bytes) -> np.ndarray | str:

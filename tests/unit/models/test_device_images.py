@@ -19,7 +19,7 @@ from torch import nn
 from pipeline.config import Settings
 from pipeline.models import ModelConfig, ModelRegistry, TensorSpec, save_model
 from pipeline.models.config import ImageOptions
-from pipeline.models.images import DeviceImageInputs, ImageInputs, _pil_rgb, image_inputs
+from pipeline.models.images import DeviceImageInputs, ImageInputs, image_inputs
 from pipeline.observability.metrics import Metrics
 from pipeline.protocol import codec
 from pipeline.protocol.codec import RequestError
@@ -113,62 +113,6 @@ def test_bad_rows_and_padding_are_zeros_and_named() -> None:
     np.testing.assert_allclose(device[1:3], 0, rtol=0, atol=1e-9)
     np.testing.assert_allclose(device[4:], 0, rtol=0, atol=1e-9)
     np.testing.assert_allclose(device[[0, 3]], host[[0, 3]], rtol=1e-5, atol=1e-5)
-
-
-class Shared(DeviceImageInputs):
-    """The GPU decoder's part played by Pillow on this CPU (the device run measures the real
-    one): what is tested is the split between it and the CPU helpers."""
-
-    def __init__(self, cfg: ModelConfig, helpers: int) -> None:
-        super().__init__(cfg, CPU, "pil", helpers=helpers)
-        self.gpu_rows = 0
-
-    @property
-    def _on_gpu(self) -> bool:
-        return True
-
-    def _gpu_decode(self, datas: list[bytes]) -> list[object]:
-        self.gpu_rows += len(datas)
-        out: list[object] = []
-        for data in datas:
-            got = _pil_rgb(data)
-            out.append(None if isinstance(got, str) else torch.from_numpy(got).permute(2, 0, 1))
-        return out
-
-
-def test_cpu_helpers_decode_a_share_of_the_jpegs() -> None:
-    sizes = [(8, 8)] * 6 + [(12, 10)] * 3
-    rows = [encoded("JPEG", s, seed=i) for i, s in enumerate(sizes)]
-    rows += [encoded("PNG", (8, 8), seed=20), cut_jpeg(21)]
-    inputs = Shared(config(), helpers=2)
-    inputs.cpu_share = 0.5
-    [device], extras = inputs.prepare(rows, 12)
-    assert inputs.gpu_rows == 5  # of the 10 JPEGs: the helpers took 5, the cut one among them
-    [host], host_extras = ImageInputs(config()).prepare(rows)
-    assert [e is None for e in extras["errors"]] == [True] * 10 + [False]
-    assert [e is None for e in host_extras["errors"]] == [True] * 10 + [False]
-    # Same-sized images: the same pixels whichever side decoded them; resized ones close.
-    same = [0, 1, 2, 3, 4, 5, 9]
-    np.testing.assert_allclose(device.numpy()[same], host[same], rtol=1e-5, atol=1e-5)
-    levels = np.abs(device.numpy()[6:9] - host[6:9]) * np.array(STD).reshape(1, 3, 1, 1) * 255
-    assert float(levels.mean()) < 1.5
-    np.testing.assert_allclose(device.numpy()[10:], 0, rtol=0, atol=1e-9)
-    # The share moved to what the two sides measured.
-    assert inputs.cpu_share != 0.5 and 0 < inputs.cpu_share <= 0.9
-
-
-def test_the_share_follows_the_measured_rates() -> None:
-    inputs = Shared(config(), helpers=4)
-    for _ in range(30):  # the GPU 3x the helpers' rate: they settle at a quarter
-        inputs._balance(300, 0.01, 100, 0.01)
-    assert inputs.cpu_share == pytest.approx(0.25, abs=0.01)
-    for _ in range(30):
-        inputs._balance(100, 0.01, 1900, 0.01)  # helpers 19x faster: capped
-    assert inputs.cpu_share == pytest.approx(0.9, abs=1e-9)
-    assert DeviceImageInputs(config(), CPU, "pil").helpers == 0
-    assert DeviceImageInputs(config(cpu_helpers=3), CPU, "pil").helpers == 3
-    with pytest.raises(ValueError, match="cpu_helpers"):
-        config(cpu_helpers=-1)
 
 
 def test_which_path_a_config_gets_here(caplog: pytest.LogCaptureFixture) -> None:
