@@ -81,12 +81,54 @@ def measure(
     }
 
 
+def answers(batch: int = 64, repeats: int = 20) -> dict[str, Any]:
+    """µs of CPU per answer to encode a batch of the demo's JSON answers: each `Response`
+    built and encoded (`_answers`, what requests with parameters, a variant or MessagePack
+    get) against the joined template (`_json_answers`), interleaved in this process."""
+    import numpy as np
+
+    from pipeline.serving.responses import _answers, _json_answers, _top_k
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (batch, 4)).astype(np.float32)
+    raw: list[Any] = [("logits", "FP32", [4], logits.tolist(), None)]
+    top = _top_k(("a", "b", "c", "d"), [logits], [1] * batch)
+    times = np.round(rng.exponential(5.0, (batch, 3)), 3).tolist()
+    metas = [
+        codec.ResultRecord(id=f"r{i}", model="demo", model_version="2", outputs=[],
+                           batch_size=batch)
+        for i in range(batch)
+    ]  # fmt: skip
+    calls = {
+        "responses_us": lambda: _answers("demo", "2", raw, top, times, metas, [False] * batch),
+        "template_us": lambda: _json_answers("demo", "2", raw, top, times, metas),
+    }
+    assert calls["responses_us"]() == calls["template_us"]()
+    best = dict.fromkeys(calls, float("inf"))
+    for _ in range(repeats):
+        for name, call in calls.items():
+            t0 = time.thread_time()
+            for _ in range(100):
+                call()
+            best[name] = min(best[name], (time.thread_time() - t0) / 100 / batch * 1e6)
+    out: dict[str, Any] = {"scenario": "cost-answers", "batch": batch}
+    out |= {k: round(v, 3) for k, v in best.items()}
+    out["template_over_responses"] = round(best["template_us"] / best["responses_us"], 3)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="The fused path's CPU per request.")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--payload", choices=["json", "msgpack"], default="json")
+    parser.add_argument(
+        "--answers", action="store_true", help="the JSON answers' encoding alone, two ways"
+    )
     args = parser.parse_args()
+    if args.answers:
+        print(json.dumps(answers(args.batch)))
+        return
     print(json.dumps(measure(args.batch, repeats=args.repeats, payload=args.payload)))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -209,34 +210,10 @@ class Responses(Rejections):
         spans = [(m.started_ms - m.received_ms, m.inference_ms, done - m.produced_ms)
                  for m in metas]  # fmt: skip
         times = np.array(spans).round(3).tolist()
-        values = []
-        for i, meta in enumerate(metas):
-            tensors = [
-                Tensor(name, dt, shape, le[i].tobytes() if binary[i] and le is not None
-                       else lists[i])  # type: ignore[index]
-                for name, dt, shape, lists, le in raw
-            ]  # fmt: skip
-            if top is not None:
-                labels, scores = top[i]
-                k = len(labels)
-                tensors.append(Tensor("labels", "BYTES", [k], labels))
-                tensors.append(Tensor("scores", "FP32", [k], scores))
-            response = Response(
-                id=meta.id,
-                status="ok",
-                model=model,
-                model_version=version,
-                outputs=tensors,
-                timings=codec.Timings(
-                    queue_ms=times[i][0],
-                    inference_ms=times[i][1],
-                    total_ms=times[i][2],
-                    batch_size=meta.batch_size,
-                ),
-                parameters=meta.parameters,
-                variant=meta.variant,
-            )
-            values.append(codec.encode(response, meta.fmt))
+        if not any(binary) and all(m.parameters is None and m.variant is None for m in metas):
+            values = _json_answers(model, version, raw, top, times, metas)
+        else:
+            values = _answers(model, version, raw, top, times, metas, binary)
         if all(m.variant is None for m in metas):
             self._count_many(model, version, "ok", [m.produced_ms for m in metas])
             return values
@@ -288,6 +265,82 @@ class Responses(Rejections):
             job.result_key, job.model.name, job.model.version,
             list(zip(names, rows, strict=False)),
         )  # fmt: skip
+
+
+def _answers(
+    model: str,
+    version: str,
+    raw: list[tuple[str, Any, list[int], Any, np.ndarray | None]],
+    top: list[tuple[list[str], list[float]]] | None,
+    times: list[list[float]],
+    metas: list[codec.ResultRecord],
+    binary: list[bool],
+) -> list[bytes]:
+    """A batch's ok responses, each a `Response` encoded in its request's format."""
+    values = []
+    for i, meta in enumerate(metas):
+        tensors = [
+            Tensor(name, dt, shape, le[i].tobytes() if binary[i] and le is not None
+                   else lists[i])  # type: ignore[index]
+            for name, dt, shape, lists, le in raw
+        ]  # fmt: skip
+        if top is not None:
+            labels, scores = top[i]
+            k = len(labels)
+            tensors.append(Tensor("labels", "BYTES", [k], labels))
+            tensors.append(Tensor("scores", "FP32", [k], scores))
+        response = Response(
+            id=meta.id,
+            status="ok",
+            model=model,
+            model_version=version,
+            outputs=tensors,
+            timings=codec.Timings(
+                queue_ms=times[i][0],
+                inference_ms=times[i][1],
+                total_ms=times[i][2],
+                batch_size=meta.batch_size,
+            ),
+            parameters=meta.parameters,
+            variant=meta.variant,
+        )
+        values.append(codec.encode(response, meta.fmt))
+    return values
+
+
+def _json_answers(
+    model: str,
+    version: str,
+    raw: list[tuple[str, Any, list[int], Any, np.ndarray | None]],
+    top: list[tuple[list[str], list[float]]] | None,
+    times: list[list[float]],
+    metas: list[codec.ResultRecord],
+) -> list[bytes]:
+    """The same bytes as `_answers` for a batch of JSON requests without parameters or
+    variant: what every answer shares is encoded once, what each has is encoded a column at
+    a time (one call per column), and the pieces joined per answer."""
+    enc, column = codec.encode, codec.encode_lines
+    parts: list[list[bytes] | bytes] = [b'{"id":', column([m.id for m in metas])]
+    opening = b',"status":"ok","model":%s,"model_version":%s,"outputs":['
+    parts.append(opening % (enc(model), enc(version)))
+    sep = b""
+    for name, datatype, shape, lists, _ in raw:
+        head = b'{"name":%s,"datatype":%s,"shape":%s,"data":'
+        parts += [sep + head % (enc(name), enc(datatype), enc(shape)), column(lists), b"}"]
+        sep = b","
+    if top is not None:
+        ks = column([len(labels) for labels, _ in top])
+        parts += [sep + b'{"name":"labels","datatype":"BYTES","shape":[', ks, b'],"data":']
+        parts += [column([labels for labels, _ in top])]
+        parts += [b'},{"name":"scores","datatype":"FP32","shape":[', ks, b'],"data":']
+        parts += [column([scores for _, scores in top]), b"}"]
+    queue, inference, total = (list(c) for c in zip(*times, strict=True))
+    parts += [b'],"timings":{"queue_ms":', column(queue), b',"inference_ms":', column(inference)]
+    parts += [b',"total_ms":', column(total), b',"batch_size":']
+    parts += [column([m.batch_size for m in metas]), b"}}"]
+    # Each answer: the shared pieces (repeated) and its cell of each column, in order.
+    pieces = [repeat(p) if isinstance(p, bytes) else p for p in parts]
+    return [b"".join(row) for row in zip(*pieces, strict=False)]  # the columns end it
 
 
 def _result_array(tensor: Tensor) -> np.ndarray:
