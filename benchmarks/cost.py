@@ -87,7 +87,7 @@ def answers(batch: int = 64, repeats: int = 20) -> dict[str, Any]:
     get) against the joined template (`_json_answers`), interleaved in this process."""
     import numpy as np
 
-    from pipeline.serving.responses import _answers, _json_answers, _top_k
+    from pipeline.serving.responses import Answers, _answers, _json_answers, _top_k
 
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 3, (batch, 4)).astype(np.float32)
@@ -99,9 +99,10 @@ def answers(batch: int = 64, repeats: int = 20) -> dict[str, Any]:
                            batch_size=batch)
         for i in range(batch)
     ]  # fmt: skip
+    batch_answers = Answers("demo", "2", raw, top, times, metas)
     calls = {
-        "responses_us": lambda: _answers("demo", "2", raw, top, times, metas, [False] * batch),
-        "template_us": lambda: _json_answers("demo", "2", raw, top, times, metas),
+        "responses_us": lambda: _answers(batch_answers, [False] * batch),
+        "template_us": lambda: _json_answers(batch_answers),
     }
     assert calls["responses_us"]() == calls["template_us"]()
     best = dict.fromkeys(calls, float("inf"))

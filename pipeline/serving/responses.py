@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import repeat
 from typing import Any
 
@@ -210,10 +211,11 @@ class Responses(Rejections):
         spans = [(m.started_ms - m.received_ms, m.inference_ms, done - m.produced_ms)
                  for m in metas]  # fmt: skip
         times = np.array(spans).round(3).tolist()
+        answers = Answers(model, version, raw, top, times, metas)
         if not any(binary) and all(m.parameters is None and m.variant is None for m in metas):
-            values = _json_answers(model, version, raw, top, times, metas)
+            values = _json_answers(answers)
         else:
-            values = _answers(model, version, raw, top, times, metas, binary)
+            values = _answers(answers, binary)
         if all(m.variant is None for m in metas):
             self._count_many(model, version, "ok", [m.produced_ms for m in metas])
             return values
@@ -267,16 +269,26 @@ class Responses(Rejections):
         )  # fmt: skip
 
 
-def _answers(
-    model: str,
-    version: str,
-    raw: list[tuple[str, Any, list[int], Any, np.ndarray | None]],
-    top: list[tuple[list[str], list[float]]] | None,
-    times: list[list[float]],
-    metas: list[codec.ResultRecord],
-    binary: list[bool],
-) -> list[bytes]:
+@dataclass(frozen=True, slots=True)
+class Answers:
+    """A batch's ok answers before encoding: ``raw`` holds per output (name, datatype,
+    shape, each row's data as lists, each row's little-endian array), ``top`` each row's
+    labels and scores (classifiers), ``times`` each row's queue, inference and total ms."""
+
+    model: str
+    version: str
+    raw: list[tuple[str, Any, list[int], Any, np.ndarray | None]]
+    top: list[tuple[list[str], list[float]]] | None
+    times: list[list[float]]
+    metas: list[codec.ResultRecord]
+
+    def fields(self) -> tuple[Any, ...]:
+        return self.model, self.version, self.raw, self.top, self.times, self.metas
+
+
+def _answers(answers: Answers, binary: list[bool]) -> list[bytes]:
     """A batch's ok responses, each a `Response` encoded in its request's format."""
+    model, version, raw, top, times, metas = answers.fields()
     values = []
     for i, meta in enumerate(metas):
         tensors = [
@@ -308,17 +320,11 @@ def _answers(
     return values
 
 
-def _json_answers(
-    model: str,
-    version: str,
-    raw: list[tuple[str, Any, list[int], Any, np.ndarray | None]],
-    top: list[tuple[list[str], list[float]]] | None,
-    times: list[list[float]],
-    metas: list[codec.ResultRecord],
-) -> list[bytes]:
+def _json_answers(answers: Answers) -> list[bytes]:
     """The same bytes as `_answers` for a batch of JSON requests without parameters or
     variant: what every answer shares is encoded once, what each has is encoded a column at
     a time (one call per column), and the pieces joined per answer."""
+    model, version, raw, top, times, metas = answers.fields()
     enc, column = codec.encode, codec.encode_lines
     parts: list[list[bytes] | bytes] = [b'{"id":', column([m.id for m in metas])]
     opening = b',"status":"ok","model":%s,"model_version":%s,"outputs":['

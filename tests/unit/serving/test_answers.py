@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.protocol import codec
-from pipeline.serving.responses import _answers, _json_answers, _top_k
+from pipeline.serving.responses import Answers, _answers, _json_answers, _top_k
 
 IDS = ["r0", 'quote"d', "new\nline", "naïve ünïcode", "back\\slash", "x" * 200, "tab\there"]
 
@@ -52,8 +52,9 @@ def test_joined_answers_are_the_encoded_responses(seed: int) -> None:
     for labels in (("a", "b", 'c"', "d\n"), ()):
         raw, top, times, metas = batch(seed, n, outputs, labels)
         assert (top is None) == (not labels)
-        want = _answers("model-x", "v1.2", raw, top, times, metas, [False] * n)
-        got = _json_answers("model-x", "v1.2", raw, top, times, metas)
+        answers = Answers("model-x", "v1.2", raw, top, times, metas)
+        want = _answers(answers, [False] * n)
+        got = _json_answers(answers)
         assert got == want
         decoded = codec.decode_response(got[-1])
         assert decoded.id == metas[-1].id and decoded.timings is not None
@@ -61,9 +62,8 @@ def test_joined_answers_are_the_encoded_responses(seed: int) -> None:
 
 def test_no_outputs_but_labels_and_none_at_all() -> None:
     raw, top, times, metas = batch(1, 3, [np.zeros((3, 2), np.float32)], ("a", "b"))
-    assert _json_answers("m", "1", [], top, times, metas) == _answers(
-        "m", "1", [], top, times, metas, [False] * 3
-    )
-    assert _json_answers("m", "1", [], None, times, metas) == _answers(
-        "m", "1", [], None, times, metas, [False] * 3
-    )
+    for answers in (
+        Answers("m", "1", [], top, times, metas),
+        Answers("m", "1", [], None, times, metas),
+    ):
+        assert _json_answers(answers) == _answers(answers, [False] * 3)
