@@ -6,7 +6,8 @@
 # COMPILE=max-autotune (or default) runs the models through torch.compile; the bench's
 # SLUICE_BENCH_* variables (bench_jpeg.py) pass through. PROFILE=1 (carry
 # .device/py-spy too, the static binary) samples every process of the run into
-# $OUT/<name>.pyspy.gz (collapsed stacks, threads apart).
+# $OUT/<name>.pyspy.gz (collapsed stacks, threads apart); PROFILE_ARGS (default
+# --nonblocking) replaces py-spy's sampling options ("--native --idle", say).
 set -euo pipefail
 BROKER=1 . "$(dirname "$0")/env.sh"
 LD_LIBRARY_PATH=$( (find /tmp/site/nvidia -type d -name lib 2>/dev/null || true) | paste -sd: -)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
@@ -16,7 +17,8 @@ for decoder in ${DECODES:-nvjpeg}; do
   name="jpeg-$gpu-$decoder${COMPILE:+-$COMPILE}${SLUICE_BENCH_RESNET_BATCH:+-b$SLUICE_BENCH_RESNET_BATCH}"
   spy=()
   if [ "${PROFILE:-0}" = 1 ]; then
-    spy=(.device/py-spy record --subprocesses --threads --nonblocking -r 79 -f raw -o "$OUT/$name.pyspy" --)
+    # shellcheck disable=SC2206  # options, split on purpose
+    spy=(.device/py-spy record --subprocesses --threads ${PROFILE_ARGS:---nonblocking} -r 79 -f raw -o "$OUT/$name.pyspy" --)
   fi
   SLUICE_BENCH_DECODE=$decoder SLUICE_BENCH_COMPILE=${COMPILE:-} \
     "${spy[@]}" python -m pipeline.cli bench --scenario jpeg --no-progress \
