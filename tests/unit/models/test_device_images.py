@@ -167,7 +167,7 @@ def test_a_loaded_model_runs_device_prepared_batches(image_dir: Path) -> None:
     batch = model.stack_inputs(rows)
     assert batch.tensors[0].shape == (4, 3, 8, 8)  # padded to its bucket by the preparer
     [got] = model.submit(batch).result()
-    np.testing.assert_allclose(got, want, atol=0.05, rtol=0.0)
+    np.testing.assert_allclose(got, want, atol=0.05, rtol=1e-3)
 
 
 @TORCHSCRIPT_DEPRECATED
