@@ -91,7 +91,7 @@ def _nvjpeg(batches: list[list[bytes]], device: torch.device) -> Any:
 
 
 def _rate(step: Any, batch: int, seconds: float, sync: Any) -> float:
-    """Images/s of ``step(i)`` (one batch each), timed for ``seconds`` after two warm calls."""
+    """Images/s of ``step(i)`` (one batch each), timed for ``seconds`` after three warm calls."""
     calls = 0
 
     def forward() -> None:
@@ -147,7 +147,6 @@ def _engine_rate(
     )
     pipeline = Pipeline(settings, registry, None, Metrics())
     answered = 0
-
     steps = _Steps()
 
     def answer(outcomes: list[Outcome]) -> None:
