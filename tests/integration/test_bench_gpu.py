@@ -110,14 +110,14 @@ def test_jpeg_scenario_sends_jpeg_bytes_and_reports_three_tails(settings: Settin
         assert figures["sent"] == figures["answered"] == 4 * 150, name
         assert figures["wrong_outputs"] == 0, name
         assert len(figures["p99_ms_runs"]) == 3
-        assert figures["p99_ms"] == pytest.approx(max(figures["p99_ms_runs"]), rel=1e-6)
+        assert figures["p99_ms"] == pytest.approx(max(figures["p99_ms_runs"]), rel=1e-4)
         assert figures["ratio"] == pytest.approx(
             figures["pipeline_rps"] / figures["bare_rps"], abs=2e-3
         )
     resnet = result["models"]["resnet"]
     if not torch.cuda.is_available():
         assert resnet["decoder"] == "cpu" and set(resnet["bare_jpeg_rps"]) == {"pil"}
-    assert resnet["bare_rps"] == pytest.approx(max(resnet["bare_jpeg_rps"].values()), rel=1e-6)
+    assert resnet["bare_rps"] == pytest.approx(max(resnet["bare_jpeg_rps"].values()), rel=1e-4)
     assert resnet["bare_model_rps"] > 0
     assert resnet["jpeg_over_model"] == pytest.approx(
         resnet["bare_rps"] / resnet["bare_model_rps"], abs=2e-3

@@ -95,7 +95,7 @@ def test_uint8_hwc_and_channels_last() -> None:
     device, _, host, _ = both(config(datatype="UINT8", layout="HWC"), rows)
     assert device.shape == (2, 8, 8, 3) and device.dtype == np.uint8
     # The same size: the same pixels (to within a level: roundings may differ).
-    np.testing.assert_allclose(device[0], host[0], rtol=1e-6, atol=1)
+    np.testing.assert_allclose(device[0], host[0], rtol=1e-4, atol=1)
     assert int(np.abs(device[1].astype(int) - host[1]).max()) <= 12
     [out], _ = DeviceImageInputs(config(channels_last=True), CPU, "pil").prepare(rows, 4)
     assert out.shape == (4, 3, 8, 8)
@@ -110,8 +110,8 @@ def test_bad_rows_and_padding_are_zeros_and_named() -> None:
     for errors in (extras["errors"], host_extras["errors"]):
         assert [e is None for e in errors] == [True, False, False, True]
         assert all(e.startswith("the image cannot be decoded") for e in errors[1:3])
-    np.testing.assert_allclose(device[1:3], 0, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(device[4:], 0, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(device[1:3], 0, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(device[4:], 0, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(device[[0, 3]], host[[0, 3]], rtol=1e-5, atol=1e-5)
 
 
