@@ -2,7 +2,7 @@
 without Kafka. One process, the ``jpeg`` scenario's ResNet-50 and images, batches of
 ``--batch``; images/s of each step alone and chained, measured one after another:
 
-- ``decode``: torchvision's ``decode_jpeg`` on lists of a batch, back to back;
+- ``decode``: torchvision's ``decode_jpeg`` on lists of a batch (stacked), back to back;
 - ``prepare``: the worker's preparer (`DeviceImageInputs.prepare`: decode, resize and
   normalise into one tensor), back to back;
 - ``worker``: batches stacked and submitted on one preparation thread and their results
@@ -68,8 +68,9 @@ def run(batch: int, seconds: float, depth: int, compile_mode: str | None) -> dic
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         rps: dict[str, float] = {}
         with torch.inference_mode():
-            if out["decoder"] == "nvjpeg":
-                rps["decode"] = _rate(_nvjpeg(batches, device), batch, seconds, sync)
+            if out["decoder"] == "nvjpeg":  # bare JPEG's decode step, stacked
+                decode = bench_jpeg._decoders(images, batch, device)["nvjpeg"]
+                rps["decode"] = _rate(decode, batch, seconds, sync)
             rows = [[[image] for image in chunk] for chunk in batches]
             rps["prepare"] = _rate(
                 lambda i: loaded.stack_inputs(rows[i % len(rows)]).release(), batch, seconds, sync
@@ -81,13 +82,6 @@ def run(batch: int, seconds: float, depth: int, compile_mode: str | None) -> dic
         out["images_per_s"] = {k: round(v, 1) for k, v in rps.items()}
         out["worker_over_bare_jpeg"] = round(rps["worker"] / rps["bare_jpeg"], 3)
     return out
-
-
-def _nvjpeg(batches: list[list[bytes]], device: torch.device) -> Any:
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    raw = [[torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in c] for c in batches]
-    return lambda i: decode_jpeg(raw[i % len(raw)], mode=ImageReadMode.RGB, device=device)
 
 
 def _rate(step: Any, batch: int, seconds: float, sync: Any) -> float:
@@ -160,33 +154,31 @@ def _engine_rate(
     values = [load.request(i, "r")[1] for i in range(4 * batch)]
     offset = 0
     start = 0.0
-    patches = contextlib.ExitStack()
-    patches.enter_context(steps.patched())
-    try:
-        while True:
-            room = compute.room
-            if room > 0:
-                now = time.time() * 1000
-                origins = [
-                    Origin(settings.requests_topic, 0, offset + i, now,
-                           values[(offset + i) % len(values)], load.headers or [], key_bytes=4)
-                    for i in range(min(room, batch))
-                ]  # fmt: skip
-                offset += len(origins)
-                with steps.timed("admit"):
-                    compute.admit(origins, ConsumedBatch({}))
-            compute.advance(room)
-            if not start and answered >= 3 * batch:  # warm
-                start, counted = time.perf_counter(), answered
-                steps.spans.clear()
-            elif start and time.perf_counter() - start >= seconds:
-                batches = (answered - counted) / batch
-                rate = (answered - counted) / (time.perf_counter() - start)
-                return rate, steps.per_batch(batches)
-    finally:
-        patches.close()
-        compute.drain()
-        pipeline.close()
+    with steps.patched():
+        try:
+            while True:
+                room = compute.room
+                if room > 0:
+                    now = time.time() * 1000
+                    origins = [
+                        Origin(settings.requests_topic, 0, offset + i, now,
+                               values[(offset + i) % len(values)], load.headers or [], key_bytes=4)
+                        for i in range(min(room, batch))
+                    ]  # fmt: skip
+                    offset += len(origins)
+                    with steps.timed("admit"):
+                        compute.admit(origins, ConsumedBatch({}))
+                compute.advance(room)
+                if not start and answered >= 3 * batch:  # warm
+                    start, counted = time.perf_counter(), answered
+                    steps.spans.clear()
+                elif start and time.perf_counter() - start >= seconds:
+                    batches = (answered - counted) / batch
+                    rate = (answered - counted) / (time.perf_counter() - start)
+                    return rate, steps.per_batch(batches)
+        finally:
+            compute.drain()
+            pipeline.close()
 
 
 class _Steps:
