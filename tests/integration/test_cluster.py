@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, ConfigResource
 
 from benchmarks import chaos
 from pipeline.kafka import ensure_topics
@@ -72,10 +73,18 @@ def test_topics_on_the_cluster_replicate_three_times_and_need_two_in_sync(
                 break
             time.sleep(0.2)
         assert {len(p.replicas) for p in topic.partitions.values()} == {3}
-        from confluent_kafka.admin import ConfigResource
-
         resource = ConfigResource(ConfigResource.Type.TOPIC, settings.requests_topic)
-        configs = next(iter(admin.describe_configs([resource]).values())).result()
+        # describe_configs goes to any node, which may not know the topic yet either.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                configs = next(iter(admin.describe_configs([resource]).values())).result()
+                break
+            except KafkaException as error:
+                unknown = error.args[0].code() == KafkaError.UNKNOWN_TOPIC_OR_PART
+                if not unknown or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
         assert configs["min.insync.replicas"].value == "2"
     finally:
         cluster.stop()
