@@ -62,10 +62,15 @@ class Compute:
     def wait_s(self) -> float:
         """How long the consumer may wait for records: not at all while a batch computes on
         the device (2 ms while batches are only being prepared on the preparation thread:
-        a loop that spun there would take a core from them), else until the batcher's next
-        flush (at most 0.1 s; 1 ms while a fetch is out)."""
+        a loop that spun there would take a core from them; 0.5 ms while images decode on
+        torch's threads), else until the batcher's next flush (at most 0.1 s; 1 ms while a
+        fetch is out)."""
         if self.running:
-            return 0.0 if any(r.started is None for r, _ in self.running) else 0.002
+            if any(r.started is None for r, _ in self.running):
+                return 0.0
+            # Images decoding on torch's threads: the loop looks again soon (it holds
+            # nothing they need), the preparation thread is left its core.
+            return 0.0005 if self.running[-1][0].forked else 0.002
         due = self.scheduler.next_deadline()
         wait_s = 0.1 if due is None else min(0.1, max(0.0, due - time.time()))
         return min(wait_s, 0.001) if self.enricher else wait_s
@@ -90,7 +95,7 @@ class Compute:
                 self.enricher.wait(0.005)
             self.admit_fetched()
         started = self._start_due()
-        self._collect(keep=started)
+        self._collect(keep=started, drain=False)
         return started
 
     def drain(self) -> None:
@@ -142,8 +147,9 @@ class Compute:
                 self._schedule(admitted, batch)
 
     def _idle(self, model: LoadedModel) -> bool:
-        """No batch of ``model`` started and not yet collected (a few at most to look at)."""
-        return all(r.jobs[0].model is not model for r, _ in self.running)
+        """No batch of ``model`` started and not yet collected, but those whose forked
+        preparation is done: the next decodes while they compute (a few at most to look at)."""
+        return all(r.jobs[0].model is not model or r.prepared() for r, _ in self.running)
 
     def _start_due(self, force: bool = False) -> int:
         """Start every batch the batcher says is due; returns how many were started."""
@@ -167,12 +173,37 @@ class Compute:
         if flush.items:
             self.running.append((self.pipeline.start(flush.items), flush.bucket))
 
-    def _collect(self, keep: int = 0) -> None:
-        """Answer finished batches, in order; leave the ``keep`` newest while they compute."""
+    def _collect(self, keep: int = 0, drain: bool = True) -> None:
+        """Answer finished batches, in order; leave the ``keep`` newest while they compute
+        (and, unless ``drain``, those still decoding: the loop consumes meanwhile and starts
+        the next batch once they have decoded, rather than wait for them to compute)."""
+        self._submit_prepared()
+        decoding = 0
+        for running, _ in reversed(self.running):
+            if drain or not (running.forked and running.started is not None):
+                break
+            decoding += 1
+        keep = max(keep, decoding)
         while self.running and (len(self.running) > keep or self.running[0][0].done()):
             self._collect_one()
 
+    def _submit_prepared(self) -> None:
+        """Submit, in order, the batches whose forked preparation is done."""
+        for running, _ in self.running:
+            if running.started is not None:
+                if not (running.forked and running.started.done()):
+                    return
+                running.settle()
+
     def _collect_one(self) -> None:
+        oldest = self.running[0][0]
+        if any(r.forked and r.started is not None for r, _ in list(self.running)[1:]):
+            # A later batch is decoding: send it to the device as soon as it has, rather
+            # than after the oldest is answered, so that the model does not wait for the
+            # loop between them.
+            while not oldest.done():
+                time.sleep(0.0002)
+                self._submit_prepared()
         running, bucket = self.running.popleft()
         model = running.jobs[0].model
         outcomes = self.pipeline.finish(running)

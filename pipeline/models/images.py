@@ -218,8 +218,26 @@ class DeviceImageInputs(ImageInputs):
     ) -> tuple[list[torch.Tensor], dict[str, Any]]:
         """The batch's images as one ``(bucket, *shape)`` tensor on the device (rows past
         ``len(rows)``, and rows that cannot be decoded, are zeros)."""
-        n = len(rows)
-        images, errors = self._decode(rows)
+        return self.begin(rows, bucket).result()
+
+    def begin(self, rows: Sequence[bytes], bucket: int | None = None) -> Preparing:
+        """`prepare` in two steps: torchvision's nvJPEG decoder starts on one of torch's own
+        threads, which never take the interpreter, and this returns at once; `result` (on
+        the caller's thread) resizes, normalises and pads the batch once it is decoded.
+        With the other decoders the whole batch is decoded here."""
+        if self.decoder != "nvjpeg":
+            images, errors = self._decode(rows)
+            return Preparing(self, len(rows), bucket, images, errors)
+        jpegs = [i for i, d in enumerate(rows) if d[:3] == _JPEG]
+        parts = _parts([rows[i] for i in jpegs])
+        future = _forked_decoder().start(parts, _RGB, self.device) if parts else None
+        return Preparing(
+            self, len(rows), bucket, rows=rows, jpegs=jpegs, parts=parts, future=future
+        )
+
+    def _assemble(
+        self, n: int, bucket: int | None, images: list[Any], errors: list[str | None]
+    ) -> tuple[list[torch.Tensor], dict[str, Any]]:
         h, w = self.options.size
         fmt = torch.channels_last if self.options.channels_last else torch.contiguous_format
         out = torch.empty(
@@ -265,11 +283,18 @@ class DeviceImageInputs(ImageInputs):
 
     def _decode(self, rows: Sequence[bytes]) -> tuple[list[Any], list[str | None]]:
         """Each row as a ``(3, h, w)`` uint8 tensor on the device, or None and its error."""
+        on_gpu = [i for i, d in enumerate(rows) if d[:3] == _JPEG] if self._on_gpu else []
+        return self._decode_rest(rows, on_gpu, self._gpu_decode([rows[i] for i in on_gpu]))
+
+    def _decode_rest(
+        self, rows: Sequence[bytes], on_gpu: list[int], decoded: list[Any]
+    ) -> tuple[list[Any], list[str | None]]:
+        """The rows the GPU decoded (``decoded``, None where it refused one) and the rest
+        decoded by Pillow and copied up."""
         n = len(rows)
         images: list[Any] = [None] * n
         errors: list[str | None] = [None] * n
-        on_gpu = [i for i, d in enumerate(rows) if d[:3] == _JPEG] if self._on_gpu else []
-        for i, image in zip(on_gpu, self._gpu_decode([rows[i] for i in on_gpu]), strict=True):
+        for i, image in zip(on_gpu, decoded, strict=True):
             images[i] = image
         rest = [i for i in range(n) if images[i] is None]
         for i, got in zip(rest, self._pool.map(_pil_rgb, [rows[i] for i in rest]), strict=True):
@@ -296,18 +321,24 @@ class DeviceImageInputs(ImageInputs):
             ]
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        blob = torch.frombuffer(bytearray(b"".join(datas)), dtype=torch.uint8)
-        parts = list(torch.split(blob, [len(d) for d in datas]))
+        parts = _parts(datas)
         try:
             return list(decode_jpeg(parts, mode=ImageReadMode.RGB, device=self.device))
         except RuntimeError:  # one bad image fails the call: find it
-            out: list[Any] = []
-            for part in parts:
-                try:
-                    out.append(decode_jpeg(part, mode=ImageReadMode.RGB, device=self.device))
-                except RuntimeError:
-                    out.append(None)
-            return out
+            return self._one_by_one(parts)
+
+    def _one_by_one(self, parts: list[torch.Tensor]) -> list[Any]:
+        """Each JPEG decoded alone, None for those the GPU refuses (one bad image in a list
+        fails the whole list)."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        out: list[Any] = []
+        for part in parts:
+            try:
+                out.append(decode_jpeg(part, mode=ImageReadMode.RGB, device=self.device))
+            except RuntimeError:
+                out.append(None)
+        return out
 
     def _hold(self, images: list[Any]) -> None:
         """Keep nvImageCodec's images (its memory) until the copies from them have run."""
@@ -318,6 +349,78 @@ class DeviceImageInputs(ImageInputs):
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
         self._held.append((event, images))
+
+
+class Preparing:
+    """A batch `DeviceImageInputs.begin` started: `done` says whether `result` would wait
+    for the decoder."""
+
+    def __init__(
+        self,
+        inputs: DeviceImageInputs,
+        n: int,
+        bucket: int | None,
+        images: list[Any] | None = None,
+        errors: list[str | None] | None = None,
+        rows: Sequence[bytes] = (),
+        jpegs: list[int] | None = None,
+        parts: list[torch.Tensor] | None = None,
+        future: Any = None,
+    ) -> None:
+        self._inputs = inputs
+        self._n, self._bucket = n, bucket
+        self._decoded = (images, errors) if images is not None and errors is not None else None
+        self._rows, self._jpegs, self._parts, self._future = rows, jpegs or [], parts, future
+
+    def done(self) -> bool:
+        return self._future is None or bool(self._future.done())
+
+    def result(self) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        """The batch's tensors and extras (`DeviceImageInputs.prepare`)."""
+        inputs = self._inputs
+        if self._decoded is not None:
+            images, errors = self._decoded
+        else:
+            decoded: list[Any] = []
+            if self._future is not None:
+                try:
+                    decoded = list(self._future.wait())
+                except RuntimeError:  # one bad image fails the list: find it
+                    decoded = inputs._one_by_one(self._parts or [])
+            images, errors = inputs._decode_rest(self._rows, self._jpegs, decoded)
+        return inputs._assemble(self._n, self._bucket, images, errors)
+
+
+# RGB in torchvision's ImageReadMode.
+_RGB = 3
+_FORKED_SOURCE = """
+def decode(datas: List[Tensor], mode: int, device: Device) -> List[Tensor]:
+    return torch.ops.image.decode_jpegs_cuda(datas, mode, device)
+
+def start(datas: List[Tensor], mode: int, device: Device) -> Future[List[Tensor]]:
+    return torch.jit.fork(decode, datas, mode, device)
+"""
+_forked: Any = None
+
+
+def _forked_decoder() -> Any:
+    """torchvision's batched nvJPEG call forked from TorchScript: the fork runs on torch's
+    inter-op threads without the GIL (a fork from Python would run at once, on the caller).
+    The op holds no Python object, so the loop thread runs Python meanwhile."""
+    global _forked
+    if _forked is None:
+        import torchvision.io  # noqa: F401 - registers torch.ops.image
+
+        _forked = torch.jit.CompilationUnit(_FORKED_SOURCE)
+    return _forked
+
+
+def _parts(datas: list[bytes]) -> list[torch.Tensor]:
+    """Encoded images as uint8 tensors over one buffer (what torchvision's decoder takes)."""
+    if not datas:
+        return []
+    blob = torch.frombuffer(bytearray(b"".join(datas)), dtype=torch.uint8)
+    return list(torch.split(blob, [len(d) for d in datas]))
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:

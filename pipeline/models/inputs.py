@@ -69,6 +69,22 @@ class HostBatch:
                 self.pool.give(t)
 
 
+@dataclass
+class Stacking:
+    """A batch `Inputs.begin` started: `done` once `result` would not wait for it."""
+
+    preparing: Any  # `pipeline.models.images.Preparing`
+    n: int
+    pool: TensorPool
+
+    def done(self) -> bool:
+        return bool(self.preparing.done())
+
+    def result(self) -> HostBatch:
+        tensors, extras = self.preparing.result()
+        return HostBatch(tensors, self.n, self.pool, extras=extras)
+
+
 def torch_dtype(datatype: str) -> torch.dtype:
     return torch.from_numpy(np.empty(0, dtype=DTYPES[datatype])).dtype
 
@@ -327,6 +343,19 @@ class Inputs:
             batch.release()
             raise
         return batch
+
+    @property
+    def forks(self) -> bool:
+        """Whether `begin` returns before the batch is prepared: its images decode on
+        torch's own threads (`DeviceImageInputs.begin`, torchvision's nvJPEG decoder)."""
+        return getattr(self.preparer, "decoder", None) == "nvjpeg"
+
+    def begin(self, rows: Sequence[Sequence[Any]]) -> Stacking:
+        """`stack` in two steps, for a preparer on the device: the batch starts preparing
+        and `Stacking.result` finishes it (at once, unless `forks`)."""
+        bucket = bucket_for(len(rows), self.batch_buckets)
+        preparing = self.preparer.begin([r[0] for r in rows], bucket)  # type: ignore[union-attr]
+        return Stacking(preparing, len(rows), self.pool)
 
     def _stack_prepared(self, rows: Sequence[Sequence[Any]]) -> HostBatch:
         """A batch the preparer makes (tokenized, decoded), copied into pooled buffers

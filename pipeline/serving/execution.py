@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from pipeline.models import LoadedModel
+from pipeline.models.inputs import Stacking
 from pipeline.models.runtime import Pending
 from pipeline.protocol import codec
 from pipeline.protocol.codec import RequestError
@@ -80,6 +81,8 @@ class Execution(Responses):
         for job in jobs:
             job.started_ms = t
         model = jobs[0].model
+        if model.inputs.forks:
+            return Running(jobs, None, _Submission(jobs), forked=True)
         if prepares_off_loop(model):
             return Running(jobs, None, self._preparation().submit(_submit, jobs))
         return Running(jobs, _submit(jobs))
@@ -213,6 +216,36 @@ def _submit(jobs: list[Job]) -> Pending | None:
         if batch is not None:
             batch.release()
         return None
+
+
+class _Submission:
+    """The ``started`` of a batch whose images decode on torch's own threads: `done` once
+    they have; `result` (on the loop, without waiting then) resizes and normalises them
+    into the batch and submits it. The decoder never takes the interpreter, so the loop
+    admits and answers meanwhile; a preparation thread would wait for it at every call."""
+
+    def __init__(self, jobs: list[Job]) -> None:
+        self._model = jobs[0].model
+        self._stacking: Stacking | None = None
+        try:
+            self._stacking = self._model.inputs.begin([j.arrays for j in jobs])
+        except Exception:  # noqa: BLE001 - finish() runs it again, bisected
+            log.debug("batch of %d failed to start decoding", len(jobs), exc_info=True)
+
+    def done(self) -> bool:
+        return self._stacking is None or self._stacking.done()
+
+    def result(self) -> Pending | None:
+        if self._stacking is None:
+            return None
+        batch = None
+        try:
+            batch = self._stacking.result()
+            return self._model.submit(batch)
+        except Exception:  # noqa: BLE001 - finish() runs it again, bisected
+            if batch is not None:
+                batch.release()
+            return None
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -129,17 +129,33 @@ class Record:
     headers: Headers | None
 
 
+class Started(Protocol):
+    """A batch's preparation and submission under way: a future of its `Pending`."""
+
+    def done(self) -> bool: ...
+
+    def result(self) -> Pending | None: ...
+
+
 @dataclass(slots=True)
 class Running:
     """One model's batch submitted to the device (``pending`` None: it failed to start).
 
     A batch whose inputs are prepared on the worker (tokenized, decoded) is prepared and
     submitted on the preparation thread: ``started`` is that step's future, and ``pending``
-    is set from it once it is done."""
+    is set from it once it is done. A batch whose images decode on torch's own threads
+    (``forked``) is submitted by whoever settles it once they have: its ``started`` is done
+    when they are, and the next batch of its model may start decoding then."""
 
     jobs: list[Job]
     pending: Pending | None
-    started: Future[Pending | None] | None = None
+    started: Future[Pending | None] | Started | None = None
+    forked: bool = False
+
+    def prepared(self) -> bool:
+        """Whether the model may take the next batch's preparation: this one's is forked
+        and done (the decoder is free while the model computes)."""
+        return self.forked and (self.started is None or self.started.done())
 
     def done(self) -> bool:
         """True once `Pipeline.finish` will not wait for the device (or the preparation)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -261,3 +262,118 @@ def test_headers_that_do_not_hold_together_are_bad_images(data: bytes) -> None:
     with pytest.raises(RequestError) as exc:
         ImageInputs(config()).check(Tensor("image", "BYTES", [1], data))
     assert exc.value.code == "bad_image"
+
+
+class ForkedByHand:
+    """torchvision's nvJPEG call forked onto torch's threads, stood in for: each `start`
+    returns a future that the test completes when it chooses, with Pillow's pixels, or with
+    the RuntimeError a JPEG that does not decode makes nvJPEG raise for its whole list."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[list[torch.Tensor], torch.futures.Future]] = []
+
+    def start(self, parts: list[torch.Tensor], mode: int, device: torch.device) -> object:
+        future: torch.futures.Future = torch.futures.Future()
+        self.started.append((parts, future))
+        return future
+
+    def complete(self, i: int) -> None:
+        parts, future = self.started[i]
+        decoded = [pillow(p) for p in parts]
+        if any(d is None for d in decoded):
+            future.set_exception(RuntimeError("nvjpegDecodeBatched failed"))
+        else:
+            future.set_result(decoded)
+
+
+def pillow(part: torch.Tensor) -> torch.Tensor | None:
+    try:
+        with Image.open(io.BytesIO(part.numpy().tobytes())) as image:
+            pixels = np.array(image.convert("RGB"), dtype=np.uint8)
+    except OSError:
+        return None
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+@pytest.fixture
+def forked(monkeypatch: pytest.MonkeyPatch) -> ForkedByHand:
+    from pipeline.models import images
+
+    decoder = ForkedByHand()
+    monkeypatch.setattr(images, "_forked_decoder", lambda: decoder)
+    monkeypatch.setattr(
+        DeviceImageInputs, "_one_by_one", lambda self, parts: [pillow(p) for p in parts]
+    )
+    return decoder
+
+
+def test_a_forked_batch_returns_before_it_decodes_then_matches_pillows(
+    forked: ForkedByHand,
+) -> None:
+    cfg = config()
+    rows = [encoded("JPEG", (8 + i, 8), seed=i) for i in range(3)]
+    rows += [encoded("PNG", (8, 8), seed=9), cut_jpeg(4)]
+    preparing = DeviceImageInputs(cfg, CPU, "nvjpeg").begin(rows, 8)
+    assert not preparing.done()
+    assert len(forked.started) == 1 and len(forked.started[0][0]) == 4  # the PNG: Pillow's
+    forked.complete(0)  # the cut JPEG fails the list: each is decoded again alone
+    assert preparing.done()
+    [got], extras = preparing.result()
+    [want], want_extras = DeviceImageInputs(cfg, CPU, "pil").prepare(rows, 8)
+    assert got.shape == (8, 3, 8, 8)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert extras["errors"][:4] == [None] * 4
+    assert extras["errors"] == want_extras["errors"]
+
+
+def _requests(pipeline: Pipeline, rows: list[bytes], first: int) -> list[Origin]:
+    origins = []
+    for i, data in enumerate(rows, first):
+        tensor = {"name": "image", "datatype": "BYTES", "shape": [1], "data": data}
+        value = codec.encode({"id": f"r{i}", "model": "img", "inputs": [tensor]}, codec.MSGPACK)
+        headers = [(codec.CONTENT_TYPE_HEADER, codec.MSGPACK.encode())]
+        origins.append(Origin("t", 0, i, now_ms(), value, headers=headers))
+    return origins
+
+
+@TORCHSCRIPT_DEPRECATED
+@pytest.mark.timeout(60)
+def test_the_engine_consumes_while_a_batch_decodes_and_starts_the_next_once_it_has(
+    image_dir: Path, forked: ForkedByHand
+) -> None:
+    from pipeline.engines.compute import Compute
+    from pipeline.engines.offsets import ConsumedBatch
+
+    registry = ModelRegistry(image_dir, device=CPU)
+    settings = Settings(model_dir=image_dir, max_batch_size=4, max_delay_s=0.5)
+    pipeline = Pipeline(settings, registry, None, Metrics())  # loads the model anew
+    model = registry.resolve("img")
+    rows = [encoded("JPEG", (8 + i % 3, 8), seed=i) for i in range(5)]
+    model.inputs.preparer = DeviceImageInputs(model.config, CPU, "pil")  # at once
+    want = model.run([rows])[0]
+    model.inputs.preparer = DeviceImageInputs(model.config, CPU, "nvjpeg")
+    answered: list[str] = []
+    got: list[np.ndarray] = []
+
+    def answer(outcomes: list) -> None:  # type: ignore[type-arg]
+        for o in outcomes:
+            assert o.error is None, o.error
+            answered.append(o.job.request.id)
+            got.append(o.outputs[0])
+
+    compute = Compute(settings, pipeline, False, answer, lambda rejected, batch: None)
+    compute.admit(_requests(pipeline, rows[:3], 0), ConsumedBatch({}))
+    compute.advance(compute.room)  # the model is idle: the three go at once
+    assert len(forked.started) == 1 and compute.wait_s() <= 0.001
+    compute.admit(_requests(pipeline, rows[3:], 3), ConsumedBatch({}))
+    compute.advance(compute.room)  # returns while the first decodes; the rest wait for it
+    assert len(forked.started) == 1 and not answered
+    forked.complete(0)
+    compute.advance(compute.room)  # the first computes, the second starts decoding
+    assert len(forked.started) == 2 and len(forked.started[1][0]) == 2
+    assert answered == ["r0", "r1", "r2"]
+    threading.Timer(0.05, forked.complete, (1,)).start()
+    compute.drain()  # waits for the decoder
+    assert answered == [f"r{i}" for i in range(5)]
+    np.testing.assert_allclose(np.stack(got), want, rtol=1e-4, atol=1e-4)
+    pipeline.close()
