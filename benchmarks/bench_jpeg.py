@@ -13,11 +13,12 @@ Per model, the ``gpu`` scenario's keys (`benchmarks.bench_gpu`), and:
   pipeline over bare JPEG.
 - ``p99_ms_runs``: three open-loop runs in a row at 75 % of the maximum, each on fresh
   topics; ``p99_ms`` is the worst of them.
-- ``decoder``: the worker's decode path (``image.decode``: nvjpeg, nvimgcodec, cpu).
+- ``decoder``: the worker's decode path (``image.decode``: nvjpeg, nvjpeg-forked, nvimgcodec,
+  cpu).
 
 Both models run on the fastest path their config can name: FP16 with CUDA graphs, or
 (``SLUICE_BENCH_COMPILE``: ``default``, ``max-autotune``) torch.compile inside the graphs.
-``SLUICE_BENCH_DECODE`` (auto, nvjpeg, nvimgcodec, cpu) picks the worker's decoder,
+``SLUICE_BENCH_DECODE`` (auto, nvjpeg, nvjpeg-forked, nvimgcodec, cpu) picks the worker's decoder,
 ``SLUICE_BENCH_MODELS`` (``resnet``, say) the models, ``SLUICE_BENCH_P99_RUNS`` the runs,
 ``SLUICE_BENCH_RESNET_BATCH`` ResNet's largest batch in the pipeline (default 128). Without
 a GPU, tiny models on a few hundred requests smoke-test the same code on the CPU path.

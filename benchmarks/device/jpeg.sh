@@ -2,7 +2,8 @@
 # Device call 3 (carry .device/kafka-*), after install.sh and install_img.sh: the JPEG run
 # (`sluice bench --scenario jpeg`: ResNet-50 on JPEG bytes decoded on the GPU, BERT-base,
 # each bare and through Kafka, p99 in three runs), once per decoder in DECODES (auto,
-# nvjpeg, nvimgcodec, cpu; default "nvjpeg"), JSON under $OUT as jpeg-<gpu>-<decoder>.json.
+# nvjpeg, nvjpeg-forked, nvimgcodec, cpu; default "nvjpeg"), JSON under $OUT as
+# jpeg-<gpu>-<decoder>.json: DECODES="nvjpeg nvjpeg-forked" compares the two on one machine.
 # COMPILE=max-autotune (or default) runs the models through torch.compile; the bench's
 # SLUICE_BENCH_* variables (bench_jpeg.py) pass through. PROFILE=1 (carry
 # .device/py-spy too, the static binary) samples every process of the run into

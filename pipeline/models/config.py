@@ -87,7 +87,7 @@ class TextOptions:
             raise ValueError(f"text.truncation must be true or false, got {self.truncation!r}")
 
 
-IMAGE_DECODERS = ("auto", "cpu", "nvjpeg", "nvimgcodec")
+IMAGE_DECODERS = ("auto", "cpu", "nvjpeg", "nvjpeg-forked", "nvimgcodec")
 # torch.compile modes (`compile` may also be true: the default mode).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -102,7 +102,11 @@ class ImageOptions:
     ``decode`` says where: ``cpu`` (Pillow, on the worker's threads), ``nvjpeg`` (JPEGs in batches
     on the GPU through torchvision's nvJPEG, on its hardware JPEG engines where it has them),
     ``nvimgcodec`` (the same engines through nvImageCodec) or ``auto`` (the fastest this machine
-    has: nvjpeg on CUDA where torchvision is installed, else nvimgcodec, else cpu). The GPU
+    has: nvjpeg on CUDA where torchvision is installed, else nvimgcodec, else cpu).
+    ``nvjpeg-forked`` is nvjpeg called on torch's own threads, which never wait for the
+    interpreter, the batch finished and submitted on the engine's loop, the next one
+    decoding while the model computes (`DeviceImageInputs.begin`; not yet measured in the
+    pipeline in this form, see benchmarks/README.md, so ``auto`` does not pick it). The GPU
     paths resize and normalise on the GPU too; ``channels_last`` lays the batch (and the model)
     out NHWC in memory, which convolutions on tensor cores prefer."""
 

@@ -46,7 +46,11 @@ _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _BARE = frozenset({0x01, *range(0xD0, 0xD8)})
 _SCAN_OR_END = frozenset({0xDA, 0xD9})
 # What each GPU decoder needs installed (``auto`` tries them in this order).
-_GPU_DECODERS = {"nvjpeg": "torchvision", "nvimgcodec": "nvidia.nvimgcodec"}
+_GPU_DECODERS = {
+    "nvjpeg": "torchvision",
+    "nvimgcodec": "nvidia.nvimgcodec",
+    "nvjpeg-forked": "torchvision",
+}
 
 
 def image_inputs(config: ModelConfig, device: torch.device) -> ImageInputs:
@@ -180,8 +184,9 @@ class ImageInputs:
 class DeviceImageInputs(ImageInputs):
     """Image batches decoded, resized and normalised on the GPU (see the module docstring).
 
-    ``decoder`` is ``nvjpeg``, ``nvimgcodec`` or ``pil`` (Pillow on the worker's threads,
-    the rest on ``device`` as for the others: how the CPU test suite exercises this path).
+    ``decoder`` is ``nvjpeg``, ``nvjpeg-forked`` (`begin`), ``nvimgcodec`` or ``pil``
+    (Pillow on the worker's threads, the rest on ``device`` as for the others: how the CPU
+    test suite exercises this path).
     ``prepare`` returns the batch as one tensor on ``device``, in ``out_dtype`` (the model's
     input datatype, or the half precision it computes in: `LoadedModel` sets it).
     """
@@ -192,8 +197,10 @@ class DeviceImageInputs(ImageInputs):
         self, config: ModelConfig, device: torch.device, decoder: str, threads: int = 4
     ) -> None:
         super().__init__(config, threads)
-        if decoder not in ("nvjpeg", "nvimgcodec", "pil"):
-            raise ValueError(f"decoder must be nvjpeg, nvimgcodec or pil, got {decoder!r}")
+        if decoder not in ("nvjpeg", "nvjpeg-forked", "nvimgcodec", "pil"):
+            raise ValueError(
+                f"decoder must be nvjpeg, nvjpeg-forked, nvimgcodec or pil, got {decoder!r}"
+            )
         self.device = device
         self.decoder = decoder
         self.out_dtype = torch.from_numpy(np.empty(0, self.dtype)).dtype
@@ -221,11 +228,11 @@ class DeviceImageInputs(ImageInputs):
         return self.begin(rows, bucket).result()
 
     def begin(self, rows: Sequence[bytes], bucket: int | None = None) -> Preparing:
-        """`prepare` in two steps: torchvision's nvJPEG decoder starts on one of torch's own
-        threads, which never take the interpreter, and this returns at once; `result` (on
-        the caller's thread) resizes, normalises and pads the batch once it is decoded.
-        With the other decoders the whole batch is decoded here."""
-        if self.decoder != "nvjpeg":
+        """`prepare` in two steps (``nvjpeg-forked``): torchvision's nvJPEG decoder starts
+        on one of torch's own threads, which never take the interpreter, and this returns at
+        once; `result` (on the caller's thread) resizes, normalises and pads the batch once
+        it is decoded. With the other decoders the whole batch is decoded here."""
+        if self.decoder != "nvjpeg-forked":
             images, errors = self._decode(rows)
             return Preparing(self, len(rows), bucket, images, errors)
         jpegs = [i for i, d in enumerate(rows) if d[:3] == _JPEG]

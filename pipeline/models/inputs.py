@@ -347,8 +347,8 @@ class Inputs:
     @property
     def forks(self) -> bool:
         """Whether `begin` returns before the batch is prepared: its images decode on
-        torch's own threads (`DeviceImageInputs.begin`, torchvision's nvJPEG decoder)."""
-        return getattr(self.preparer, "decoder", None) == "nvjpeg"
+        torch's own threads (`DeviceImageInputs.begin`, ``image.decode: nvjpeg-forked``)."""
+        return getattr(self.preparer, "decoder", None) == "nvjpeg-forked"
 
     def begin(self, rows: Sequence[Sequence[Any]]) -> Stacking:
         """`stack` in two steps, for a preparer on the device: the batch starts preparing

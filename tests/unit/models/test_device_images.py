@@ -120,8 +120,9 @@ def test_which_path_a_config_gets_here(caplog: pytest.LogCaptureFixture) -> None
     assert type(image_inputs(config(), CPU)) is ImageInputs
     assert type(image_inputs(config(decode="cpu"), CPU)) is ImageInputs
     with caplog.at_level(logging.WARNING):
-        assert type(image_inputs(config(decode="nvjpeg"), CPU)) is ImageInputs
-    assert "needs CUDA" in caplog.text
+        for decode in ("nvjpeg", "nvjpeg-forked"):
+            assert type(image_inputs(config(decode=decode), CPU)) is ImageInputs
+    assert caplog.text.count("needs CUDA") == 2
     with pytest.raises(ValueError, match="image.decode"):
         config(decode="gpu")
     with pytest.raises(ValueError, match="channels_last"):
@@ -313,7 +314,7 @@ def test_a_forked_batch_returns_before_it_decodes_then_matches_pillows(
     cfg = config()
     rows = [encoded("JPEG", (8 + i, 8), seed=i) for i in range(3)]
     rows += [encoded("PNG", (8, 8), seed=9), cut_jpeg(4)]
-    preparing = DeviceImageInputs(cfg, CPU, "nvjpeg").begin(rows, 8)
+    preparing = DeviceImageInputs(cfg, CPU, "nvjpeg-forked").begin(rows, 8)
     assert not preparing.done()
     assert len(forked.started) == 1 and len(forked.started[0][0]) == 4  # the PNG: Pillow's
     forked.complete(0)  # the cut JPEG fails the list: each is decoded again alone
@@ -351,7 +352,7 @@ def test_the_engine_consumes_while_a_batch_decodes_and_starts_the_next_once_it_h
     rows = [encoded("JPEG", (8 + i % 3, 8), seed=i) for i in range(5)]
     model.inputs.preparer = DeviceImageInputs(model.config, CPU, "pil")  # at once
     want = model.run([rows])[0]
-    model.inputs.preparer = DeviceImageInputs(model.config, CPU, "nvjpeg")
+    model.inputs.preparer = DeviceImageInputs(model.config, CPU, "nvjpeg-forked")
     answered: list[str] = []
     got: list[np.ndarray] = []
 
