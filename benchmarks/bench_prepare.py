@@ -68,7 +68,7 @@ def run(batch: int, seconds: float, depth: int, compile_mode: str | None) -> dic
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         rps: dict[str, float] = {}
         with torch.inference_mode():
-            if out["decoder"] == "nvjpeg":  # bare JPEG's decode step, stacked
+            if out["decoder"] in ("nvjpeg", "nvjpeg-forked"):  # bare JPEG's decode, stacked
                 decode = bench_jpeg._decoders(images, batch, device)["nvjpeg"]
                 rps["decode"] = _rate(decode, batch, seconds, sync)
             rows = [[[image] for image in chunk] for chunk in batches]
@@ -184,7 +184,8 @@ def _engine_rate(
 class _Steps:
     """Wall and CPU time (the thread's own) spent in the engine's steps, on whichever thread
     runs them: the loop's (admit, answer, collect: waiting for the oldest batch and
-    answering it) and the preparation thread's (prepare_and_submit, of which gpu_decode).
+    answering it) and the preparation thread's (prepare_and_submit, of which gpu_decode); with
+    ``nvjpeg-forked``, the loop's finish_and_submit of a batch its decoder has decoded.
     A step whose wall time is well above its CPU time waited: for the GIL, or the device."""
 
     def __init__(self) -> None:
@@ -214,6 +215,7 @@ class _Steps:
 
         originals = [
             (execution, "_submit", "prepare_and_submit"),
+            (execution._Submission, "result", "finish_and_submit"),  # nvjpeg-forked
             (DeviceImageInputs, "_gpu_decode", "gpu_decode"),
             (Compute, "_collect_one", "collect"),
         ]
