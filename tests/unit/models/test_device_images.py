@@ -327,7 +327,7 @@ def test_a_forked_batch_returns_before_it_decodes_then_matches_pillows(
     assert extras["errors"] == want_extras["errors"]
 
 
-def _requests(pipeline: Pipeline, rows: list[bytes], first: int) -> list[Origin]:
+def _requests(rows: list[bytes], first: int) -> list[Origin]:
     origins = []
     for i, data in enumerate(rows, first):
         tensor = {"name": "image", "datatype": "BYTES", "shape": [1], "data": data}
@@ -363,10 +363,10 @@ def test_the_engine_consumes_while_a_batch_decodes_and_starts_the_next_once_it_h
             got.append(o.outputs[0])
 
     compute = Compute(settings, pipeline, False, answer, lambda rejected, batch: None)
-    compute.admit(_requests(pipeline, rows[:3], 0), ConsumedBatch({}))
+    compute.admit(_requests(rows[:3], 0), ConsumedBatch({}))
     compute.advance(compute.room)  # the model is idle: the three go at once
     assert len(forked.started) == 1 and compute.wait_s() <= 0.001
-    compute.admit(_requests(pipeline, rows[3:], 3), ConsumedBatch({}))
+    compute.admit(_requests(rows[3:], 3), ConsumedBatch({}))
     compute.advance(compute.room)  # returns while the first decodes; the rest wait for it
     assert len(forked.started) == 1 and not answered
     forked.complete(0)
