@@ -203,6 +203,12 @@ class DeviceImageInputs(ImageInputs):
             )
         self.device = device
         self.decoder = decoder
+        if decoder == "nvjpeg-forked":
+            try:
+                _forked_decoder()
+            except Exception as exc:  # noqa: BLE001 - e.g. a torchvision without the op
+                log.warning("image.decode nvjpeg-forked unavailable (%s); using nvjpeg", exc)
+                self.decoder = "nvjpeg"
         self.out_dtype = torch.from_numpy(np.empty(0, self.dtype)).dtype
         opts = self.options
         self._mean_t = torch.tensor(opts.mean, device=device).view(1, 3, 1, 1) * 255.0

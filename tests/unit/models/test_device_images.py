@@ -327,6 +327,20 @@ def test_a_forked_batch_returns_before_it_decodes_then_matches_pillows(
     assert extras["errors"] == want_extras["errors"]
 
 
+def test_a_torchvision_without_the_batched_op_falls_back_to_nvjpeg(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pipeline.models import images
+
+    def missing() -> None:
+        raise RuntimeError("Unknown builtin op: image::decode_jpegs_cuda")
+
+    monkeypatch.setattr(images, "_forked_decoder", missing)
+    with caplog.at_level(logging.WARNING):
+        inputs = DeviceImageInputs(config(), CPU, "nvjpeg-forked")
+    assert inputs.decoder == "nvjpeg" and "decode_jpegs_cuda" in caplog.text
+
+
 def _requests(rows: list[bytes], first: int) -> list[Origin]:
     origins = []
     for i, data in enumerate(rows, first):
