@@ -14,6 +14,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from itertools import islice
 
 from pipeline.batching.scheduler import BatchPolicy, Flush, Scheduler
 from pipeline.config import Settings
@@ -197,7 +198,7 @@ class Compute:
 
     def _collect_one(self) -> None:
         oldest = self.running[0][0]
-        if any(r.forked and r.started is not None for r, _ in list(self.running)[1:]):
+        if any(r.forked and r.started is not None for r, _ in islice(self.running, 1, None)):
             # A later batch is decoding: send it to the device as soon as it has, rather
             # than after the oldest is answered, so that the model does not wait for the
             # loop between them.
