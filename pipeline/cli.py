@@ -234,12 +234,21 @@ def _specs(config: Any, client: bool = False) -> str:
     help="'all' or GPU indices (0,1,...): one fused worker per GPU, each seeing only its own, "
     "in one consumer group; the topics get at least one partition per GPU.",
 )
-def worker(mode: str, stage: str | None, gpus: str | None) -> None:
+@click.option(
+    "--per-gpu",
+    type=click.IntRange(min=1),
+    default=1,
+    help="With --gpus: fused workers per GPU. A process decodes one batch of JPEGs at a time "
+    "(torchvision's decoder is one per process): two per GPU keep an image model's GPU busy.",
+)
+def worker(mode: str, stage: str | None, gpus: str | None, per_gpu: int) -> None:
     """Run a worker until SIGTERM/SIGINT."""
     settings = _settings()
     if gpus is not None:
-        _run_gpu_supervisor(settings, mode, gpus)
+        _run_gpu_supervisor(settings, mode, gpus, per_gpu)
         return
+    if per_gpu != 1:
+        raise click.UsageError("--per-gpu goes with --gpus")
     if mode == "split" and stage is None:
         _run_split_supervisor(settings)
         return
@@ -254,9 +263,9 @@ def worker(mode: str, stage: str | None, gpus: str | None) -> None:
     run(settings, Stage.of(mode, stage))
 
 
-def _run_gpu_supervisor(settings: Settings, mode: str, spec: str) -> None:
-    """One fused worker per GPU, until SIGTERM/SIGINT. A worker that dies leaves the group
-    like any consumer (its partitions move to the others); the rest go on."""
+def _run_gpu_supervisor(settings: Settings, mode: str, spec: str, per_gpu: int = 1) -> None:
+    """``per_gpu`` fused workers per GPU, until SIGTERM/SIGINT. A worker that dies leaves the
+    group like any consumer (its partitions move to the others); the rest go on."""
     import logging
     import signal
     import time
@@ -272,11 +281,13 @@ def _run_gpu_supervisor(settings: Settings, mode: str, spec: str) -> None:
         gpus = procs.parse_gpus(spec, procs.gpu_count())
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    settings = settings.replace(partitions=max(settings.partitions, len(gpus)))
+    workers = len(gpus) * per_gpu
+    settings = settings.replace(partitions=max(settings.partitions, workers))
     topics = pipeline_topics(settings, ModelRegistry(settings.models_path).names)
     ensure_topics(settings, topics)
-    grow_partitions(settings, topics, len(gpus))
-    children = procs.spawn_workers(settings, "fused", gpus=gpus)
+    grow_partitions(settings, topics, workers)
+    children = procs.spawn_workers(settings, "fused", gpus=gpus, per_gpu=per_gpu)
+    gpus = [gpu for gpu in gpus for _ in range(per_gpu)]  # each child's GPU
     log = logging.getLogger("sluice.gpus")
     stopping: list[int] = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))

@@ -42,10 +42,11 @@ def spawn_workers(
     log_dir: Path | None = None,
     count: int = 1,
     gpus: list[str] | None = None,
+    per_gpu: int = 1,
 ) -> list[subprocess.Popen[bytes]]:
     """The processes of one pipeline: ``count`` for fused/naive (one consumer group), one
-    per stage for split, each stage ``count`` times; with ``gpus``, one fused worker per
-    GPU, each seeing only its own (``CUDA_VISIBLE_DEVICES``), all in one group.
+    per stage for split, each stage ``count`` times; with ``gpus``, ``per_gpu`` fused
+    workers per GPU, each seeing only its own (``CUDA_VISIBLE_DEVICES``), all in one group.
 
     With a ``metrics_port``, the processes serve metrics on that port and the ones after it
     (in the order started), since they share a host.
@@ -55,14 +56,16 @@ def spawn_workers(
             raise ValueError(f"one worker per GPU runs the fused mode, not {mode!r}")
         if log_dir:
             log_dir.mkdir(parents=True, exist_ok=True)
+        names = [(gpu, f"gpu{gpu}" + (f"-{k}" if per_gpu > 1 else ""))
+                 for gpu in gpus for k in range(per_gpu)]  # fmt: skip
         return [
             spawn(
-                _metrics_port_after(settings, i).replace(worker_id=f"gpu{gpu}"),
+                _metrics_port_after(settings, i).replace(worker_id=name),
                 ["worker", "--mode", "fused"],
-                log_dir / f"worker-gpu{gpu}.log" if log_dir else None,
+                log_dir / f"worker-{name}.log" if log_dir else None,
                 {"CUDA_VISIBLE_DEVICES": gpu},
             )
-            for i, gpu in enumerate(gpus)
+            for i, (gpu, name) in enumerate(names)
         ]
     if count > 1:
         per_copy = 3 if mode == "split" else 1

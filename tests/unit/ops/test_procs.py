@@ -69,6 +69,40 @@ def test_one_fused_worker_per_gpu_each_seeing_only_its_own(
         procs.spawn_workers(Settings(), "split", gpus=["0"])
 
 
+def test_two_workers_per_gpu_get_their_own_ids_and_ports(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[tuple[str, int, dict[str, str] | None]] = []
+
+    def spawn(
+        settings: Settings,
+        args: list[str],
+        log_path: Path | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> Any:
+        calls.append((settings.worker_id, settings.metrics_port, extra_env))
+        return object()
+
+    monkeypatch.setattr(procs, "spawn", spawn)
+    procs.spawn_workers(Settings(metrics_port=9400), "fused", gpus=["0", "3"], per_gpu=2)
+    assert calls == [
+        ("gpu0-0", 9400, {"CUDA_VISIBLE_DEVICES": "0"}),
+        ("gpu0-1", 9401, {"CUDA_VISIBLE_DEVICES": "0"}),
+        ("gpu3-0", 9402, {"CUDA_VISIBLE_DEVICES": "3"}),
+        ("gpu3-1", 9403, {"CUDA_VISIBLE_DEVICES": "3"}),
+    ]
+
+
+def test_per_gpu_without_gpus_is_a_usage_error() -> None:
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    result = CliRunner().invoke(main, ["worker", "--per-gpu", "2"])
+    assert result.exit_code == 2
+    assert "--per-gpu goes with --gpus" in result.output
+
+
 @pytest.mark.parametrize(
     ("spec", "available", "expected"),
     [("all", 4, ["0", "1", "2", "3"]), ("0,1", 2, ["0", "1"]), (" 3, 1 ", 4, ["3", "1"])],
