@@ -45,10 +45,12 @@ def test_metrics_off_stays_off(spawned: list[tuple[int, list[str]]]) -> None:
     assert {port for port, _ in spawned} == {0}
 
 
-def test_one_fused_worker_per_gpu_each_seeing_only_its_own(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    calls: list[tuple[Settings, list[str], dict[str, str] | None]] = []
+GpuSpawns = list[tuple[Settings, list[str], dict[str, str] | None]]
+
+
+@pytest.fixture
+def gpu_spawns(monkeypatch: pytest.MonkeyPatch) -> GpuSpawns:
+    calls: GpuSpawns = []
 
     def spawn(
         settings: Settings,
@@ -60,32 +62,26 @@ def test_one_fused_worker_per_gpu_each_seeing_only_its_own(
         return object()
 
     monkeypatch.setattr(procs, "spawn", spawn)
+    return calls
+
+
+def test_one_fused_worker_per_gpu_each_seeing_only_its_own(gpu_spawns: GpuSpawns) -> None:
     procs.spawn_workers(Settings(metrics_port=9400), "fused", gpus=["0", "2"])
-    assert [c[2] for c in calls] == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "2"}]
-    assert [c[1] for c in calls] == [["worker", "--mode", "fused"]] * 2
+    assert [env for *_, env in gpu_spawns] == [
+        {"CUDA_VISIBLE_DEVICES": "0"},
+        {"CUDA_VISIBLE_DEVICES": "2"},
+    ]
+    assert [args for _, args, _ in gpu_spawns] == [["worker", "--mode", "fused"]] * 2
     # Distinct worker ids (transactional ids, feature stores) and metrics ports.
-    assert [(c[0].worker_id, c[0].metrics_port) for c in calls] == [("gpu0", 9400), ("gpu2", 9401)]
+    ids = [(s.worker_id, s.metrics_port) for s, *_ in gpu_spawns]
+    assert ids == [("gpu0", 9400), ("gpu2", 9401)]
     with pytest.raises(ValueError, match="fused"):
         procs.spawn_workers(Settings(), "split", gpus=["0"])
 
 
-def test_two_workers_per_gpu_get_their_own_ids_and_ports(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    calls: list[tuple[str, int, dict[str, str] | None]] = []
-
-    def spawn(
-        settings: Settings,
-        args: list[str],
-        log_path: Path | None = None,
-        extra_env: dict[str, str] | None = None,
-    ) -> Any:
-        calls.append((settings.worker_id, settings.metrics_port, extra_env))
-        return object()
-
-    monkeypatch.setattr(procs, "spawn", spawn)
+def test_two_workers_per_gpu_get_their_own_ids_and_ports(gpu_spawns: GpuSpawns) -> None:
     procs.spawn_workers(Settings(metrics_port=9400), "fused", gpus=["0", "3"], per_gpu=2)
-    assert calls == [
+    assert [(s.worker_id, s.metrics_port, env) for s, _, env in gpu_spawns] == [
         ("gpu0-0", 9400, {"CUDA_VISIBLE_DEVICES": "0"}),
         ("gpu0-1", 9401, {"CUDA_VISIBLE_DEVICES": "0"}),
         ("gpu3-0", 9402, {"CUDA_VISIBLE_DEVICES": "3"}),
