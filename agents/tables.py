@@ -30,7 +30,8 @@ def register(app: faust.App, pipeline: Pipeline) -> None:
     async def _restore(app: Any, assigned: Any, **kwargs: Any) -> None:
         ps = partitions(assigned)
         if ps:
-            await asyncio.to_thread(features.assign, ps)
+            # Marked restoring before the loop runs another record, restored off the loop.
+            await asyncio.to_thread(features.claim(ps))
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def _close(app: Any, revoked: Any, **kwargs: Any) -> None:

@@ -238,33 +238,57 @@ class PartitionedTables:
         return sorted(self._stores)
 
     def assign(self, partitions: Iterable[int]) -> None:
-        """Open (and restore from the changelog) the stores of ``partitions``. A `put` for a
-        partition still restoring waits for it, so data fetched meanwhile (by a worker that
-        serves records while it restores, as faust's may) still reaches the table."""
-        for p in partitions:
-            with self._lock:
-                if p in self._stores or p in self._restoring:
-                    continue
-                restored_event = self._restoring[p] = threading.Event()
+        """Open (and restore from the changelog) the stores of ``partitions``: `claim` them
+        and restore them at once."""
+        self.claim(partitions)()
+
+    def claim(self, partitions: Iterable[int]) -> Callable[[], None]:
+        """Mark ``partitions`` restoring now and return what opens and restores their stores.
+
+        A `put` for a partition still restoring waits for it, so data fetched meanwhile (by a
+        worker that serves records while it restores, as faust's may) still reaches the
+        table. Every partition is marked before the first restores: the others' records may
+        be served while it does. The faust engine claims on its event loop and restores on
+        a thread."""
+        with self._lock:
+            claimed = {p: threading.Event() for p in partitions if not self.owns(p)}
+            self._restoring.update(claimed)
+        return lambda: self._restore(claimed)
+
+    def _restore(self, claimed: dict[int, threading.Event]) -> None:
+        try:
+            for p in claimed:
+                store = RocksDBTier(
+                    self.root / f"p{p}",
+                    self.max_bytes_per_partition,
+                    self.default_ttl_s,
+                    on_evict=self._tombstone(p),
+                )
                 try:
-                    store = RocksDBTier(
-                        self.root / f"p{p}",
-                        self.max_bytes_per_partition,
-                        self.default_ttl_s,
-                        on_evict=self._tombstone(p),
-                    )
                     if self.changelog is not None:
                         restored = self.changelog.restore(p, store)
                         log.info("L2 partition %d: replayed %d changelog records", p, restored)
+                except BaseException:
+                    store.close()
+                    raise
+                with self._lock:
                     self._stores[p] = store
-                finally:
-                    del self._restoring[p]
-                    restored_event.set()
+                    self._restoring.pop(p).set()
+        finally:
+            # A restore that failed leaves its partition and those after it unserved.
+            with self._lock:
+                for p, restored_event in claimed.items():
+                    if self._restoring.get(p) is restored_event:
+                        del self._restoring[p]
+                        restored_event.set()
 
     def revoke(self, partitions: Iterable[int]) -> None:
         if self.changelog is not None:
             self.changelog.flush()
         for p in partitions:
+            restoring = self._restoring.get(p)
+            if restoring is not None:  # let it finish, then close it
+                restoring.wait(_RESTORE_WAIT_S)
             with self._lock:
                 store = self._stores.pop(p, None)
             if store is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -346,6 +346,13 @@ class FeatureStore:
     def assign(self, partitions: list[int]) -> None:
         if self.l2 is not None:
             self.l2.assign(partitions)
+
+    def claim(self, partitions: list[int]) -> Callable[[], None]:
+        """Mark the L2 tables of ``partitions`` restoring now; what it returns restores them
+        (`rocksdb.PartitionedTables.claim`)."""
+        if self.l2 is None:
+            return lambda: None
+        return self.l2.claim(partitions)
 
     def revoke(self, partitions: list[int]) -> None:
         if self.l2 is not None:

@@ -372,33 +372,46 @@ class LocalBroker:
 WARM_UP_TOPIC = "sluice-broker-warm-up"
 
 
+def _retrying(step: Any, deadline: float, done_anyway: tuple[int, ...] = ()) -> None:
+    """Run ``step`` until it returns, a Kafka error it raises is neither retriable nor one of a
+    cluster still joining, or the monotonic ``deadline`` passes. A cluster whose nodes are
+    still joining drops connections and moves its coordinators meanwhile; librdkafka does
+    not mark a coordinator error on `Consumer.committed` retriable, so those are named too.
+    An error in ``done_anyway`` counts as done (the thing was already there, or gone)."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    joining = (
+        KafkaError._DESTROY_BROKER,
+        KafkaError._TRANSPORT,
+        KafkaError._ALL_BROKERS_DOWN,
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    )
+    while True:
+        try:
+            step()
+            return
+        except KafkaException as exc:
+            error = exc.args[0]
+            if error.code() in done_anyway:
+                return
+            again = error.retriable() or error.code() in joining
+            if time.monotonic() > deadline or not again:
+                raise
+            time.sleep(0.5)
+
+
 def _warm_up(config: dict[str, Any], admin: Any, timeout_s: float) -> None:
     """Have a fresh broker load its group coordinator and hand out a producer id once, with
     clients of its own that log nothing. Until then it answers both with
     COORDINATOR_LOAD_IN_PROGRESS, which the first worker's or client's librdkafka would print
-    as a warning while it retries."""
-    from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+    as a warning while it retries. Each step is tried again (`_retrying`) until the deadline."""
+    from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
     from confluent_kafka.admin import NewTopic
 
     quiet = {**config, "log_level": 0}
     deadline = time.monotonic() + timeout_s
-    # A cluster whose nodes are still joining drops connections and moves its coordinators
-    # meanwhile (NOT_COORDINATOR, ...): each step is tried again until the deadline.
-    joining = (KafkaError._DESTROY_BROKER, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN)
-
-    def retrying(step: Any, done_anyway: tuple[int, ...] = ()) -> None:
-        while True:
-            try:
-                step()
-                return
-            except KafkaException as exc:
-                error = exc.args[0]
-                if error.code() in done_anyway:
-                    return
-                again = error.retriable() or error.code() in joining
-                if time.monotonic() > deadline or not again:
-                    raise
-                time.sleep(0.5)
 
     def create() -> None:
         topics = [NewTopic(WARM_UP_TOPIC, 1, 1)]
@@ -406,14 +419,15 @@ def _warm_up(config: dict[str, Any], admin: Any, timeout_s: float) -> None:
             future.result()
 
     # Already there: left by a warm-up that was cut short.
-    retrying(create, (KafkaError.TOPIC_ALREADY_EXISTS,))
+    _retrying(create, deadline, (KafkaError.TOPIC_ALREADY_EXISTS,))
     producer = Producer({**quiet, "enable.idempotence": True})
     producer.produce(WARM_UP_TOPIC, b"")
     if producer.flush(timeout_s):
         raise BrokerError("the warm-up record was not delivered")
     consumer = Consumer({**quiet, "group.id": WARM_UP_TOPIC})
     try:
-        retrying(lambda: consumer.committed([TopicPartition(WARM_UP_TOPIC, 0)], timeout=timeout_s))
+        warm_up = [TopicPartition(WARM_UP_TOPIC, 0)]
+        _retrying(lambda: consumer.committed(warm_up, timeout=timeout_s), deadline)
     finally:
         consumer.close()
 
@@ -421,7 +435,7 @@ def _warm_up(config: dict[str, Any], admin: Any, timeout_s: float) -> None:
         for future in admin.delete_topics([WARM_UP_TOPIC], operation_timeout=timeout_s).values():
             future.result()
 
-    retrying(delete, (KafkaError.UNKNOWN_TOPIC_OR_PART,))
+    _retrying(delete, deadline, (KafkaError.UNKNOWN_TOPIC_OR_PART,))
 
 
 _PLAINTEXT_LISTENERS = """\

@@ -3,6 +3,7 @@ cache, the tiered read-through and the result cache."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -323,29 +324,33 @@ def test_prefetch_many_takes_one_round_trip(
     assert fs.l2 is not None and fs.l2.get("k1", 0) == b"v1"
 
 
+class SlowChangelog:
+    """A changelog whose restore of each partition waits at ``gate``: one record, ``k``."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.gate, self.entered, self.written = threading.Event(), threading.Event(), []
+        self.fail = fail
+
+    def restore(self, partition: int, store: RocksDBTier) -> int:
+        self.entered.set()
+        self.gate.wait(10)
+        if self.fail:
+            raise RuntimeError("the changelog could not be read")
+        store.put("k", b"restored")
+        return 1
+
+    def write(self, partition: int, key: str, value: bytes | None) -> None:
+        self.written.append((partition, key))
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 def test_a_put_during_a_partitions_restore_waits_for_it_and_lands(tmp_path: Path) -> None:
     """A worker may serve (and fetch) while a partition's table restores from its changelog
     (faust's signals do not hold records back): what it fetches must still reach the table,
     after the restored records, and the changelog."""
-    import threading
-
-    class SlowChangelog:
-        def __init__(self) -> None:
-            self.gate, self.entered, self.written = threading.Event(), threading.Event(), []
-
-        def restore(self, partition: int, store: RocksDBTier) -> int:
-            self.entered.set()
-            self.gate.wait(10)
-            store.put("k", b"restored")
-            return 1
-
-        def write(self, partition: int, key: str, value: bytes | None) -> None:
-            self.written.append((partition, key))
-
-        def flush(self) -> None: ...
-
-        def close(self) -> None: ...
-
     changelog = SlowChangelog()
     tables = PartitionedTables(tmp_path / "t", 1 << 20, 0.0, changelog)  # type: ignore[arg-type]
     assigning = threading.Thread(target=tables.assign, args=([3],))
@@ -361,4 +366,38 @@ def test_a_put_during_a_partitions_restore_waits_for_it_and_lands(tmp_path: Path
     put.join(10)
     assert tables.get("k", 3) == b"fetched"  # after the restored value, not under it
     assert changelog.written == [(3, "k")]
+    tables.close()
+
+
+def test_every_claimed_partition_waits_while_the_first_restores(tmp_path: Path) -> None:
+    """Partitions are marked restoring together, when claimed: a record of the second,
+    served while the first restores, still reaches the second's table."""
+    changelog = SlowChangelog()
+    tables = PartitionedTables(tmp_path / "t", 1 << 20, 0.0, changelog)  # type: ignore[arg-type]
+    restore = tables.claim([0, 1])
+    assert tables.owns(0) and tables.owns(1) and tables.partitions == []
+    restoring = threading.Thread(target=restore)
+    restoring.start()
+    assert changelog.entered.wait(10)  # partition 0 is restoring; 1 has not started
+    put = threading.Thread(target=tables.put, args=("j", b"fetched", 1))
+    put.start()
+    time.sleep(0.2)
+    assert put.is_alive(), "the put must wait for partition 1's restore"
+    changelog.gate.set()
+    restoring.join(10)
+    put.join(10)
+    assert tables.partitions == [0, 1]
+    assert tables.get("j", 1) == b"fetched"
+    assert changelog.written == [(1, "j")]
+    tables.close()
+
+
+def test_a_failed_restore_leaves_its_partitions_unowned(tmp_path: Path) -> None:
+    changelog = SlowChangelog(fail=True)
+    changelog.gate.set()
+    tables = PartitionedTables(tmp_path / "t", 1 << 20, 0.0, changelog)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="could not be read"):
+        tables.assign([0, 1])
+    assert not tables.owns(0) and not tables.owns(1)
+    assert tables.put("k", b"v", 1) is False  # at once: nothing left to wait for
     tables.close()
