@@ -441,12 +441,10 @@ def _checked_bytes(tensor: Tensor, spec: TensorSpec, max_elements: int) -> bytes
 _FAST_DATATYPES = frozenset({"FP32", "FP64"})
 
 
+_NUMBERS = frozenset({float, int})
+
+
 def _flat_numbers(data: list[Any], shape: tuple[int, ...]) -> bool:
-    """A flat list of exactly prod(shape) ints and floats (JSON has no NaN or infinity)."""
-    if len(data) != math.prod(shape):
-        return False
-    for v in data:
-        t = type(v)
-        if t is not float and t is not int:
-            return False
-    return True
+    """A flat list of exactly prod(shape) ints and floats (JSON has no NaN or infinity;
+    a bool, a string or a nested list is none of them)."""
+    return len(data) == math.prod(shape) and _NUMBERS.issuperset(map(type, data))

@@ -397,3 +397,29 @@ def test_inputs_from_request_names_what_is_wrong(registry: ModelRegistry) -> Non
     assert "pixels" in info.value.message
     with pytest.raises(RequestError, match=r"\[16\]"):
         model.inputs_from_request([tensor([17])], 1000)
+
+
+@pytest.mark.parametrize(
+    ("data", "kept"),
+    [
+        ([0.5] * (DEMO_FEATURES - 1) + [3], True),  # JSON ints are numbers too
+        ([0.5] * (DEMO_FEATURES - 1) + [True], False),
+        ([0.5] * (DEMO_FEATURES - 1) + ["1.5"], False),
+        ([0.5] * (DEMO_FEATURES - 1) + [[1.5]], False),
+        ([0.5] * (DEMO_FEATURES - 1), False),
+    ],
+)
+def test_only_a_flat_list_of_numbers_is_kept_for_the_batch(
+    registry: ModelRegistry, data: list, kept: bool  # type: ignore[type-arg]
+) -> None:
+    """With ``flat``, a list of exactly the input's count of ints and floats is passed on as
+    it is (the batch converts it); anything else goes through the full conversion, which
+    converts or rejects it with a reason."""
+    model = registry.resolve("demo")
+    request = Tensor(name="features", datatype="FP32", shape=[DEMO_FEATURES], data=data)
+    try:
+        [column] = model.inputs_from_request([request], 1000, flat=True)
+    except RequestError:
+        assert not kept
+        return
+    assert (column is data) == kept
