@@ -410,7 +410,7 @@ def test_inputs_from_request_names_what_is_wrong(registry: ModelRegistry) -> Non
     ],
 )
 def test_only_a_flat_list_of_numbers_is_kept_for_the_batch(
-    registry: ModelRegistry, data: list, kept: bool  # type: ignore[type-arg]
+    registry: ModelRegistry, data: list[object], kept: bool
 ) -> None:
     """With ``flat``, a list of exactly the input's count of ints and floats is passed on as
     it is (the batch converts it); anything else goes through the full conversion, which
