@@ -347,6 +347,19 @@ class SlowChangelog:
     def close(self) -> None: ...
 
 
+def put_waiting_for_the_restore(
+    tables: PartitionedTables, changelog: SlowChangelog, key: str, partition: int
+) -> threading.Thread:
+    """A put of ``fetched`` under ``key``, seen to wait while ``partition`` restores; the
+    restore then let go on."""
+    put = threading.Thread(target=tables.put, args=(key, b"fetched", partition))
+    put.start()
+    time.sleep(0.2)
+    assert put.is_alive(), f"the put must wait for partition {partition}'s restore"
+    changelog.gate.set()
+    return put
+
+
 def test_a_put_during_a_partitions_restore_waits_for_it_and_lands(tmp_path: Path) -> None:
     """A worker may serve (and fetch) while a partition's table restores from its changelog
     (faust's signals do not hold records back): what it fetches must still reach the table,
@@ -357,11 +370,7 @@ def test_a_put_during_a_partitions_restore_waits_for_it_and_lands(tmp_path: Path
     assigning.start()
     assert changelog.entered.wait(10)
     assert tables.owns(3) and tables.partitions == []  # restoring: not serving yet
-    put = threading.Thread(target=tables.put, args=("k", b"fetched", 3))
-    put.start()
-    time.sleep(0.2)
-    assert put.is_alive(), "the put must wait for the restore"
-    changelog.gate.set()
+    put = put_waiting_for_the_restore(tables, changelog, "k", 3)
     assigning.join(10)
     put.join(10)
     assert tables.get("k", 3) == b"fetched"  # after the restored value, not under it
@@ -379,11 +388,7 @@ def test_every_claimed_partition_waits_while_the_first_restores(tmp_path: Path) 
     restoring = threading.Thread(target=restore)
     restoring.start()
     assert changelog.entered.wait(10)  # partition 0 is restoring; 1 has not started
-    put = threading.Thread(target=tables.put, args=("j", b"fetched", 1))
-    put.start()
-    time.sleep(0.2)
-    assert put.is_alive(), "the put must wait for partition 1's restore"
-    changelog.gate.set()
+    put = put_waiting_for_the_restore(tables, changelog, "j", 1)
     restoring.join(10)
     put.join(10)
     assert tables.partitions == [0, 1]
