@@ -31,7 +31,7 @@ EXIT_STUCK = 75
 
 # The garbage collector's thresholds while the engine runs. CPython's (700, 10, 10) collect
 # the youngest objects each time 700 more containers are alive than at the last pass: about
-# once per consumed batch here, 1.8 µs of CPU per request in the fused worker. Its requests'
+# once per consumed batch here, about 2 µs of CPU per request in the fused worker. Its requests'
 # objects are freed by their reference counts, so at 50,000 no pass comes once the worker
 # runs (measured: benchmarks/README.md, "The garbage collector").
 GC_THRESHOLDS = (50_000, 20, 100)

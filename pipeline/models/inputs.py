@@ -439,8 +439,6 @@ def _checked_bytes(tensor: Tensor, spec: TensorSpec, max_elements: int) -> bytes
 
 
 _FAST_DATATYPES = frozenset({"FP32", "FP64"})
-
-
 _NUMBERS = frozenset({float, int})
 
 
