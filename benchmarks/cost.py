@@ -1,9 +1,12 @@
 """The worker's own cost per request, without Kafka: ``python -m benchmarks.cost``.
 
 One consumed batch of demo requests (JSON, as `sluice bench` sends them) goes through the
-fused path's three steps in this process, over and over: admission (decode, validate,
-resolve the model, make the job), compute (stack, run the model, take the outputs) and
-respond (postprocess and encode each answer). Each step's CPU time on this thread
+fused path's steps in this process, over and over: consume (the consumer's `Message`s into
+origins, the batch opened for its offsets), admission (decode, validate, resolve the model,
+make the job), compute (stack, run the model, take the outputs), respond (postprocess and
+encode each answer) and publish (each answer handed to a producer that takes it at once
+and reports its delivery on the next poll, the batch's offsets settled). Only librdkafka
+and the loop's turns are left out. Each step's CPU time on this thread
 (``time.thread_time``: other processes on a shared machine slow it less than they slow the
 wall clock) is divided by the requests, and the best of ``--repeats`` rounds is kept: the
 least disturbed. The garbage collector runs as in a worker (`worker_gc`): its passes are
@@ -24,14 +27,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from confluent_kafka import Message
 
 from benchmarks.bench import Load
 from pipeline.config import Settings
+from pipeline.engines.batch import origins_of
+from pipeline.engines.offsets import OffsetTracker
+from pipeline.engines.publisher import Publisher
 from pipeline.engines.worker import GC_THRESHOLDS
 from pipeline.models import ModelRegistry, init_demo
 from pipeline.observability.metrics import Metrics
 from pipeline.protocol import codec
-from pipeline.serving import Origin, Pipeline
+from pipeline.serving import Pipeline
 
 
 @contextlib.contextmanager
@@ -49,6 +56,26 @@ def worker_gc() -> Iterator[None]:
         gc.unfreeze()
 
 
+class _Producer:
+    """librdkafka's producer as the publish step meets it: each record taken at once, its
+    delivery (a success) reported on the next `poll`, as a `Message` like librdkafka's."""
+
+    def __init__(self) -> None:
+        self._reports: list[tuple[Any, Message]] = []
+
+    def produce(self, topic: str, value: Any = None, key: Any = None, partition: int = -1,
+                headers: Any = None, on_delivery: Any = None) -> None:  # fmt: skip
+        if on_delivery is not None:
+            report = Message(topic=topic, partition=0, value=value, key=key, headers=headers)
+            self._reports.append((on_delivery, report))
+
+    def poll(self, timeout: float = 0) -> int:
+        reports, self._reports = self._reports, []
+        for on_delivery, message in reports:
+            on_delivery(None, message)
+        return len(reports)
+
+
 def measure(
     batch: int = 64, rounds: int = 60, repeats: int = 15, payload: str = "json"
 ) -> dict[str, Any]:
@@ -63,41 +90,55 @@ def measure(
         load = Load.build(registry, "demo", fmt)
         headers = load.headers or []
         now = time.time() * 1000
-        origins = [
-            Origin(settings.requests_topic, 0, i, now, value, headers, key_bytes=4)
+        messages = [
+            Message(topic=settings.requests_topic, partition=0, offset=i, key=b"user",
+                    value=value, headers=headers or None, timestamp=(1, int(now)))
             for i, value in enumerate(load.request(i, "r")[1] for i in range(batch))
-        ]
+        ]  # fmt: skip
+        producer = _Producer()
+        out = Publisher(producer, pipeline, None, transactional=False)
+        tracker = OffsetTracker(None)
 
-        def once() -> tuple[float, float, float]:
+        def once() -> list[float]:
             t0 = time.thread_time()
-            admitted = pipeline.admit_many(origins)
+            origins, consumed = origins_of(messages)
+            consumed_batch = tracker.open(consumed)
             t1 = time.thread_time()
-            outcomes = pipeline.finish(pipeline.start(admitted))  # type: ignore[arg-type]
+            admitted = pipeline.admit_many(origins)
             t2 = time.thread_time()
-            pipeline.response_records(outcomes, "infer")
-            return t1 - t0, t2 - t1, time.thread_time() - t2
+            outcomes = pipeline.finish(pipeline.start(admitted))  # type: ignore[arg-type]
+            t3 = time.thread_time()
+            publications = pipeline.response_records(outcomes, "infer")
+            t4 = time.thread_time()
+            for origin, records in publications:
+                out.send(records, consumed_batch, origin)
+            producer.poll(0)
+            tracker.settle(lambda offsets: None)
+            return [t1 - t0, t2 - t1, t3 - t2, t4 - t3, time.thread_time() - t4]
 
         for _ in range(rounds):  # warm up: the model's first calls, the allocator
             once()
         best: list[float] | None = None
         with worker_gc():
             for _ in range(repeats):
-                total = [0.0, 0.0, 0.0]
+                total = [0.0] * 5
                 for _ in range(rounds):
                     for k, seconds in enumerate(once()):
                         total[k] += seconds
                 us = [s / rounds / batch * 1e6 for s in total]
                 if best is None or sum(us) < sum(best):
                     best = us
-        assert best is not None
-    admit, compute, respond = (round(v, 2) for v in best)
+        assert best is not None and not tracker.pending
+    consume, admit, compute, respond, publish = (round(v, 2) for v in best)
     return {
         "scenario": "cost",
         "payload": payload,
         "batch": batch,
+        "consume_us": consume,
         "admit_us": admit,
         "compute_us": compute,
         "respond_us": respond,
+        "publish_us": publish,
         "total_us": round(sum(best), 2),
     }
 

@@ -160,7 +160,7 @@ class BatchEngine:
                 n = min(room, self.settings.max_batch_size)
                 messages = consume_batch(self.consumer, n, wait_s)
         if messages:
-            origins, consumed = self._decode(messages)
+            origins, consumed = origins_of(messages)
             if consumed:
                 compute.admit(origins, self.tracker.open(consumed))
         started = compute.advance(room)
@@ -213,33 +213,8 @@ class BatchEngine:
                 messages += more
         return messages
 
-    def _decode(self, messages: list[Any]) -> tuple[list[Origin], list[Any]]:
-        """The records' origins, and the messages they came from (consumer errors left out)."""
-        origins: list[Origin] = []
-        consumed: list[Any] = []
-        for m in messages:
-            err = m.error()
-            if err is not None:
-                if err.code() != KafkaError._PARTITION_EOF:
-                    log.warning("consumer error: %s", err)
-                continue
-            _, ts = m.timestamp()
-            consumed.append(m)
-            origins.append(
-                Origin(
-                    m.topic(),
-                    m.partition(),
-                    m.offset(),
-                    float(ts),
-                    m.value(),
-                    m.headers() or [],
-                    key_bytes=len(m.key() or b""),
-                )  # fmt: skip
-            )
-        return origins, consumed
-
     def _handle(self, messages: list[Any]) -> None:
-        origins, consumed = self._decode(messages)
+        origins, consumed = origins_of(messages)
         if not consumed:
             return
         if self.transactional:
@@ -369,3 +344,29 @@ def _clients(settings: Settings, stage: Stage, transactional: bool) -> tuple[Any
         extra["transaction.timeout.ms"] = 30_000
     producer = Producer(producer_config(settings, **extra))
     return consumer, producer
+
+
+def origins_of(messages: list[Any]) -> tuple[list[Origin], list[Any]]:
+    """The records' origins, and the messages they came from (consumer errors left out)."""
+    origins: list[Origin] = []
+    consumed: list[Any] = []
+    for m in messages:
+        err = m.error()
+        if err is not None:
+            if err.code() != KafkaError._PARTITION_EOF:
+                log.warning("consumer error: %s", err)
+            continue
+        _, ts = m.timestamp()
+        consumed.append(m)
+        origins.append(
+            Origin(
+                m.topic(),
+                m.partition(),
+                m.offset(),
+                float(ts),
+                m.value(),
+                m.headers() or [],
+                key_bytes=len(m.key() or b""),
+            )  # fmt: skip
+        )
+    return origins, consumed

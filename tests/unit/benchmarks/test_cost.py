@@ -13,7 +13,7 @@ def test_cost_reports_each_step_per_request() -> None:
     result = cost.measure(batch=8, rounds=2, repeats=2)
     assert gc.get_threshold() == thresholds and gc.get_freeze_count() == 0
     assert result["batch"] == 8
-    steps = [result[k] for k in ("admit_us", "compute_us", "respond_us")]
+    steps = [result[f"{k}_us"] for k in ("consume", "admit", "compute", "respond", "publish")]
     assert all(s > 0 for s in steps)
     assert abs(result["total_us"] - sum(steps)) < 0.05
 
