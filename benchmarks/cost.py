@@ -34,7 +34,7 @@ from pipeline.config import Settings
 from pipeline.engines.batch import origins_of
 from pipeline.engines.offsets import OffsetTracker
 from pipeline.engines.publisher import Publisher
-from pipeline.engines.worker import GC_THRESHOLDS
+from pipeline.engines.worker import settle_collector
 from pipeline.models import ModelRegistry, init_demo
 from pipeline.observability.metrics import Metrics
 from pipeline.protocol import codec
@@ -43,12 +43,10 @@ from pipeline.serving import Pipeline
 
 @contextlib.contextmanager
 def worker_gc() -> Iterator[None]:
-    """The garbage collector as a batch engine worker runs it (`GC_THRESHOLDS` after
-    `gc.freeze`), this process's own restored after."""
+    """The garbage collector as a batch engine worker runs it (`settle_collector`), this
+    process's own restored after."""
     thresholds = gc.get_threshold()
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
+    settle_collector()
     try:
         yield
     finally:

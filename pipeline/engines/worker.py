@@ -37,6 +37,15 @@ EXIT_STUCK = 75
 GC_THRESHOLDS = (50_000, 20, 100)
 
 
+def settle_collector() -> None:
+    """Everything alive now (torch, the models) lives as long as the process: keep it out of
+    the garbage collector's full passes, which otherwise show up as tail latency, and collect
+    at `GC_THRESHOLDS` from here on."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def prepare(settings: Settings) -> ModelRegistry:
     """The worker's models (loaded lazily), with the pipeline's topics created."""
     registry = ModelRegistry(settings.models_path, max_batch_size=settings.max_batch_size)
@@ -65,11 +74,7 @@ def run(settings: Settings, stage: Stage) -> None:
     on_stop_signal(settings, health, engine.stop)
     if settings.exit_on_stall:
         exit_if_stalled(health)
-    # Everything alive now (torch, the models) lives as long as the process: keep it out of
-    # the garbage collector's full passes, which otherwise show up as tail latency.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
+    settle_collector()
     try:
         engine.run()
     finally:

@@ -344,8 +344,7 @@ class FeatureStore:
     # -- lifecycle --------------------------------------------------------------------------
 
     def assign(self, partitions: list[int]) -> None:
-        if self.l2 is not None:
-            self.l2.assign(partitions)
+        self.claim(partitions)()
 
     def claim(self, partitions: list[int]) -> Callable[[], None]:
         """Mark the L2 tables of ``partitions`` restoring now; what it returns restores them
