@@ -72,6 +72,9 @@ class ModelRegistry:
         self._loaded: dict[tuple[str, str], LoadedModel] = {}
         self._failed: dict[tuple[str, str], ModelLoadError] = {}
         self._configs: dict[tuple[str, str], ModelConfig] = {}
+        # What `resolve` answered for each (name, version asked), the version None included:
+        # a request resolves in one lookup. Emptied whenever the versions or models change.
+        self._resolved: dict[tuple[str, str | None], LoadedModel] = {}
         self._lock = threading.Lock()
         self._cuda_ready = False
         self.refresh()
@@ -86,6 +89,7 @@ class ModelRegistry:
         for name in versions:
             versions[name].sort(key=_version_key)
         self._versions = versions
+        self._resolved = {}
         self._failed.clear()
 
     @property
@@ -104,6 +108,7 @@ class ModelRegistry:
             for key, model in list(self._loaded.items()):
                 if model.config.max_batch_size is None:
                     del self._loaded[key]
+            self._resolved = {}
 
     @property
     def names(self) -> list[str]:
@@ -118,9 +123,14 @@ class ModelRegistry:
 
     def resolve(self, name: str, version: str | None = None) -> LoadedModel:
         """The model for a request: newest version when none is named; loaded on first use."""
+        resolved = self._resolved  # emptied by replacing it: a stale answer goes nowhere
+        model = resolved.get((name, version))
+        if model is not None:
+            return model
         known = self._versions.get(name)
         if not known:
             raise RequestError(UNKNOWN_MODEL, f"unknown model {name!r}; serving {self.names}")
+        asked = version
         if version is None:
             version = known[-1]
         elif version not in known:
@@ -142,6 +152,7 @@ class ModelRegistry:
                         self._failed[key] = exc
                         raise
                     self._loaded[key] = model
+        resolved[(name, asked)] = model
         return model
 
     def _load(self, name: str, version: str) -> LoadedModel:

@@ -127,6 +127,8 @@ class Admission(Execution):
     def _check_envelope(self, origin: Origin, context: dict[str, Any]) -> None:
         """The record's key and headers within their limits (`RequestError` if not)."""
         s = self.settings
+        if not origin.headers and origin.key_bytes <= s.max_key_bytes:
+            return  # the usual record: a small key, no headers
         if origin.key_bytes > s.max_key_bytes:
             raise RequestError(
                 codec.KEY_TOO_LARGE,

@@ -63,6 +63,8 @@ class Origin:
 
     def correlation_headers(self) -> Headers:
         """The headers a response carries over: the first of each name, however many came."""
+        if not self.headers:
+            return []
         found: dict[str, Any] = {}
         for k, v in self.headers:
             if k in codec.CORRELATION_HEADERS and k not in found:

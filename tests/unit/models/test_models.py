@@ -403,18 +403,20 @@ def test_inputs_from_request_names_what_is_wrong(registry: ModelRegistry) -> Non
     ("data", "kept"),
     [
         ([0.5] * (DEMO_FEATURES - 1) + [3], True),  # JSON ints are numbers too
-        ([0.5] * (DEMO_FEATURES - 1) + [True], False),
+        ([0.5] * (DEMO_FEATURES - 1) + [True], True),  # 1.0, as the full conversion has it
         ([0.5] * (DEMO_FEATURES - 1) + ["1.5"], False),
         ([0.5] * (DEMO_FEATURES - 1) + [[1.5]], False),
+        ([0.5] * (DEMO_FEATURES - 1) + [None], False),
+        ([0.5] * (DEMO_FEATURES - 1) + [10**400], False),  # no float holds it
         ([0.5] * (DEMO_FEATURES - 1), False),
     ],
 )
 def test_only_a_flat_list_of_numbers_is_kept_for_the_batch(
     registry: ModelRegistry, data: list[object], kept: bool
 ) -> None:
-    """With ``flat``, a list of exactly the input's count of ints and floats is passed on as
-    it is (the batch converts it); anything else goes through the full conversion, which
-    converts or rejects it with a reason."""
+    """With ``flat``, a list of exactly the input's count of numbers is passed on as it is
+    (the batch converts it, to the values the full conversion gives); anything else goes
+    through the full conversion, which converts or rejects it with a reason."""
     model = registry.resolve("demo")
     request = Tensor(name="features", datatype="FP32", shape=[DEMO_FEATURES], data=data)
     try:
@@ -423,3 +425,10 @@ def test_only_a_flat_list_of_numbers_is_kept_for_the_batch(
         assert not kept
         return
     assert (column is data) == kept
+    if kept:
+        [full] = model.inputs_from_request([request], 1000)
+        batch = model.stack_inputs([[column]])
+        try:
+            np.testing.assert_allclose(batch.arrays[0][0], full, rtol=1e-4, atol=1e-6)
+        finally:
+            batch.release()
