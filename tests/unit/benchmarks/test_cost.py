@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import gc
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -37,3 +39,34 @@ def test_answers_compares_the_two_encodings_of_one_batch() -> None:
     assert result["template_over_responses"] == pytest.approx(
         result["template_us"] / result["responses_us"], rel=0.01
     )
+
+
+def test_a_step_runs_again_on_its_own_and_settles_its_batch() -> None:
+    with cost.fused_path(batch=4, payload="json") as path:
+        for name in cost.STEPS:
+            getattr(path, name)()
+        for _ in range(3):  # publish alone, as the counted run does
+            path.publish()
+        assert not path.tracker.pending
+        assert len(path.publications) == 4
+
+
+@pytest.mark.skipif(
+    shutil.which("valgrind") is None or shutil.which("cc") is None,
+    reason="needs valgrind and a C compiler",
+)
+def test_instructions_counts_each_step_under_callgrind() -> None:
+    result = cost.instructions(batch=4, rounds=2)
+    steps = [result[f"{k}_ir"] for k in cost.STEPS]
+    # A request costs thousands of instructions in every step, and the counts add up.
+    assert all(1_000 < s < 10_000_000 for s in steps), result
+    assert abs(result["total_ir"] - sum(steps)) <= len(steps)
+
+
+def test_callgrind_total_is_the_dump_totals_line(tmp_path: Path) -> None:
+    dump = tmp_path / "out.1.1"
+    dump.write_text("events: Ir\nsummary: 0\nfn=(1) f\n0 12\ntotals: 4242\n")
+    assert cost._callgrind_total(dump) == 4242
+    (tmp_path / "empty").write_text("events: Ir\nsummary: 0\n")
+    with pytest.raises(RuntimeError):
+        cost._callgrind_total(tmp_path / "empty")
