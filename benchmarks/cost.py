@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import gc
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -199,7 +200,11 @@ def instructions(batch: int = 64, rounds: int = 20, payload: str = "json") -> di
             "--counted", str(library), "--batch", str(batch), "--rounds", str(rounds),
             "--payload", payload,
         ]  # fmt: skip
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # One hash seed: dict and set layouts, and so the counts, the same run to run.
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        subprocess.run(
+            command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         dumps = sorted(Path(tmp).glob("out.*.*"), key=lambda p: int(p.name.rsplit(".", 1)[1]))
         totals = [_callgrind_total(p) for p in dumps]
     if len(totals) != len(STEPS):

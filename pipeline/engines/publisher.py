@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import KafkaError
@@ -48,23 +49,23 @@ class Publisher:
         """Produce ``origin``'s records counted against ``batch`` (in the open transaction,
         exactly-once). A record the producer refuses for itself is replaced at once
         (`Pipeline.undeliverable`); ``replacing`` marks such replacements."""
+        counted = None if self.transactional else batch  # offsets stored once delivered
+        counting = self.backpressure is not None
         for r in records:
-            bp = self._counting(r.topic)
+            bp = self._counting(r.topic) if counting else None
             if bp is not None:
                 bp.sent += 1  # counted before produce: an estimate errs on the high side
+            report: Callable[[KafkaError | None, Any], None] | None
+            if counted is not None:
+                counted.outstanding += 1
+                report = functools.partial(self._delivered, counted, origin, r, replacing)
+            else:
+                report = bp.report if bp is not None else None
             try:
-                if batch is None or self.transactional:
-                    report = bp.report if bp is not None else None
-                    produce(self.producer, r.topic, r.value, r.key, r.headers, report)
-                    continue
-                batch.outstanding += 1
-                report = functools.partial(self._delivered, batch, origin, r, replacing)
-                try:
-                    produce(self.producer, r.topic, r.value, r.key, r.headers, report)
-                except RecordRejected:
-                    batch.outstanding -= 1
-                    raise
+                produce(self.producer, r.topic, r.value, r.key, r.headers, report)
             except RecordRejected as exc:
+                if counted is not None:
+                    counted.outstanding -= 1
                 if bp is not None:
                     bp.gone += 1  # never produced
                 self.send(self.pipeline.undeliverable(origin, r, exc.code, exc.message, replacing),
@@ -85,7 +86,7 @@ class Publisher:
         msg: Any,
     ) -> None:
         batch.outstanding -= 1
-        bp = self._counting(record.topic)
+        bp = self._counting(record.topic) if self.backpressure is not None else None
         if bp is not None:
             bp.report(err, msg)  # a record produced again counts as sent again
         if err is not None:

@@ -3,11 +3,12 @@ check its deadline, or turn it into a rejection."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from pipeline.models import LoadedModel, ModelLoadError
 from pipeline.protocol import codec
@@ -201,7 +202,7 @@ class Admission(Execution):
         job.role = "primary"
         # The record is acked (faust) once the primary's answer is delivered, never by the
         # shadow's: a shadow record is best-effort.
-        origin = dataclasses.replace(job.origin, ack=None)
+        origin = msgspec.structs.replace(job.origin, ack=None)
         return Job(request, model, arrays, job.deadline_ms, origin, job.received_ms,
                    variant=shadow.name, role="shadow")  # fmt: skip
 

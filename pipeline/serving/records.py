@@ -7,9 +7,10 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+import msgspec
 import numpy as np
 
 from pipeline.models import LoadedModel
@@ -42,8 +43,7 @@ class Sink(Protocol):
     ) -> Awaitable[Any]: ...
 
 
-@dataclass(slots=True)
-class Origin:
+class Origin(msgspec.Struct):
     """The Kafka record a request came from: for the DLQ, deadlines and acking."""
 
     topic: str
@@ -51,7 +51,7 @@ class Origin:
     offset: int
     timestamp_ms: float
     value: bytes | None
-    headers: Headers = field(default_factory=list)
+    headers: Headers = msgspec.field(default_factory=list)
     ack: Callable[[], Any] | None = None
     key_bytes: int = 0  # the record key's size (the key itself is not kept)
 
@@ -72,8 +72,7 @@ class Origin:
         return list(found.items())
 
 
-@dataclass(slots=True)
-class Job:
+class Job(msgspec.Struct):
     """An admitted request on its way through a model."""
 
     request: codec.Request
@@ -94,8 +93,7 @@ class Job:
     mirror: Job | None = None
 
 
-@dataclass(slots=True)
-class Outcome:
+class Outcome(msgspec.Struct):
     """What became of one job in a batch: outputs (one row per model output) or an error.
 
     ``batch_outputs`` and ``row`` point into the whole batch's outputs, so that responses
@@ -121,8 +119,7 @@ class Outcome:
         return [out[self.row] for out in self.batch_outputs]
 
 
-@dataclass(slots=True)
-class Record:
+class Record(msgspec.Struct):
     """One record to publish."""
 
     topic: str

@@ -51,7 +51,7 @@ class Responses(Rejections):
                 continue
             self.metrics.inflight.dec(len(group))
             model = group[0].job.model
-            metas = [self._result(o) for o in group]
+            metas = _results(group)
             outputs = _rows(group)
             values = self._responses(model.name, model.version, outputs, metas)
             if self.results is not None:
@@ -83,7 +83,7 @@ class Responses(Rejections):
                 continue
             rows = o.outputs
             assert rows is not None
-            result = self._result(o)
+            [result] = _results([o])
             if self.results is not None:
                 self._fill_result(job, rows)
             result.outputs = [
@@ -166,27 +166,6 @@ class Responses(Rejections):
         )  # fmt: skip
         key = job.request.id.encode()
         return job.origin, [Record(self.settings.shadow_topic, key, codec.encode(record), [])]
-
-    def _result(self, outcome: Outcome) -> codec.ResultRecord:
-        job = outcome.job
-        params = job.request.parameters
-        return codec.ResultRecord(
-            id=job.request.id,
-            model=job.model.name,
-            model_version=job.model.version,
-            outputs=[],
-            reply_to=job.request.reply_to,
-            top_k=params.top_k if params is not None else None,
-            fmt=codec.content_type(job.origin.headers),
-            produced_ms=job.origin.timestamp_ms,
-            received_ms=job.received_ms,
-            started_ms=job.started_ms,
-            inference_ms=outcome.inference_ms,
-            batch_size=outcome.batch_size,
-            parameters=outcome.parameters,
-            variant=job.variant,
-            role=job.role,
-        )
 
     def _responses(
         self, model: str, version: str, outputs: list[np.ndarray], metas: list[codec.ResultRecord]
@@ -355,6 +334,40 @@ def _json_answers(answers: Answers) -> list[bytes]:
     return [b"".join(row) for row in zip(*pieces, strict=False)]  # the columns end it
 
 
+def _results(outcomes: Sequence[Outcome]) -> list[codec.ResultRecord]:
+    """What each answer is made from, for a run of one batch's outcomes (the model, its
+    version and the batch's figures shared)."""
+    first = outcomes[0]
+    model = first.job.model
+    name, version = model.name, model.version
+    json = codec.JSON
+    out = []
+    for o in outcomes:
+        job = o.job
+        request, origin = job.request, job.origin
+        params = request.parameters
+        out.append(
+            codec.ResultRecord(
+                id=request.id,
+                model=name,
+                model_version=version,
+                outputs=[],
+                reply_to=request.reply_to,
+                top_k=params.top_k if params is not None else None,
+                fmt=codec.content_type(origin.headers) if origin.headers else json,
+                produced_ms=origin.timestamp_ms,
+                received_ms=job.received_ms,
+                started_ms=job.started_ms,
+                inference_ms=o.inference_ms,
+                batch_size=o.batch_size,
+                parameters=o.parameters,
+                variant=job.variant,
+                role=job.role,
+            )
+        )
+    return out
+
+
 def _result_array(tensor: Tensor) -> np.ndarray:
     """A results-topic output as one row (BYTES outputs as strings)."""
     if tensor.datatype == "BYTES" and isinstance(tensor.data, list):
@@ -370,6 +383,9 @@ def _text(value: object) -> str:
 
 def _groups(outcomes: Sequence[Outcome]) -> list[list[Outcome]]:
     """Runs of outcomes that are all errors, or all rows of one batch's outputs."""
+    shared = outcomes[0].batch_outputs if outcomes else None
+    if shared is not None and all(o.batch_outputs is shared for o in outcomes):
+        return [list(outcomes)]  # the usual: one batch, no errors
     groups: list[list[Outcome]] = []
     for o in outcomes:
         if groups:
