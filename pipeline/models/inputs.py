@@ -151,7 +151,7 @@ class Inputs:
         self._dtypes = [] if self.handler else [torch_dtype(s.datatype) for s in config.inputs]
         # The usual model: one fixed-shape FP32 or FP64 input, whose flat list of numbers
         # `from_request` takes after a few comparisons.
-        self._plain: tuple[str, str, tuple[tuple[int, ...], ...]] | None = None
+        self._plain: tuple[str, str, tuple[tuple[int, ...], ...], int] | None = None
         [first, *more] = self.client_inputs or [None]
         if (
             first is not None
@@ -161,7 +161,8 @@ class Inputs:
             and first.variable_axis is None
             and first.datatype in _FAST_DATATYPES
         ):
-            self._plain = (first.name, first.datatype, (first.shape, (1, *first.shape)))
+            shapes = (first.shape, (1, *first.shape))
+            self._plain = (first.name, first.datatype, shapes, math.prod(first.shape))
 
     @property
     def variable(self) -> bool:
@@ -191,13 +192,13 @@ class Inputs:
         plain = self._plain
         if plain is not None and flat and len(tensors) == 1:
             only = tensors[0]
-            name, datatype, shapes = plain
+            name, datatype, shapes, count = plain
             if (
                 only.name == name
                 and only.datatype == datatype
                 and type(only.data) is list
-                and (shape := tuple(only.shape)) in shapes
-                and _flat_numbers(only.data, shape)
+                and tuple(only.shape) in shapes
+                and _flat_numbers(only.data, count)
             ):
                 return [only.data]
             # Anything else (raw bytes, nested lists, what is wrong) takes the full path.
@@ -243,7 +244,7 @@ class Inputs:
                 flat
                 and spec.datatype in _FAST_DATATYPES
                 and isinstance(data, list)
-                and _flat_numbers(data, shape)
+                and _flat_numbers(data, math.prod(shape))
             ):
                 arrays.append(data)
             elif flat:
@@ -467,12 +468,12 @@ def _checked_bytes(tensor: Tensor, spec: TensorSpec, max_elements: int) -> bytes
 _FAST_DATATYPES = frozenset({"FP32", "FP64"})
 
 
-def _flat_numbers(data: list[Any], shape: tuple[int, ...]) -> bool:
-    """A flat list of exactly prod(shape) numbers (ints, floats, bools; JSON has no NaN or
+def _flat_numbers(data: list[Any], count: int) -> bool:
+    """A flat list of exactly ``count`` numbers (ints, floats, bools; JSON has no NaN or
     infinity) that a float holds: a string, a null or a nested list fails the sum, an int
     too large for a float fails its conversion. Anything else takes the checked path
     (`tensor_to_array`), which gives the reason."""
-    if len(data) != math.prod(shape):
+    if len(data) != count:
         return False
     try:
         float(sum(data))  # one pass in C

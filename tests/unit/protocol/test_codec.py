@@ -7,9 +7,10 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import jsonschema
+import msgspec
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -695,3 +696,54 @@ def test_shadow_records_and_variants_match_their_schemas() -> None:
     assert not validator("response.schema.json").is_valid(
         {"id": "r1", "status": "ok", "outputs": [], "variant": 3}
     )
+
+
+class _PatternOracle(msgspec.Struct):
+    """The request's names as the decoder itself checked them, pattern and all (before
+    `decode_request` took the pattern over)."""
+
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=codec.NAME_PATTERN)]
+    reply_to: (
+        Annotated[str, msgspec.Meta(min_length=1, max_length=249, pattern=codec.NAME_PATTERN)]
+        | None
+    ) = None
+
+
+_NAMES = st.one_of(
+    st.from_regex(r"[A-Za-z0-9_.-]{1,20}", fullmatch=True),
+    st.text(alphabet=st.sampled_from("aZ9_.- \n/é\x00:"), min_size=0, max_size=12),
+    st.text(max_size=6),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(model=_NAMES, reply_to=st.none() | _NAMES, msgpack=st.booleans())
+def test_names_are_checked_as_the_decoder_checked_them(
+    model: str, reply_to: str | None, msgpack: bool
+) -> None:
+    doc = request_doc(model=model, reply_to=reply_to)
+    fmt = codec.MSGPACK if msgpack else codec.JSON
+    raw = msgspec.msgpack.encode(doc) if msgpack else msgspec.json.encode(doc)
+
+    def oracle(**names: str | None) -> str | None:
+        try:
+            msgspec.json.decode(msgspec.json.encode(names), type=_PatternOracle)
+        except msgspec.ValidationError as exc:
+            return str(exc)
+        return None
+
+    # Each name's own verdict; with both wrong, either one may be named.
+    expected = {oracle(model=model), oracle(model="m", reply_to=reply_to)} - {None}
+    for _ in range(2):  # the second time, from the names seen valid
+        try:
+            request = codec.decode_request(raw, 1 << 20, fmt)
+        except RequestError as exc:
+            assert exc.code == codec.SCHEMA and exc.message in expected
+        else:
+            assert not expected and (request.model, request.reply_to) == (model, reply_to)
+
+
+def test_names_seen_valid_are_bounded() -> None:
+    for i in range(codec._VALID_NAMES_MAX + 10):
+        codec.decode_request(json.dumps(request_doc(model=f"m{i}")).encode(), 1 << 20)
+    assert len(codec._VALID_NAMES) == codec._VALID_NAMES_MAX
