@@ -210,7 +210,8 @@ def decode_request(raw: bytes | None, max_payload_bytes: int, fmt: str = JSON) -
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         what = "MessagePack" if fmt == MSGPACK else "JSON"
         raise RequestError(MALFORMED, f"not valid {what}: {exc}") from None
-    _check_names(request, raw, fmt)
+    if request.reply_to is not None or request.model not in _VALID_NAMES:
+        _check_names(request, raw, fmt)
     return request
 
 
