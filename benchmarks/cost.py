@@ -12,6 +12,10 @@ wall clock) is divided by the requests, and the best of ``--repeats`` rounds is 
 least disturbed. The garbage collector runs as in a worker (`worker_gc`): its passes are
 part of the cost. Run it on two commits in turn to compare them; `sluice bench` reports the
 whole worker's CPU per request with Kafka (``worker_cpu_us_per_request``).
+
+Seconds on a shared machine move by more than most changes do: ``--instructions`` counts
+each step's instructions per request under callgrind instead (`instructions`), the same
+count however busy the machine is, so two commits compare in one run each.
 """
 
 from __future__ import annotations
