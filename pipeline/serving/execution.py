@@ -8,7 +8,7 @@ import random
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -160,23 +160,19 @@ class Execution(Responses):
         extras: dict[str, np.ndarray] | None = None,
     ) -> list[Outcome]:
         model = jobs[0].model
-        self.metrics.batch_size.labels(model.name).observe(len(jobs))
-        self.metrics.inference.labels(model.name).observe(elapsed_s)
-        # Per-stage latency from the produce timestamp: admitted (gateway), computed (infer);
-        # the respond stage's is observed with each response.
-        produced = np.fromiter((j.origin.timestamp_ms for j in jobs), np.float64, len(jobs))
-        admitted = np.fromiter((j.received_ms for j in jobs), np.float64, len(jobs))
-        latency = self.metrics.request_latency
         # A batch is one version: one variant, but for two variants of one version (A/A).
         variant = jobs[0].variant or ""
         if any((j.variant or "") != variant for j in jobs):
             variant = ""
-        latency.labels(model.name, model.version, "gateway", variant).observe_many(
-            np.maximum(admitted - produced, 0.0) / 1000.0
-        )
-        latency.labels(model.name, model.version, "infer", variant).observe_many(
-            np.maximum(now_ms() - produced, 0.0) / 1000.0
-        )
+        batch_size, inference, gateway, infer = self._batch_metrics(model, variant)
+        batch_size.observe(len(jobs))
+        inference.observe(elapsed_s)
+        # Per-stage latency from the produce timestamp: admitted (gateway), computed (infer);
+        # the respond stage's is observed with each response.
+        produced = np.fromiter((j.origin.timestamp_ms for j in jobs), np.float64, len(jobs))
+        admitted = np.fromiter((j.received_ms for j in jobs), np.float64, len(jobs))
+        gateway.observe_many(np.maximum(admitted - produced, 0.0) / 1000.0)
+        infer.observe_many(np.maximum(now_ms() - produced, 0.0) / 1000.0)
         ms, n = elapsed_s * 1000, len(jobs)
         truncated = extras.get("truncated") if extras else None
         outcomes = [
@@ -195,6 +191,21 @@ class Execution(Responses):
                 )  # fmt: skip
                 outcomes[i] = Outcome(job, error=error, inference_ms=ms, batch_size=n)
         return outcomes
+
+    def _batch_metrics(self, model: LoadedModel, variant: str) -> tuple[Any, Any, Any, Any]:
+        """A batch's metrics: its size, its time, its requests' latency to admission and to
+        their outputs (`labels` costs a lookup under a lock: once per label set)."""
+        key = (model.name, model.version, variant)
+        children = self._batch_children.get(key)
+        if children is None:
+            m, name = self.metrics, model.name
+            children = self._batch_children[key] = (
+                m.batch_size.labels(name),
+                m.inference.labels(name),
+                m.request_latency.labels(name, model.version, "gateway", variant),
+                m.request_latency.labels(name, model.version, "infer", variant),
+            )
+        return children
 
 
 def prepares_off_loop(model: LoadedModel) -> bool:

@@ -46,6 +46,7 @@ class Pipeline(Publishing):
         registry.max_batch_size = settings.max_batch_size
         self._acks: set[asyncio.Task[None]] = set()
         self._children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
+        self._batch_children: dict[tuple[str, str, str], tuple[Any, Any, Any, Any]] = {}
         # Feature enrichment and the result cache (pipeline/features), when configured.
         self.features: FeatureStore | None = None
         self.results: ResultCache | None = None

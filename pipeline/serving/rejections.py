@@ -38,6 +38,7 @@ class Rejections:
     results: ResultCache | None
     _acks: set[asyncio.Task[None]]
     _children: dict[tuple[str, str, str, str], tuple[Any, Any]]
+    _batch_children: dict[tuple[str, str, str], tuple[Any, Any, Any, Any]]
     experiments: LiveExperiments | None
 
     # -- errors ---------------------------------------------------------------------------

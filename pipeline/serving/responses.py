@@ -184,9 +184,7 @@ class Responses(Rejections):
             # Lists for JSON, little-endian bytes for MessagePack: each made once per batch.
             lists = flat.tolist() if not all(binary) else None
             le = np.ascontiguousarray(flat, flat.dtype.newbyteorder("<")) if any(binary) else None
-            raw.append(
-                (spec.name, codec.DATATYPE_OF[out.dtype.name], list(out.shape[1:]), lists, le)
-            )
+            raw.append((spec.name, codec.DATATYPE_OF[out.dtype], list(out.shape[1:]), lists, le))
         top = _top_k(config.labels, outputs, [m.top_k or 1 for m in metas])
         done = now_ms()
         # The timings of the whole batch at once, rounded to the microsecond.

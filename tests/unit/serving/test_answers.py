@@ -23,7 +23,7 @@ def batch(seed: int, n: int, outputs: list[np.ndarray], labels: tuple[str, ...])
         if out.dtype == np.object_:
             raw.append((f"out{k}", "BYTES", list(out.shape[1:]), flat.tolist(), None))
         else:
-            datatype = codec.DATATYPE_OF[out.dtype.name]
+            datatype = codec.DATATYPE_OF[out.dtype]
             raw.append((f"out{k}", datatype, list(out.shape[1:]), flat.tolist(), None))
     ks = [int(rng.integers(1, 4)) for _ in range(n)] if seed % 2 else [1] * n
     top = _top_k(labels, outputs, ks)
