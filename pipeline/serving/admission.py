@@ -195,7 +195,7 @@ class Admission(Execution):
         request = job.request
         try:
             model = self.registry.resolve(request.model, shadow.version)
-            arrays = model.inputs_from_request(
+            arrays = model.inputs.from_request(
                 request.inputs, self.settings.max_elements_per_tensor, flat=True
             )
         except Exception as exc:  # noqa: BLE001 - the shadow's trouble, never the request's
