@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -28,6 +29,7 @@ from confluent_kafka import Consumer, Producer
 
 from benchmarks import loadgen
 from pipeline.config import Settings
+from pipeline.engines.offsets import ConsumedBatch, OffsetTracker
 from pipeline.kafka import (
     confluent_config,
     consume_batch,
@@ -43,7 +45,7 @@ from pipeline.models import DEMO_TEXTS, LoadedModel, ModelRegistry
 from pipeline.ops import procs
 from pipeline.protocol import codec
 
-MODES = ("fused", "split", "naive", "relay", "per-message")
+MODES = ("fused", "split", "naive", "relay", "guarded-relay", "per-message")
 VARIANTS = 64
 PAYLOADS = {"json": codec.JSON, "msgpack": codec.MSGPACK}
 
@@ -202,23 +204,55 @@ class Tally:
         return int(np.count_nonzero(~np.isnan(self.recv_s)))
 
 
-def relay(settings: Settings) -> None:
-    """Consume requests and produce them unchanged to the response topic, keyed the same."""
+def relay(settings: Settings, guarded: bool = False) -> None:
+    """Consume requests and produce them unchanged to the response topic, keyed the same.
+
+    ``guarded``: besides, what any pipeline that validates requests and never loses one
+    must do for each, as sluice does it, and nothing more: the request decoded and
+    validated (`codec.decode_request`), its record produced with a delivery report, and
+    the consumed batch's offsets stored only once all its records are delivered
+    (`OffsetTracker`). No model, no batching, no answer to encode: its maximum bounds what
+    sluice could reach with all of its own work gone."""
     import signal
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    consumer = Consumer(consumer_config(settings, settings.group_id("relay")))
+    # As the batch engine's consumer: offsets stored by the tracker, committed by librdkafka.
+    store = {"enable.auto.offset.store": False} if guarded else {}
+    consumer = Consumer(consumer_config(settings, settings.group_id("relay"), **store))
     producer = Producer(producer_config(settings))
     consumer.subscribe([settings.requests_topic])
+    tracker = OffsetTracker(consumer)
+    topic, limit = settings.responses_topic, settings.max_payload_bytes
+
+    def delivered(batch: ConsumedBatch, err: Any, _msg: Any) -> None:
+        batch.outstanding -= 1
+        if err is not None:
+            raise RuntimeError(f"delivery failed: {err}")  # not in a benchmark run
+
     try:
         while not stop.is_set():
-            for m in consume_batch(consumer, 1000, 0.05):
-                if m.error() is None:
-                    produce(producer, settings.responses_topic, m.value(), m.key())
+            if not guarded:
+                for m in consume_batch(consumer, 1000, 0.05):
+                    if m.error() is None:
+                        produce(producer, topic, m.value(), m.key())
+                producer.poll(0)
+                continue
+            messages = [m for m in consume_batch(consumer, 1000, 0.05) if m.error() is None]
+            if messages:
+                batch = tracker.open(messages)
+                report = functools.partial(delivered, batch)
+                for m in messages:
+                    value = m.value()
+                    codec.decode_request(value, limit)
+                    batch.outstanding += 1
+                    produce(producer, topic, value, m.key(), on_delivery=report)
             producer.poll(0)
+            tracker.settle()
     finally:
         producer.flush(10)
+        if guarded:
+            tracker.settle()
         consumer.close()
 
 
@@ -305,7 +339,7 @@ def _drive(
     else:
         processes = procs.spawn_workers(settings, mode, log_dir, count=workers)
     try:
-        reader = _Reader(settings, requests, load, check=mode != "relay")
+        reader = _Reader(settings, requests, load, check="relay" not in mode)
         # One producer for probes and load: its connection and idempotent-producer id are
         # set up by the probes, outside the measured run.
         producer = Producer(producer_config(settings, **{"linger.ms": 2}))

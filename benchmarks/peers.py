@@ -1,7 +1,7 @@
 """sluice against its peers, one session, one load generator.
 
 Usage: python -m benchmarks.peers [--requests N] [--rate R] [--paced-requests M]
-                                  [--systems quix,relay,fused,split] [--progress]
+                                  [--systems relay,guarded,quix,fused,split] [--progress]
 
 Each system serves the demo model (16 features in, 4 logits out) from the same request topic
 to the same response topic, driven by `benchmarks.bench.run`: as fast as the generator can
@@ -14,6 +14,11 @@ and fused run once more at half the peer's maximum (``at_quix_half``), where bot
   its documentation shows, in its own virtualenv in the cache (`quix_python`);
 - ``relay``: bare confluent-kafka consume-to-produce, no model: the ceiling that the broker
   and the client allow here;
+- ``guarded``: the relay plus what any pipeline that validates requests and never loses one
+  must do per request, done as sluice does it (decode and validate, a delivery report per
+  record, offsets stored once delivered: ``sluice relay --guarded``), with no model, no
+  batching and no answer to encode: the most sluice could reach here if all of its other
+  work cost nothing;
 - ``fused`` and ``split``: the sluice pipeline (batch engine).
 
 The broker is ``SLUICE_BOOTSTRAP``'s, else the local one (started as ``sluice demo`` starts
@@ -43,7 +48,7 @@ from pipeline.models import ModelRegistry, init_demo
 
 QUIX_VERSION = "3.28.1"
 # The relay first: it warms a freshly started broker's JIT before the systems compared.
-SYSTEMS = ("relay", "quix", "fused", "split")
+SYSTEMS = ("relay", "guarded", "quix", "fused", "split")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -169,7 +174,7 @@ def run(
     def drive(system: str, n: int, at: float | None) -> dict[str, Any]:
         # The Quix peer runs as the bench's per-message mode: answers checked, its process.
         quix = system == "quix"
-        mode = "per-message" if quix else system
+        mode = {"quix": "per-message", "guarded": "guarded-relay"}.get(system, system)
         try:
             brief = _brief(bench.run(settings, mode, n, at, progress=progress,
                                      spawn=spawn if quix else None))  # fmt: skip
@@ -245,6 +250,10 @@ def _ratios(figures: dict[str, Any]) -> dict[str, float | None]:
     return {
         "fused_over_quix_max": ratio(fused_max, get("quix", "max", "throughput_rps")),
         "fused_over_relay_max": ratio(fused_max, get("relay", "max", "throughput_rps")),
+        "guarded_over_relay_max": ratio(
+            get("guarded", "max", "throughput_rps"), get("relay", "max", "throughput_rps")
+        ),
+        "fused_over_guarded_max": ratio(fused_max, get("guarded", "max", "throughput_rps")),
         "split_over_quix_max": ratio(
             get("split", "max", "throughput_rps"), get("quix", "max", "throughput_rps")
         ),

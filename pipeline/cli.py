@@ -334,7 +334,11 @@ def _run_split_supervisor(settings: Settings) -> None:
     default=None,
     help="Answer each request with this model, one message at a time (a peer).",
 )
-def relay(model_name: str | None) -> None:
+@click.option(
+    "--guarded", is_flag=True,
+    help="Validate each request and store offsets once delivered (sluice's floor).",
+)  # fmt: skip
+def relay(model_name: str | None, guarded: bool) -> None:
     """Bare consume-to-produce loop (the bench's ceiling), or a per-message model peer."""
     if model_name is not None:
         from benchmarks.bench_models import per_message
@@ -343,7 +347,7 @@ def relay(model_name: str | None) -> None:
         return
     from benchmarks.bench import relay as run_relay
 
-    run_relay(_settings())
+    run_relay(_settings(), guarded)
 
 
 # -- lag ------------------------------------------------------------------------------------
@@ -500,7 +504,11 @@ def autoscale_simulate(
 
 
 @main.command()
-@click.option("--mode", type=click.Choice(["fused", "split", "naive", "relay"]), default="fused")
+@click.option(
+    "--mode",
+    type=click.Choice(["fused", "split", "naive", "relay", "guarded-relay"]),
+    default="fused",
+)
 @click.option(
     "--requests", "n", type=click.IntRange(min=1), default=None,
     help="Requests per run (default: 10,000 for --scenario pipeline, the scenario's own else).",

@@ -84,8 +84,9 @@ def spawn_workers(
             )
             for i, s in enumerate(stages)
         ]
-    if mode == "relay":
-        return [spawn(settings, ["relay"], log_dir / "relay.log" if log_dir else None)]
+    if mode in ("relay", "guarded-relay"):
+        args = ["relay", "--guarded"] if mode == "guarded-relay" else ["relay"]
+        return [spawn(settings, args, log_dir / f"{mode}.log" if log_dir else None)]
     return [
         spawn(
             settings,

@@ -13,7 +13,7 @@ def test_peers_answer_every_request(settings) -> None:
     result = peers.run(settings, requests=300, rate=300.0, paced_requests=300)
     assert set(result["systems"]) == set(peers.SYSTEMS)
     for name, runs in result["systems"].items():
-        expected = "relayed" if name == "relay" else "ok"
+        expected = "relayed" if name in ("relay", "guarded") else "ok"
         kinds = {"max", "paced", "at_quix_half"} if name in ("quix", "fused") else {"max", "paced"}
         assert set(runs) == kinds, name
         for kind, summary in runs.items():
@@ -24,6 +24,7 @@ def test_peers_answer_every_request(settings) -> None:
     assert result["all_correct"]
     ratios = result["ratios"]
     assert ratios["fused_over_quix_max"] > 0 and ratios["fused_over_relay_max"] > 0
+    assert ratios["guarded_over_relay_max"] > 0 and ratios["fused_over_guarded_max"] > 0
     assert ratios["fused_p50_ms_paced"] > 0 and ratios["quix_p50_ms_paced"] > 0
 
 
