@@ -240,7 +240,7 @@ def relay(settings: Settings, guarded: bool = False) -> None:
                 continue
             messages = [m for m in consume_batch(consumer, 1000, 0.05) if m.error() is None]
             if messages:
-                batch = tracker.open(messages)
+                batch = tracker.open({(m.topic(), m.partition()): m.offset() for m in messages})
                 report = functools.partial(delivered, batch)
                 for m in messages:
                     value = m.value()

@@ -112,8 +112,8 @@ class FusedPath:
         self.respond()
 
     def consume(self) -> None:
-        self.origins, self.consumed = origins_of(self.messages)
-        self.batch: ConsumedBatch | None = self.tracker.open(self.consumed)
+        self.origins, self.offsets = origins_of(self.messages)
+        self.batch: ConsumedBatch | None = self.tracker.open(self.offsets)
 
     def admit(self) -> None:
         self.admitted = self.pipeline.admit_many(self.origins)
@@ -126,7 +126,7 @@ class FusedPath:
 
     def publish(self) -> None:
         # Run again on its own, it publishes for a batch opened anew (as `consume` does).
-        batch = self.batch or self.tracker.open(self.consumed)
+        batch = self.batch or self.tracker.open(self.offsets)
         self.batch = None
         for origin, records in self.publications:
             self.out.send(records, batch, origin)
@@ -255,7 +255,7 @@ def answers(batch: int = 64, repeats: int = 20) -> dict[str, Any]:
     logits = rng.normal(0, 3, (batch, 4)).astype(np.float32)
     raw: list[Any] = [("logits", "FP32", [4], logits.tolist(), None)]
     top = _top_k(("a", "b", "c", "d"), [logits], [1] * batch)
-    times = np.round(rng.exponential(5.0, (batch, 3)), 3).tolist()
+    times = tuple(np.round(rng.exponential(5.0, (3, batch)), 3).tolist())
     metas = [
         codec.ResultRecord(id=f"r{i}", model="demo", model_version="2", outputs=[],
                            batch_size=batch)

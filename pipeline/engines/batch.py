@@ -24,7 +24,7 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from pipeline.config import Settings
 from pipeline.engines.compute import Compute
 from pipeline.engines.flow import Backpressure, FlowControl
-from pipeline.engines.offsets import ConsumedBatch, OffsetTracker
+from pipeline.engines.offsets import ConsumedBatch, Offsets, OffsetTracker
 from pipeline.engines.publisher import Publisher
 from pipeline.engines.topology import Stage, consumed_topics, downstream
 from pipeline.engines.transactions import Transactions
@@ -160,9 +160,9 @@ class BatchEngine:
                 n = min(room, self.settings.max_batch_size)
                 messages = consume_batch(self.consumer, n, wait_s)
         if messages:
-            origins, consumed = origins_of(messages)
-            if consumed:
-                compute.admit(origins, self.tracker.open(consumed))
+            origins, offsets = origins_of(messages)
+            if offsets:
+                compute.admit(origins, self.tracker.open(offsets))
         started = compute.advance(room)
         if self.txn is not None and self.txn.due(
             idle=not messages and not started and not compute.busy
@@ -214,17 +214,17 @@ class BatchEngine:
         return messages
 
     def _handle(self, messages: list[Any]) -> None:
-        origins, consumed = origins_of(messages)
-        if not consumed:
+        origins, offsets = origins_of(messages)
+        if not offsets:
             return
         if self.transactional:
-            self._handle_transaction(consumed, origins)
+            self._handle_transaction(offsets, origins)
             return
-        batch = self.tracker.open(consumed)
+        batch = self.tracker.open(offsets)
         for origin, records in self.process(origins):
             self.out.send(records, batch, origin)  # not transactional here (handled above)
 
-    def _handle_transaction(self, consumed: list[Any], origins: list[Origin]) -> None:
+    def _handle_transaction(self, offsets: Offsets, origins: list[Origin]) -> None:
         """Gateway and respond stages under exactly-once: a consumed batch's records and
         offsets go into the open transaction. Any failure ends the process after an abort."""
         assert self.txn is not None
@@ -232,7 +232,7 @@ class BatchEngine:
         try:
             for origin, records in self.process(origins):
                 self.out.send(records, None, origin)
-            self.txn.add({(m.topic(), m.partition()): m.offset() for m in consumed})
+            self.txn.add(offsets)
             if self.txn.due():
                 self._commit(settle=False)
         except BaseException:
@@ -346,27 +346,22 @@ def _clients(settings: Settings, stage: Stage, transactional: bool) -> tuple[Any
     return consumer, producer
 
 
-def origins_of(messages: list[Any]) -> tuple[list[Origin], list[Any]]:
-    """The records' origins, and the messages they came from (consumer errors left out)."""
+def origins_of(messages: list[Any]) -> tuple[list[Origin], Offsets]:
+    """The records' origins (consumer errors left out), and the last offset consumed of
+    each partition among them."""
     origins: list[Origin] = []
-    consumed: list[Any] = []
+    offsets: Offsets = {}
     for m in messages:
         err = m.error()
         if err is not None:
             if err.code() != KafkaError._PARTITION_EOF:
                 log.warning("consumer error: %s", err)
             continue
+        topic, partition, offset = m.topic(), m.partition(), m.offset()
+        offsets[(topic, partition)] = offset
         _, ts = m.timestamp()
-        consumed.append(m)
         origins.append(
-            Origin(
-                m.topic(),
-                m.partition(),
-                m.offset(),
-                float(ts),
-                m.value(),
-                m.headers() or [],
-                key_bytes=len(m.key() or b""),
-            )  # fmt: skip
-        )
-    return origins, consumed
+            Origin(topic, partition, offset, float(ts), m.value(), m.headers() or [],
+                   key_bytes=len(m.key() or b""))
+        )  # fmt: skip
+    return origins, offsets

@@ -9,7 +9,7 @@ and calls `OffsetTracker.settle` on every turn: that is the one place offsets mo
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
@@ -44,11 +44,9 @@ class OffsetTracker:
         self.consumer = consumer
         self.pending: deque[ConsumedBatch] = deque()
 
-    def open(self, messages: Sequence[Any]) -> ConsumedBatch:
-        """A batch for these consumed messages, settled after every batch opened before."""
-        offsets: Offsets = {}
-        for m in messages:
-            offsets[(m.topic(), m.partition())] = m.offset()
+    def open(self, offsets: Offsets) -> ConsumedBatch:
+        """A batch for what was consumed up to ``offsets`` (the last offset of each
+        partition, `origins_of`), settled after every batch opened before."""
         batch = ConsumedBatch(offsets)
         self.pending.append(batch)
         return batch

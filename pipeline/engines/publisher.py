@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import KafkaError
+from confluent_kafka import KafkaError, KafkaException
 
 from pipeline.engines.flow import Backpressure
 from pipeline.engines.offsets import ConsumedBatch
@@ -51,6 +51,7 @@ class Publisher:
         (`Pipeline.undeliverable`); ``replacing`` marks such replacements."""
         counted = None if self.transactional else batch  # offsets stored once delivered
         counting = self.backpressure is not None
+        producer = self.producer
         for r in records:
             bp = self._counting(r.topic) if counting else None
             if bp is not None:
@@ -62,7 +63,11 @@ class Publisher:
             else:
                 report = bp.report if bp is not None else None
             try:
-                produce(self.producer, r.topic, r.value, r.key, r.headers, report)
+                try:  # the usual case at once; `produce` waits out a full queue, retries
+                    producer.produce(r.topic, r.value, r.key, -1, headers=r.headers,
+                                     on_delivery=report)  # fmt: skip
+                except (BufferError, KafkaException):
+                    produce(producer, r.topic, r.value, r.key, r.headers, report)
             except RecordRejected as exc:
                 if counted is not None:
                     counted.outstanding -= 1

@@ -58,13 +58,11 @@ class Responses(Rejections):
                 for i, o in enumerate(group):
                     self._fill_result(o.job, [out[i] for out in outputs])
             topic = self.settings.responses_topic
-            publications += [
-                (origin, [Record(meta.reply_to or topic, meta.id.encode(), value,
-                                 origin.correlation_headers())])
-                for origin, meta, value in zip(
-                    (o.job.origin for o in group), metas, values, strict=True
-                )
-            ]  # fmt: skip
+            for o, meta, value in zip(group, metas, values, strict=True):
+                origin = o.job.origin
+                headers = origin.correlation_headers() if origin.headers else []
+                record = Record(meta.reply_to or topic, meta.id.encode(), value, headers)
+                publications.append((origin, [record]))
         return publications
 
     def result_records(self, outcomes: Sequence[Outcome]) -> list[Publication]:
@@ -187,20 +185,22 @@ class Responses(Rejections):
             raw.append((spec.name, codec.DATATYPE_OF[out.dtype], list(out.shape[1:]), lists, le))
         top = _top_k(config.labels, outputs, [m.top_k or 1 for m in metas])
         done = now_ms()
-        # The timings of the whole batch at once, rounded to the microsecond.
-        spans = np.fromiter(
-            (t for m in metas for t in (m.started_ms - m.received_ms, m.inference_ms,
-                                         done - m.produced_ms)),
-            np.float64, 3 * n,
+        # The timings of the whole batch at once, a column each, rounded to the microsecond.
+        started, received, inference, produced = np.array(
+            [[m.started_ms for m in metas], [m.received_ms for m in metas],
+             [m.inference_ms for m in metas], [m.produced_ms for m in metas]],
+            np.float64,
         )  # fmt: skip
-        times = spans.reshape(n, 3).round(3).tolist()
-        answers = Answers(model, version, raw, top, times, metas)
+        queue, inference, total = np.stack(
+            (started - received, inference, done - produced)
+        ).round(3).tolist()  # fmt: skip
+        answers = Answers(model, version, raw, top, (queue, inference, total), metas)
         if not any(binary) and all(m.parameters is None and m.variant is None for m in metas):
             values = _json_answers(answers)
         else:
             values = _answers(answers, binary)
         if all(m.variant is None for m in metas):
-            self._count_many(model, version, "ok", [m.produced_ms for m in metas])
+            self._count_many(model, version, "ok", produced)
             return values
         by_variant: dict[str | None, list[float]] = {}
         for m in metas:  # two variants may serve one version (an A/A test)
@@ -256,13 +256,14 @@ class Responses(Rejections):
 class Answers:
     """A batch's ok answers before encoding: ``raw`` holds per output (name, datatype,
     shape, each row's data as lists, each row's little-endian array), ``top`` each row's
-    labels and scores (classifiers), ``times`` each row's queue, inference and total ms."""
+    labels and scores (classifiers), ``times`` the rows' queue, inference and total ms (a
+    column each)."""
 
     model: str
     version: str
     raw: list[tuple[str, Any, list[int], Any, np.ndarray | None]]
     top: list[tuple[list[str], list[float]]] | None
-    times: list[list[float]]
+    times: tuple[list[float], list[float], list[float]]
     metas: list[codec.ResultRecord]
 
     def fields(self) -> tuple[Any, ...]:
@@ -291,9 +292,9 @@ def _answers(answers: Answers, binary: list[bool]) -> list[bytes]:
             model_version=version,
             outputs=tensors,
             timings=codec.Timings(
-                queue_ms=times[i][0],
-                inference_ms=times[i][1],
-                total_ms=times[i][2],
+                queue_ms=times[0][i],
+                inference_ms=times[1][i],
+                total_ms=times[2][i],
                 batch_size=meta.batch_size,
             ),
             parameters=meta.parameters,
@@ -323,7 +324,7 @@ def _json_answers(answers: Answers) -> list[bytes]:
         parts += [column([labels for labels, _ in top])]
         parts += [b'},{"name":"scores","datatype":"FP32","shape":[', ks, b'],"data":']
         parts += [column([scores for _, scores in top]), b"}"]
-    queue, inference, total = (list(c) for c in zip(*times, strict=True))
+    queue, inference, total = times
     parts += [b'],"timings":{"queue_ms":', column(queue), b',"inference_ms":', column(inference)]
     parts += [b',"total_ms":', column(total), b',"batch_size":']
     parts += [column([m.batch_size for m in metas]), b"}}"]

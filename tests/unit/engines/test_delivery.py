@@ -7,24 +7,20 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, Message
 
-from pipeline.engines.offsets import OffsetTracker
+from pipeline.engines.batch import origins_of
+from pipeline.engines.offsets import Offsets, OffsetTracker
 from pipeline.engines.transactions import Transactions
 
 
-class Message:
-    def __init__(self, topic: str, partition: int, offset: int) -> None:
-        self._tpo = (topic, partition, offset)
-
-    def topic(self) -> str:
-        return self._tpo[0]
-
-    def partition(self) -> int:
-        return self._tpo[1]
-
-    def offset(self) -> int:
-        return self._tpo[2]
+def consumed(*at: tuple[str, int, int]) -> Offsets:
+    """What the engine makes of messages consumed at these (topic, partition, offset)."""
+    messages = [Message(topic=t, partition=p, offset=o, value=b"{}", timestamp=(1, 0))
+                for t, p, o in at]  # fmt: skip
+    origins, offsets = origins_of(messages)
+    assert [(o.topic, o.partition, o.offset) for o in origins] == list(at)
+    return offsets
 
 
 class Recorder:
@@ -60,8 +56,8 @@ class Recorder:
 def test_offsets_are_stored_for_the_settled_prefix_only() -> None:
     consumer = Recorder()
     tracker = OffsetTracker(consumer)
-    first = tracker.open([Message("r", 0, 10), Message("r", 0, 11), Message("r", 1, 4)])
-    second = tracker.open([Message("r", 0, 12)])
+    first = tracker.open(consumed(("r", 0, 10), ("r", 0, 11), ("r", 1, 4)))
+    second = tracker.open(consumed(("r", 0, 12)))
     first.outstanding, first.held = 2, 1  # two records in flight, one request in the batcher
     second.outstanding = 0
     tracker.settle()
@@ -79,7 +75,7 @@ def test_offsets_are_stored_for_the_settled_prefix_only() -> None:
 def test_settled_offsets_can_go_to_a_transaction_instead() -> None:
     consumer = Recorder()
     tracker = OffsetTracker(consumer)
-    tracker.open([Message("r", 0, 7)])
+    tracker.open(consumed(("r", 0, 7)))
     handed: list[dict[tuple[str, int], int]] = []
     tracker.settle(handed.append)
     assert handed == [{("r", 0): 7}] and consumer.calls == []
@@ -159,7 +155,7 @@ class Revoked(Recorder):
 
 def test_offsets_of_a_revoked_partition_are_dropped_not_raised() -> None:
     tracker = OffsetTracker(Revoked())
-    batch = tracker.open([Message("r", 0, 3)])
+    batch = tracker.open(consumed(("r", 0, 3)))
     batch.outstanding = 0
     tracker.settle()  # the partition moved in a rebalance: its new owner re-reads it
     assert not tracker.pending

@@ -27,7 +27,7 @@ def batch(seed: int, n: int, outputs: list[np.ndarray], labels: tuple[str, ...])
             raw.append((f"out{k}", datatype, list(out.shape[1:]), flat.tolist(), None))
     ks = [int(rng.integers(1, 4)) for _ in range(n)] if seed % 2 else [1] * n
     top = _top_k(labels, outputs, ks)
-    times = np.round(rng.exponential(5.0, (n, 3)), 3).tolist()
+    times = tuple(np.round(rng.exponential(5.0, (3, n)), 3).tolist())
     metas = [
         codec.ResultRecord(id=IDS[i % len(IDS)] + str(i), model="m", model_version="1",
                            outputs=[], batch_size=n, top_k=ks[i])
