@@ -186,13 +186,10 @@ class Responses(Rejections):
         top = _top_k(config.labels, outputs, [m.top_k or 1 for m in metas])
         done = now_ms()
         # The timings of the whole batch at once, a column each, rounded to the microsecond.
-        started, received, inference, produced = np.array(
-            [[m.started_ms for m in metas], [m.received_ms for m in metas],
-             [m.inference_ms for m in metas], [m.produced_ms for m in metas]],
+        queue, inference, total = np.array(
+            [[m.started_ms - m.received_ms for m in metas], [m.inference_ms for m in metas],
+             [done - m.produced_ms for m in metas]],
             np.float64,
-        )  # fmt: skip
-        queue, inference, total = np.stack(
-            (started - received, inference, done - produced)
         ).round(3).tolist()  # fmt: skip
         answers = Answers(model, version, raw, top, (queue, inference, total), metas)
         if not any(binary) and all(m.parameters is None and m.variant is None for m in metas):
@@ -200,7 +197,7 @@ class Responses(Rejections):
         else:
             values = _answers(answers, binary)
         if all(m.variant is None for m in metas):
-            self._count_many(model, version, "ok", produced)
+            self._count_many(model, version, "ok", [m.produced_ms for m in metas])
             return values
         by_variant: dict[str | None, list[float]] = {}
         for m in metas:  # two variants may serve one version (an A/A test)
