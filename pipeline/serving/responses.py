@@ -419,8 +419,9 @@ def _top_k(
     logits = outputs[0].reshape(len(ks), -1).astype(np.float64)
     if logits.shape[1] != len(labels):
         return None
-    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
+    # The ufuncs' reductions: ``max`` and ``sum`` add a Python call each (a small batch's).
+    probs = np.exp(logits - np.maximum.reduce(logits, axis=1, keepdims=True))
+    probs /= np.add.reduce(probs, axis=1, keepdims=True)
     if max(ks) == 1:  # the usual case: the best label alone (argmax keeps the first of ties)
         best = probs.argmax(axis=1)
         top = probs[np.arange(len(ks)), best].astype(np.float32).tolist()
