@@ -218,7 +218,7 @@ def relay(settings: Settings, guarded: bool = False) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     # As the batch engine's consumer: offsets stored by the tracker, committed by librdkafka.
-    store = {"enable.auto.offset.store": False} if guarded else {}
+    store = {"enable.auto.offset.store": False, "auto.commit.interval.ms": 1000} if guarded else {}
     consumer = Consumer(consumer_config(settings, settings.group_id("relay"), **store))
     producer = Producer(producer_config(settings))
     consumer.subscribe([settings.requests_topic])
