@@ -60,8 +60,8 @@ class Responses(Rejections):
             topic = self.settings.responses_topic
             for o, meta, value in zip(group, metas, values, strict=True):
                 origin = o.job.origin
-                headers = origin.correlation_headers() if origin.headers else []
-                record = Record(meta.reply_to or topic, meta.id.encode(), value, headers)
+                record = Record(meta.reply_to or topic, meta.id.encode(), value,
+                                origin.correlation_headers())  # fmt: skip
                 publications.append((origin, [record]))
         return publications
 
