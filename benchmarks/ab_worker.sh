@@ -40,7 +40,8 @@ mkdir -p "$work/cache"
 ln -s "$SLUICE_CACHE_DIR"/kafka-* "$work/cache/"
 sluice broker start >/dev/null
 bootstrap=$(sluice broker status | sed 's/.*bootstrap=//')
-SLUICE_MODEL_DIR="$work/models" sluice model init-demo >/dev/null
+# The demo model alone (`sluice model init-demo` would install MiniLM too).
+(cd "$repo" && "$python" -c 'import sys, pathlib, pipeline.models as m; m.init_demo(pathlib.Path(sys.argv[1]))' "$work/models")
 results="$work/results.jsonl"
 for round in $(seq 1 "$rounds"); do
   order="old new"; [ $((round % 2)) = 0 ] && order="new old"
