@@ -183,6 +183,31 @@ def test_raw_bytes_stack_without_per_request_arrays(registry: ModelRegistry) -> 
     assert info.value.code == BAD_SHAPE and "needs 64 bytes" in info.value.message
 
 
+def test_flat_lists_stack_to_numpys_own_conversion(registry: ModelRegistry) -> None:
+    """A batch of requests' flat lists stacks to the values numpy gives each row converted
+    on its own (floats, ints, bools, near the datatype's limits); a value beyond FP32's
+    range fails the batch, which is then bisected to the request."""
+    model = registry.resolve("demo", "1")
+    rows = features(5, seed=3).astype(np.float64).tolist()
+    rows[1][:4] = [3, True, 2**60 + 12345, -16777217]  # ints and a bool are numbers too
+    rows[2][:3] = [3.4028234e38, -1e-40, 1e-320]  # FP32's largest; below its normal range
+    kept = [model.inputs_from_request([Tensor("features", "FP32", [16], r)], 1000, flat=True)
+            for r in rows]  # fmt: skip
+    assert all(k[0] is r for k, r in zip(kept, rows, strict=True))  # lists until stacked
+    batch = model.stack_inputs(kept)
+    try:
+        # The same conversion of each number (via a double both ways); the tolerance only
+        # keeps the test from asserting more than the values.
+        np.testing.assert_allclose(
+            batch.arrays[0], np.array(rows, dtype=np.float32), rtol=1e-6, atol=1e-45
+        )
+    finally:
+        batch.release()
+    rows[4][0] = 1e39  # a double, beyond FP32
+    with pytest.raises(ValueError, match="out of range"):
+        model.stack_inputs([[r] for r in rows])
+
+
 # -- sequences: padding, masks, warm-up -----------------------------------------------------
 
 
