@@ -196,8 +196,8 @@ def test_flat_lists_stack_to_numpys_own_conversion(registry: ModelRegistry) -> N
     assert all(k[0] is r for k, r in zip(kept, rows, strict=True))  # lists until stacked
     batch = model.stack_inputs(kept)
     try:
-        # The same conversion of each number (via a double both ways); the tolerance only
-        # keeps the test from asserting more than the values.
+        # Each number reaches FP32 through a double on both paths, so the values agree; a
+        # tolerance all the same, as for any floats reached two ways.
         np.testing.assert_allclose(
             batch.arrays[0], np.array(rows, dtype=np.float32), rtol=1e-6, atol=1e-45
         )
